@@ -1,0 +1,18 @@
+"""GPU awareness: backends that read device memory and a poller that publishes snapshots.
+
+This package knows nothing of the web app or the database.
+"""
+
+from gpu.backend import GpuBackend, GpuUnavailable
+from gpu.poller import GpuPoller
+from gpu.snapshot import MIB, GpuDevice, GpuSnapshot, GpuState
+
+__all__ = [
+    "MIB",
+    "GpuBackend",
+    "GpuDevice",
+    "GpuPoller",
+    "GpuSnapshot",
+    "GpuState",
+    "GpuUnavailable",
+]

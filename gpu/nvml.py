@@ -1,0 +1,168 @@
+"""The NVML backend, over the `pynvml` module of the nvidia-ml-py distribution.
+
+Every function of the library is reached through `self._nvml`, so tests replace the module at
+its function boundary and nothing else.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+from gpu.backend import GpuUnavailable
+from gpu.snapshot import GpuDevice
+
+# A device that fails with one of these is gone until NVML is initialised again.
+_LIFECYCLE_ERRORS = ("NVMLError_GpuIsLost", "NVMLError_Uninitialized", "NVMLError_GpuNotFound")
+# The v2 memory call is missing or refused by this driver: use v1 from now on.
+_NO_V2_ERRORS = (
+    "NVMLError_FunctionNotFound",
+    "NVMLError_ArgumentVersionMismatch",
+    "NVMLError_NotSupported",
+)
+
+
+def _load_pynvml() -> ModuleType:
+    return importlib.import_module("pynvml")
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+class NvmlBackend:
+    name = "nvml"
+
+    def __init__(self, nvml: Any = None) -> None:
+        self._nvml = nvml if nvml is not None else _load_pynvml()
+        self._initialised = False
+        self._needs_reinit = False
+        self._use_v2: bool | None = None  # None: not tried yet
+        self._uuid_by_index: dict[int, str] = {}
+
+    def _errors(self, *names: str) -> tuple[type[BaseException], ...]:
+        return tuple(
+            getattr(self._nvml, name) for name in names if hasattr(self._nvml, name)
+        )
+
+    def read(self) -> list[GpuDevice]:
+        nvml = self._nvml
+        if self._needs_reinit:
+            self.close()
+        if not self._initialised:
+            try:
+                nvml.nvmlInit()
+            except nvml.NVMLError as exc:
+                raise GpuUnavailable(f"NVML init failed: {exc}") from exc
+            self._initialised = True
+            self._use_v2 = None
+        try:
+            count = nvml.nvmlDeviceGetCount()
+        except nvml.NVMLError as exc:
+            self._needs_reinit = True
+            raise GpuUnavailable(f"NVML device count failed: {exc}") from exc
+        if count == 0:
+            raise GpuUnavailable("NVML sees no GPU on this machine")
+        devices: list[GpuDevice] = []
+        for index in range(count):
+            devices.extend(self._read_gpu(index))
+        return devices
+
+    def _read_gpu(self, index: int) -> list[GpuDevice]:
+        nvml = self._nvml
+        lifecycle = self._errors(*_LIFECYCLE_ERRORS)
+        try:
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+            self._uuid_by_index[index] = uuid
+            name = _text(nvml.nvmlDeviceGetName(handle))
+            if self._mig_enabled(handle):
+                return self._read_mig_instances(handle, index, uuid, name)
+            return [self._device(handle, index=index, uuid=uuid, name=name)]
+        except lifecycle as exc:
+            self._needs_reinit = True
+            return [self._lost(index, exc)]
+        except nvml.NVMLError as exc:
+            return [self._lost(index, exc)]
+
+    def _lost(self, index: int, exc: BaseException) -> GpuDevice:
+        return GpuDevice(
+            uuid=self._uuid_by_index.get(index, f"index-{index}"),
+            index=index,
+            name="unknown",
+            total_bytes=0,
+            free_bytes=0,
+            healthy=False,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+
+    def _mig_enabled(self, handle: Any) -> bool:
+        nvml = self._nvml
+        try:
+            current, _pending = nvml.nvmlDeviceGetMigMode(handle)
+        except self._errors("NVMLError_NotSupported", "NVMLError_FunctionNotFound"):
+            return False
+        return bool(current == nvml.NVML_DEVICE_MIG_ENABLE)
+
+    def _read_mig_instances(
+        self, handle: Any, index: int, parent_uuid: str, parent_name: str
+    ) -> list[GpuDevice]:
+        nvml = self._nvml
+        instances: list[GpuDevice] = []
+        for slot in range(nvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
+            try:
+                mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+            except self._errors("NVMLError_NotFound", "NVMLError_InvalidArgument"):
+                continue  # an empty slot between configured instances
+            instances.append(
+                self._device(
+                    mig,
+                    index=index,
+                    uuid=_text(nvml.nvmlDeviceGetUUID(mig)),
+                    name=f"{parent_name} MIG {slot}",
+                    parent_uuid=parent_uuid,
+                )
+            )
+        return instances
+
+    def _device(
+        self, handle: Any, *, index: int, uuid: str, name: str, parent_uuid: str | None = None
+    ) -> GpuDevice:
+        memory, has_reserved = self._memory(handle)
+        return GpuDevice(
+            uuid=uuid,
+            index=index,
+            name=name,
+            total_bytes=int(memory.total),
+            free_bytes=int(memory.free),
+            used_bytes=_optional_int(memory, "used"),
+            reserved_bytes=int(memory.reserved) if has_reserved else None,
+            parent_uuid=parent_uuid,
+        )
+
+    def _memory(self, handle: Any) -> tuple[Any, bool]:
+        nvml = self._nvml
+        if self._use_v2 is not False:
+            try:
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
+            except (TypeError, AttributeError, *self._errors(*_NO_V2_ERRORS)):
+                self._use_v2 = False
+            else:
+                self._use_v2 = True
+                return memory, True
+        return nvml.nvmlDeviceGetMemoryInfo(handle), False
+
+    def close(self) -> None:
+        if self._initialised:
+            try:
+                self._nvml.nvmlShutdown()
+            except self._nvml.NVMLError:
+                pass
+        self._initialised = False
+        self._needs_reinit = False
+
+
+def _optional_int(memory: Any, field: str) -> int | None:
+    value = getattr(memory, field, None)
+    return None if value is None else int(value)

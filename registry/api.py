@@ -1,0 +1,288 @@
+"""HTTP handlers. Reads are answered from the in-memory view; writes go through the store."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from registry import keys
+from registry.capacity import usable_devices
+from registry.database import UNAVAILABLE_ERRORS
+from registry.errors import JSON, http_error, unprocessable, validation_issues
+from registry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from registry.schemas import (
+    GpuDeviceOut,
+    GpusOut,
+    ListQuery,
+    ModelCreate,
+    ModelPatch,
+)
+from registry.store import DuplicateName
+from registry.view import CachedBody
+
+_BIGINT_MAX = 2**63 - 1
+
+routes = web.RouteTableDef()
+
+
+def _dumps(value: Any) -> str:
+    # datetime.isoformat keeps "+00:00", as in the /models listing.
+    return json.dumps(value, default=lambda v: v.isoformat())
+
+
+def _cached_json(request: web.Request, cached: CachedBody, status: int = 200) -> web.Response:
+    if_none_match = request.headers.get("If-None-Match")
+    if if_none_match is not None and _etag_matches(if_none_match, cached.etag):
+        return web.Response(status=304, headers={"ETag": cached.etag})
+    return web.Response(
+        status=status, body=cached.body, content_type=JSON, headers={"ETag": cached.etag}
+    )
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    if header.strip() == "*":
+        return True
+    candidates = (part.strip().removeprefix("W/") for part in header.split(","))
+    return etag in candidates
+
+
+@routes.get("/models")
+async def list_models(request: web.Request) -> web.Response:
+    view = request.app[keys.VIEW]
+    raw_query = request.query_string
+    cached = view.page_for_raw_query(raw_query)
+    if cached is None:
+        # A repeated parameter counts with its last value, as in the original system.
+        params = dict(request.query.items())
+        try:
+            query = ListQuery.model_validate(params)
+        except ValidationError as exc:
+            raise unprocessable(validation_issues(exc, "query")) from None
+        cached = view.page(query)
+        view.remember_raw_query(raw_query, cached)
+    return _cached_json(request, cached)
+
+
+def _model_id(request: web.Request) -> int:
+    raw = request.match_info["id"]
+    try:
+        model_id = int(raw)
+    except ValueError:
+        raise unprocessable(
+            [
+                {
+                    "type": "int_parsing",
+                    "loc": ["path", "id"],
+                    "msg": "Input should be a valid integer, unable to parse string as an integer",
+                    "input": raw,
+                }
+            ]
+        ) from None
+    if not 1 <= model_id <= _BIGINT_MAX:
+        raise http_error(web.HTTPNotFound, "Not Found")
+    return model_id
+
+
+@routes.get("/models/{id}")
+async def get_model(request: web.Request) -> web.Response:
+    cached = request.app[keys.VIEW].single(_model_id(request))
+    if cached is None:
+        raise http_error(web.HTTPNotFound, "Not Found")
+    return _cached_json(request, cached)
+
+
+# -- writes -------------------------------------------------------------------------------
+
+
+def _require_admin(request: web.Request) -> None:
+    tokens = request.app[keys.SETTINGS].admin_tokens()
+    if not tokens:
+        raise http_error(
+            web.HTTPForbidden,
+            "writes are disabled: no admin token is configured (MODEL_REGISTRY_ADMIN_TOKEN)",
+        )
+    header = request.headers.get("Authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        raise http_error(
+            web.HTTPUnauthorized,
+            "a bearer token is required",
+            headers={"WWW-Authenticate": 'Bearer realm="model-registry"'},
+        )
+    given = presented.strip().encode()
+    # Compare with every token, so the time taken does not tell which one nearly matched.
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(given, token.encode())
+    if not matched:
+        raise http_error(
+            web.HTTPUnauthorized,
+            "invalid bearer token",
+            headers={"WWW-Authenticate": 'Bearer realm="model-registry", error="invalid_token"'},
+        )
+
+
+Write = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _admin_write(handler: Write) -> Write:
+    """Authenticate, then run the write; a database that is down answers 503."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        _require_admin(request)
+        try:
+            return await handler(request)
+        except UNAVAILABLE_ERRORS:
+            raise http_error(
+                web.HTTPServiceUnavailable, "database unavailable; try again later"
+            ) from None
+
+    return wrapped
+
+
+async def _body(request: web.Request) -> bytes:
+    body = await request.read()  # bounded by client_max_size
+    return body if body.strip() else b"null"
+
+
+def _refresh_one(request: web.Request, model_id: int, model: Any) -> CachedBody:
+    view = request.app[keys.VIEW]
+    view.apply_changes([model_id], [] if model is None else [model])
+    cached = view.single(model_id)
+    assert cached is not None or model is None
+    return cached  # type: ignore[return-value]
+
+
+@routes.post("/models")
+@_admin_write
+async def create_model(request: web.Request) -> web.StreamResponse:
+    try:
+        data = ModelCreate.model_validate_json(await _body(request))
+    except ValidationError as exc:
+        raise unprocessable(validation_issues(exc, "body")) from None
+    store = request.app[keys.DATABASE].store
+    try:
+        model = await store.create(data.name, data.vram, data.enabled)
+    except DuplicateName as exc:
+        raise http_error(web.HTTPConflict, str(exc)) from None
+    cached = _refresh_one(request, model.id, model)
+    response = _cached_json(request, cached, status=201)
+    response.headers["Location"] = f"/models/{model.id}"
+    return response
+
+
+@routes.patch("/models/{id}")
+@_admin_write
+async def patch_model(request: web.Request) -> web.StreamResponse:
+    model_id = _model_id(request)
+    try:
+        data = ModelPatch.model_validate_json(await _body(request))
+    except ValidationError as exc:
+        raise unprocessable(validation_issues(exc, "body")) from None
+    if not data.model_fields_set:
+        raise unprocessable(
+            [{"type": "missing", "loc": ["body"], "input": {},
+              "msg": "give at least one of name, vram, enabled"}]
+        )
+    if nulls := [field for field in sorted(data.model_fields_set)
+                 if getattr(data, field) is None]:
+        raise unprocessable(
+            [{"type": "none_forbidden", "loc": ["body", field], "input": None,
+              "msg": "may not be null"} for field in nulls]
+        )
+    store = request.app[keys.DATABASE].store
+    try:
+        model = await store.update(model_id, name=data.name, vram=data.vram, enabled=data.enabled)
+    except DuplicateName as exc:
+        raise http_error(web.HTTPConflict, str(exc)) from None
+    if model is None:
+        raise http_error(web.HTTPNotFound, "Not Found")
+    return _cached_json(request, _refresh_one(request, model_id, model))
+
+
+@routes.delete("/models/{id}")
+@_admin_write
+async def delete_model(request: web.Request) -> web.StreamResponse:
+    model_id = _model_id(request)
+    if not await request.app[keys.DATABASE].store.delete(model_id):
+        raise http_error(web.HTTPNotFound, "Not Found")
+    request.app[keys.VIEW].apply_changes([model_id], [])
+    return web.Response(status=204)
+
+
+# -- state of the host ------------------------------------------------------------------
+
+
+@routes.get("/gpus")
+async def gpus(request: web.Request) -> web.Response:
+    view = request.app[keys.VIEW]
+    snapshot = view.snapshot
+    poller = request.app.get(keys.POLLER)
+    usable = {u.device.uuid: u.usable_mib for u in usable_devices(snapshot, view.margins)}
+    devices = [
+        GpuDeviceOut(
+            uuid=d.uuid,
+            index=d.index,
+            name=d.name,
+            total_mib=d.total_mib,
+            free_mib=d.free_mib,
+            used_mib=None if d.used_bytes is None else d.used_bytes // (1024 * 1024),
+            reserved_mib=None if d.reserved_bytes is None else d.reserved_bytes // (1024 * 1024),
+            healthy=d.healthy,
+            usable_mib=usable.get(d.uuid),
+            error=d.error,
+            parent_uuid=d.parent_uuid,
+        )
+        for d in snapshot.devices
+    ]
+    body = GpusOut(
+        backend=snapshot.backend,
+        state=snapshot.state.value,
+        as_of=snapshot.as_of,
+        last_poll_at=poller.last_success_wall if poller else None,
+        poll_interval_s=poller.interval_s if poller else 0.0,
+        last_error=snapshot.error,
+        margin_mib=view.margins.mib,
+        margin_percent=view.margins.percent,
+        devices=devices,
+    )
+    # Fields NVML does not report are left out, not shown as zero or null.
+    payload = body.model_dump()
+    for device in payload["devices"]:
+        for field in ("used_mib", "reserved_mib", "error", "parent_uuid"):
+            if device[field] is None:
+                del device[field]
+    return web.json_response(payload, dumps=_dumps)
+
+
+@routes.get("/healthz")
+async def healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    problems = await request.app[keys.DATABASE].problems()
+    if not request.app[keys.VIEW].loaded:
+        problems.append("catalog not loaded yet")
+    if problems:
+        return web.json_response({"status": "not ready", "problems": problems}, status=503)
+    return web.json_response({"status": "ready", "problems": []})
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[keys.METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    from registry.openapi import openapi_document
+
+    return web.Response(text=json.dumps(openapi_document()), content_type=JSON)

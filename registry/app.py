@@ -1,0 +1,168 @@
+"""The application factory. Every resource is acquired and released in a cleanup context."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
+
+from aiohttp import web
+
+from gpu import GpuBackend, GpuPoller, GpuSnapshot, GpuState
+from registry import keys
+from registry.api import routes
+from registry.capacity import Margins
+from registry.catalog_sync import CatalogSync
+from registry.config import GpuBackendName, Settings
+from registry.database import Database, EmbeddedPostgres, create_pool, redact_dsn
+from registry.logs import get_logger
+from registry.metrics import Metrics
+from registry.middleware import make_middleware
+from registry.migrations import migrate
+from registry.view import CatalogView
+
+log = get_logger("registry.app")
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+def margins_from(settings: Settings) -> Margins:
+    return Margins(mib=settings.vram_margin_mib, percent=settings.vram_margin_percent)
+
+
+def build_backend(settings: Settings) -> GpuBackend | None:
+    if settings.gpu_backend is GpuBackendName.NONE:
+        return None
+    if settings.gpu_backend is GpuBackendName.SIMULATED:
+        from gpu.simulated import SimulatedBackend
+
+        return SimulatedBackend(settings.gpu_simulated_file)
+    from gpu.nvml import NvmlBackend
+
+    return NvmlBackend()
+
+
+def spawn(app: web.Application, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    """Start a background task that must live as long as the app: if it ends, the process ends."""
+    task = asyncio.create_task(coro, name=name)
+
+    def on_done(finished: asyncio.Task[None]) -> None:
+        if finished.cancelled() and app[keys.STOP].is_set():
+            return
+        error = None if finished.cancelled() else finished.exception()
+        log.error("background task died", task=name, error=repr(error), exc_info=error)
+        app[keys.FATAL].set()
+
+    task.add_done_callback(on_done)
+    return task
+
+
+async def _stop_task(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
+async def database_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    embedded = None
+    if settings.database_url is not None:
+        dsn = settings.database_url.get_secret_value()
+    else:
+        embedded = EmbeddedPostgres(settings.state_dir / "postgres")
+        dsn = await embedded.start()
+    try:
+        log.info("connecting to the database", dsn=redact_dsn(dsn))
+        applied = await migrate(dsn)
+        if applied:
+            log.info("database migrated", applied=applied)
+        pool = await create_pool(dsn)
+    except BaseException:
+        if embedded is not None:
+            await embedded.stop()
+        raise
+    database = Database(dsn, pool, embedded)
+    if settings.seed_catalog and await database.store.seed_default_catalog():
+        log.info("default catalog inserted")
+    app[keys.DATABASE] = database
+    yield
+    await database.close()
+
+
+async def gpu_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    view = app[keys.VIEW]
+    backend = app.get(keys.GPU_BACKEND_OVERRIDE) or build_backend(settings)
+    if backend is None:
+        log.info("gpu awareness is off (backend none): active = enabled")
+        yield
+        return
+    poller = GpuPoller(
+        backend,
+        interval_s=settings.poll_interval,
+        deadline_s=settings.gpu_call_timeout,
+        on_poll=app[keys.METRICS].observe_poll,
+    )
+    poller.subscribe(view.set_snapshot)
+    app[keys.POLLER] = poller
+    task = spawn(app, poller.run(), "gpu-poller")
+    first = await poller.wait_first(settings.gpu_call_timeout + 1)
+    if not first.known:
+        log.warning(
+            "gpu state unknown: models show gpu_state_unknown until the GPUs can be read",
+            backend=first.backend,
+            state=first.state.value,
+            error=first.error,
+        )
+    yield
+    await _stop_task(task)
+
+
+async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
+    database = app[keys.DATABASE]
+    sync = CatalogSync(
+        database.dsn,
+        database.store,
+        app[keys.VIEW],
+        reload_interval_s=app[keys.SETTINGS].catalog_reload_interval,
+    )
+    await sync.load()
+    app[keys.CATALOG_SYNC] = sync
+    task = spawn(app, sync.run(), "catalog-sync")
+    yield
+    await _stop_task(task)
+
+
+def _initial_snapshot(settings: Settings) -> GpuSnapshot:
+    if settings.gpu_backend is GpuBackendName.NONE:
+        return GpuSnapshot(backend="none", state=GpuState.DISABLED)
+    return GpuSnapshot(
+        backend=settings.gpu_backend.value, state=GpuState.UNAVAILABLE, error="no reading yet"
+    )
+
+
+async def _mark_stopping(app: web.Application) -> None:
+    app[keys.STOP].set()
+
+
+def create_app(settings: Settings, *, gpu_backend: GpuBackend | None = None) -> web.Application:
+    metrics = Metrics(dcgm=settings.dcgm_metrics)
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES,
+        middlewares=[make_middleware(metrics, settings.access_log, settings.slow_request_ms)],
+    )
+    app[keys.SETTINGS] = settings
+    app[keys.METRICS] = metrics
+    app[keys.STOP] = asyncio.Event()
+    app[keys.FATAL] = asyncio.Event()
+    view = CatalogView(_initial_snapshot(settings), margins_from(settings))
+    app[keys.VIEW] = view
+    metrics.view = view
+    if gpu_backend is not None:
+        app[keys.GPU_BACKEND_OVERRIDE] = gpu_backend
+    app.on_shutdown.append(_mark_stopping)
+    app.cleanup_ctx.extend([database_ctx, gpu_ctx, catalog_ctx])
+    app.add_routes(routes)
+    return app

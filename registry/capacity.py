@@ -1,0 +1,122 @@
+"""The capacity rule: a pure function of catalog, GPU snapshot and margins.
+
+usable(d) = free(d) - margin_mib - margin_percent * total(d) for each healthy device d.
+A model fits when one single device has usable(d) >= vram; it is never split across devices.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from gpu import GpuDevice, GpuSnapshot, GpuState
+from registry.catalog import CatalogModel
+
+
+class Reason(enum.StrEnum):
+    DISABLED = "disabled"
+    INSUFFICIENT_VRAM = "insufficient_vram"
+    GPU_STATE_UNKNOWN = "gpu_state_unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Margins:
+    mib: int = 0
+    percent: float = 0.0
+
+    def for_device(self, device: GpuDevice) -> int:
+        return self.mib + math.ceil(device.total_mib * self.percent / 100)
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    gpu: str
+    index: int
+    free_mib: int
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    active: bool
+    fits: bool | None
+    reason: Reason | None
+    placement: Placement | None
+    headroom_mib: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class UsableDevice:
+    device: GpuDevice
+    usable_mib: int
+
+
+def usable_devices(snapshot: GpuSnapshot, margins: Margins) -> list[UsableDevice]:
+    """Healthy devices with their usable memory, least usable first (for best fit)."""
+    usable = [
+        UsableDevice(device, device.free_mib - margins.for_device(device))
+        for device in snapshot.devices
+        if device.healthy
+    ]
+    usable.sort(key=lambda u: (u.usable_mib, u.device.index, u.device.uuid))
+    return usable
+
+
+def assess_all(
+    models: Iterable[CatalogModel], snapshot: GpuSnapshot, margins: Margins
+) -> dict[int, Assessment]:
+    if snapshot.state is GpuState.DISABLED:
+        return {m.id: _without_gpu(m) for m in models}
+    if not snapshot.known:
+        return {m.id: _unknown(m) for m in models}
+    devices = usable_devices(snapshot, margins)
+    sizes = [d.usable_mib for d in devices]
+    best = sizes[-1] if sizes else None
+    return {m.id: _assess(m, devices, sizes, best) for m in models}
+
+
+def _assess(
+    model: CatalogModel, devices: list[UsableDevice], sizes: list[int], best: int | None
+) -> Assessment:
+    # Best fit: the device with the least usable memory that still holds the model.
+    position = bisect.bisect_left(sizes, model.vram)
+    placement = None
+    if position < len(devices):
+        chosen = devices[position]
+        placement = Placement(chosen.device.uuid, chosen.device.index, chosen.device.free_mib)
+    fits = placement is not None
+    if not model.enabled:
+        reason: Reason | None = Reason.DISABLED
+    elif not fits:
+        reason = Reason.INSUFFICIENT_VRAM
+    else:
+        reason = None
+    return Assessment(
+        active=model.enabled and fits,
+        fits=fits,
+        reason=reason,
+        placement=placement,
+        headroom_mib=None if best is None else best - model.vram,
+    )
+
+
+def _without_gpu(model: CatalogModel) -> Assessment:
+    return Assessment(
+        active=model.enabled,
+        fits=None,
+        reason=None if model.enabled else Reason.DISABLED,
+        placement=None,
+        headroom_mib=None,
+    )
+
+
+def _unknown(model: CatalogModel) -> Assessment:
+    return Assessment(
+        active=False,
+        fits=None,
+        reason=Reason.GPU_STATE_UNKNOWN if model.enabled else Reason.DISABLED,
+        placement=None,
+        headroom_mib=None,
+    )

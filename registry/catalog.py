@@ -1,0 +1,42 @@
+"""The catalog's domain types and the rules for a model's name and VRAM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+NAME_MAX_LENGTH = 128
+VRAM_MIN_MIB = 1
+VRAM_MAX_MIB = 10_000_000
+
+# The original system's catalog, inserted once into a new, empty database.
+DEFAULT_CATALOG: tuple[tuple[str, int], ...] = (
+    ("tiny", 625),
+    ("medium", 2500),
+    ("large_v1", 5000),
+    ("large_v2", 5000),
+    ("large-v3", 10000),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogModel:
+    id: int
+    name: str
+    vram: int
+    enabled: bool
+    created_at: datetime
+    updated_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> CatalogModel:
+        return cls(
+            id=row["id"],
+            name=row["name"],
+            vram=row["vram"],
+            enabled=row["enabled"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )

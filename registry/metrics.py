@@ -1,0 +1,168 @@
+"""Prometheus metrics. GPU and model gauges are read from the live view at scrape time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gpu import MIB, GpuSnapshot
+from registry.capacity import Margins, usable_devices
+from registry.view import CatalogView
+
+disable_created_metrics()  # the *_created series only add noise to every scrape
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _StateCollector(Collector):
+    def __init__(
+        self,
+        view: Callable[[], CatalogView | None],
+        last_success: Callable[[], float | None],
+        dcgm: bool,
+    ) -> None:
+        self._view = view
+        self._last_success = last_success
+        self._dcgm = dcgm
+
+    def collect(self) -> Iterator[Metric]:
+        view = self._view()
+        if view is None:
+            return
+        yield from _gpu_metrics(view.snapshot, view.margins, self._dcgm)
+        models = GaugeMetricFamily(
+            "model_registry_models", "Models in the catalog by state.", labels=["state"]
+        )
+        total = len(view.models)
+        models.add_metric(["active"], view.active_count)
+        models.add_metric(["inactive"], total - view.active_count)
+        yield models
+        per_model = GaugeMetricFamily(
+            "model_registry_model_active",
+            "1 when the model can be used for a new session now.",
+            labels=["model"],
+        )
+        for model in view.models:
+            assessment = view.assessment(model.id)
+            per_model.add_metric([model.name], 1.0 if assessment and assessment.active else 0.0)
+        yield per_model
+        last = GaugeMetricFamily(
+            "model_registry_gpu_last_successful_poll_timestamp_seconds",
+            "Unix time of the last successful GPU poll.",
+        )
+        if (when := self._last_success()) is not None:
+            last.add_metric([], when)
+        yield last
+
+
+def _gpu_metrics(snapshot: GpuSnapshot, margins: Margins, dcgm: bool) -> Iterator[Metric]:
+    labels = ["uuid", "gpu", "name"]
+    families = {
+        field: GaugeMetricFamily(
+            f"model_registry_gpu_memory_{field}_bytes", f"GPU memory {field}, in bytes.",
+            labels=labels,
+        )
+        for field in ("total", "free", "used", "reserved")
+    }
+    usable = GaugeMetricFamily(
+        "model_registry_gpu_usable_bytes",
+        "Free GPU memory after the configured margin, in bytes.",
+        labels=labels,
+    )
+    dcgm_families = {
+        field: GaugeMetricFamily(
+            f"DCGM_FI_DEV_FB_{field.upper()}", f"Framebuffer memory {field} (MiB).",
+            labels=["gpu", "UUID", "modelName"],
+        )
+        for field in ("free", "used", "reserved")
+    }
+    if snapshot.known:
+        for device in snapshot.devices:
+            values = [device.uuid, str(device.index), device.name]
+            memory = {
+                "total": device.total_bytes,
+                "free": device.free_bytes,
+                "used": device.used_bytes,
+                "reserved": device.reserved_bytes,
+            }
+            for field, value in memory.items():
+                if value is not None:
+                    families[field].add_metric(values, value)
+                    if dcgm and field in dcgm_families:
+                        dcgm_families[field].add_metric(
+                            [str(device.index), device.uuid, device.name], value // MIB
+                        )
+        for item in usable_devices(snapshot, margins):
+            device = item.device
+            usable.add_metric([device.uuid, str(device.index), device.name], item.usable_mib * MIB)
+    yield from families.values()
+    yield usable
+    if dcgm:
+        yield from dcgm_families.values()
+
+
+class Metrics:
+    def __init__(self, *, dcgm: bool = False) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.view: CatalogView | None = None
+        self.last_success: float | None = None
+        self.poll_seconds = Histogram(
+            "model_registry_gpu_poll_duration_seconds",
+            "Time to read the GPUs once.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
+        self.poll_errors = Counter(
+            "model_registry_gpu_poll_errors", "GPU polls that failed.", registry=self.registry
+        )
+        self.requests = Counter(
+            "model_registry_http_requests",
+            "HTTP requests answered.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "model_registry_http_request_duration_seconds",
+            "HTTP request latency.",
+            ["route", "method"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+            registry=self.registry,
+        )
+        self._request_children: dict[tuple[str, str, int], Callable[[float], None]] = {}
+        self.registry.register(_StateCollector(lambda: self.view, lambda: self.last_success, dcgm))
+
+    def observe_poll(self, seconds: float, ok: bool) -> None:
+        self.poll_seconds.observe(seconds)
+        if ok:
+            self.last_success = time.time()
+        else:
+            self.poll_errors.inc()
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        if method not in _KNOWN_METHODS:
+            method = "other"  # clients choose methods; labels must stay bounded
+        key = (route, method, status)
+        record = self._request_children.get(key)
+        if record is None:
+            counter = self.requests.labels(route, method, str(status))
+            histogram = self.latency.labels(route, method)
+
+            def record(elapsed: float) -> None:
+                counter.inc()
+                histogram.observe(elapsed)
+
+            self._request_children[key] = record
+        record(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,119 @@
+"""Numbered SQL migrations, each applied once in its own transaction under an advisory lock."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import asyncpg
+
+from registry.logs import get_logger
+
+log = get_logger("registry.migrations")
+
+# Any constant unique to this application; pg_advisory_lock takes a bigint.
+MIGRATION_LOCK_KEY = 0x6D6F64656C726567  # "modelreg"
+_FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+class DatabaseTooNew(Exception):
+    """The database holds migrations this code does not know."""
+
+
+def migrations_dir() -> Path:
+    # Installed wheel: shipped as registry/sql. Source checkout: the repository's sql/.
+    packaged = Path(str(resources.files("registry"))) / "sql"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "sql"
+
+
+def load_migrations(directory: Path | None = None) -> list[Migration]:
+    directory = directory or migrations_dir()
+    found = []
+    for path in sorted(directory.glob("*.sql")):
+        match = _FILE_NAME.match(path.name)
+        if match is None:
+            raise ValueError(f"migration file name not of the form NNNN_name.sql: {path.name}")
+        found.append(Migration(int(match.group(1)), path.stem, path.read_text()))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise ValueError(f"two migrations share a number in {directory}")
+    if not found:
+        raise ValueError(f"no migrations found in {directory}")
+    return found
+
+
+async def applied_versions(conn: asyncpg.Connection) -> set[int]:
+    exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    if not exists:
+        return set()
+    return {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+
+
+async def migrate(dsn: str, migrations: list[Migration] | None = None) -> list[str]:
+    """Apply pending migrations; return the names applied. Raise DatabaseTooNew."""
+    migrations = migrations if migrations is not None else load_migrations()
+    # A dedicated connection: a session-level advisory lock must not go back to a pool.
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+        try:
+            return await _apply_pending(conn, migrations)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+    finally:
+        await conn.close()
+
+
+async def _apply_pending(conn: asyncpg.Connection, migrations: list[Migration]) -> list[str]:
+    await conn.execute(
+        """
+        CREATE TABLE IF NOT EXISTS schema_migrations (
+            version integer PRIMARY KEY,
+            name text NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now()
+        )
+        """
+    )
+    applied = await applied_versions(conn)
+    latest_known = max(m.version for m in migrations)
+    if unknown := sorted(v for v in applied if v > latest_known):
+        raise DatabaseTooNew(
+            f"the database has migration(s) {unknown} but this model-registry knows only up to "
+            f"{latest_known}; upgrade model-registry or point it at another database"
+        )
+    done = []
+    for migration in migrations:
+        if migration.version in applied:
+            continue
+        async with conn.transaction():
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                migration.version,
+                migration.name,
+            )
+        log.info("migration applied", migration=migration.name)
+        done.append(migration.name)
+    return done
+
+
+async def pending_problem(conn: asyncpg.Connection, migrations: list[Migration]) -> str | None:
+    """None when the schema matches this code, else what is wrong (for /readyz)."""
+    applied = await applied_versions(conn)
+    known = {m.version for m in migrations}
+    if missing := sorted(known - applied):
+        return f"migrations not applied: {missing}"
+    if newer := sorted(applied - known):
+        return f"database has unknown migrations: {newer}"
+    return None

@@ -1,0 +1,187 @@
+"""The OpenAPI 3.1 document, generated from the same pydantic models that validate."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from registry import __version__
+from registry.schemas import (
+    ErrorOut,
+    GpusOut,
+    HealthOut,
+    ListQuery,
+    ModelCreate,
+    ModelList,
+    ModelOut,
+    ModelPatch,
+    ReadyOut,
+    ValidationErrorOut,
+)
+
+_REF = "#/components/schemas/{model}"
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": _REF.format(model=model.__name__)}
+
+
+def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
+
+
+_ERRORS = {
+    "422": _json(ValidationErrorOut, "Invalid parameters"),
+}
+_NOT_FOUND = {"404": _json(ErrorOut, "No such model")}
+_WRITE_ERRORS = {
+    "400": _json(ErrorOut, "Malformed request"),
+    "401": _json(ErrorOut, "Missing or invalid bearer token"),
+    "403": _json(ErrorOut, "Writes are disabled: no admin token configured"),
+    "413": _json(ErrorOut, "Request body over 64 KiB"),
+    "503": _json(ErrorOut, "Database unavailable"),
+}
+
+
+def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    schema = model.model_json_schema()
+    return [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": prop.get("description", ""),
+            "schema": {k: v for k, v in prop.items() if k not in ("title", "description")},
+        }
+        for name, prop in schema["properties"].items()
+    ]
+
+
+_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+}
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    _, components = models_json_schema(
+        [
+            (m, "serialization" if m not in (ModelCreate, ModelPatch) else "validation")
+            for m in (
+                ModelList, ModelOut, ModelCreate, ModelPatch, GpusOut, ErrorOut,
+                ValidationErrorOut, HealthOut, ReadyOut,
+            )
+        ],
+        ref_template=_REF,
+    )
+    secured = [{"bearer": []}]
+    model_body = {"content": {"application/json": {"schema": _ref(ModelCreate)}}, "required": True}
+    patch_body = {"content": {"application/json": {"schema": _ref(ModelPatch)}}, "required": True}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "model-registry",
+            "version": __version__,
+            "description": "Which models can be loaded on this machine right now.",
+        },
+        "paths": {
+            "/models": {
+                "get": {
+                    "summary": "List models",
+                    "operationId": "list_models",
+                    "parameters": _query_parameters(ListQuery),
+                    "responses": {"200": _json(ModelList, "A page of models"), **_ERRORS},
+                },
+                "post": {
+                    "summary": "Add a model",
+                    "operationId": "create_model",
+                    "security": secured,
+                    "requestBody": model_body,
+                    "responses": {
+                        "201": _json(ModelOut, "Created"),
+                        "409": _json(ErrorOut, "Name taken"),
+                        **_ERRORS,
+                        **_WRITE_ERRORS,
+                    },
+                },
+            },
+            "/models/{id}": {
+                "parameters": [_ID],
+                "get": {
+                    "summary": "One model",
+                    "operationId": "get_model",
+                    "responses": {"200": _json(ModelOut, "The model"), **_NOT_FOUND, **_ERRORS},
+                },
+                "patch": {
+                    "summary": "Change a model",
+                    "operationId": "patch_model",
+                    "security": secured,
+                    "requestBody": patch_body,
+                    "responses": {
+                        "200": _json(ModelOut, "The changed model"),
+                        "409": _json(ErrorOut, "Name taken"),
+                        **_NOT_FOUND,
+                        **_ERRORS,
+                        **_WRITE_ERRORS,
+                    },
+                },
+                "delete": {
+                    "summary": "Remove a model",
+                    "operationId": "delete_model",
+                    "security": secured,
+                    "responses": {
+                        "204": {"description": "Removed"},
+                        **_NOT_FOUND,
+                        **_ERRORS,
+                        **_WRITE_ERRORS,
+                    },
+                },
+            },
+            "/gpus": {
+                "get": {
+                    "summary": "GPU devices and poller state",
+                    "operationId": "gpus",
+                    "responses": {"200": _json(GpusOut, "Devices")},
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness",
+                    "operationId": "healthz",
+                    "responses": {"200": _json(HealthOut, "Alive")},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: database reachable and migrated",
+                    "operationId": "readyz",
+                    "responses": {
+                        "200": _json(ReadyOut, "Ready"),
+                        "503": _json(ReadyOut, "Not ready, with the problems"),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "operationId": "metrics",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text format",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": components.get("$defs", {}),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

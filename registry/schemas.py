@@ -1,0 +1,135 @@
+"""The API's shapes, as pydantic models: they validate input and generate the OpenAPI document."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from registry.catalog import NAME_MAX_LENGTH, NAME_PATTERN, VRAM_MAX_MIB, VRAM_MIN_MIB
+
+ModelName = Annotated[
+    str, StringConstraints(min_length=1, max_length=NAME_MAX_LENGTH, pattern=NAME_PATTERN)
+]
+Vram = Annotated[int, Field(ge=VRAM_MIN_MIB, le=VRAM_MAX_MIB, description="VRAM need in MiB")]
+
+
+class ListQuery(BaseModel):
+    """Query parameters of GET /models."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    name: str | None = Field(default=None, description="Exact model name to match.")
+    skip: int = Field(default=0, ge=0, description="Items to skip from the start (offset).")
+    limit: int = Field(default=100, ge=1, le=1000, description="Page size.")
+    active: bool | None = Field(
+        default=None, description="Only models that can (true) or cannot (false) be used now."
+    )
+
+
+class ModelCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: ModelName
+    vram: Vram
+    enabled: bool = True
+
+
+class ModelPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: ModelName | None = None
+    vram: Vram | None = None
+    enabled: bool | None = None
+
+
+class PlacementOut(BaseModel):
+    gpu: str = Field(description="UUID of the device to load the model on.")
+    index: int
+    free_mib: int
+
+
+class ModelOut(BaseModel):
+    id: int
+    name: str
+    active: bool = Field(description="enabled and fits now (without GPU awareness: enabled).")
+    vram: int = Field(description="VRAM need in MiB.")
+    created_at: datetime
+    updated_at: datetime | None
+    enabled: bool = Field(description="The operator's switch.")
+    fits: bool | None = Field(description="null: GPU state unknown or GPU awareness off.")
+    reason: Literal["disabled", "insufficient_vram", "gpu_state_unknown"] | None
+    placement: PlacementOut | None
+    headroom_mib: int | None
+
+
+class Pagination(BaseModel):
+    total_items: int
+    total_pages: int
+    current_page: int
+    per_page: int
+
+
+class CapacityOut(BaseModel):
+    state: Literal["ok", "stale", "unavailable", "disabled"]
+    as_of: datetime | None
+    backend: str
+
+
+class ModelList(BaseModel):
+    data: list[ModelOut]
+    pagination: Pagination
+    capacity: CapacityOut
+
+
+class GpuDeviceOut(BaseModel):
+    uuid: str
+    index: int
+    name: str
+    total_mib: int
+    free_mib: int
+    used_mib: int | None = Field(default=None, description="Absent when NVML does not report it.")
+    reserved_mib: int | None = Field(
+        default=None, description="Absent when NVML does not report it."
+    )
+    healthy: bool
+    usable_mib: int | None = Field(description="Free memory after the margin; null if unhealthy.")
+    error: str | None = None
+    parent_uuid: str | None = None
+
+
+class GpusOut(BaseModel):
+    backend: str
+    state: Literal["ok", "stale", "unavailable", "disabled"]
+    as_of: datetime | None
+    last_poll_at: datetime | None
+    poll_interval_s: float
+    last_error: str | None
+    margin_mib: int
+    margin_percent: float
+    devices: list[GpuDeviceOut]
+
+
+class ValidationIssue(BaseModel):
+    type: str
+    loc: list[str | int]
+    msg: str
+    input: object = None
+
+
+class ValidationErrorOut(BaseModel):
+    detail: list[ValidationIssue]
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyOut(BaseModel):
+    status: Literal["ready", "not ready"]
+    problems: list[str] = []

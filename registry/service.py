@@ -1,0 +1,129 @@
+"""Running the app as a host service: listen, tell systemd, watch, reload and stop cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from registry import keys
+from registry.app import create_app, margins_from
+from registry.config import LIVE_SETTINGS, Settings, load_settings
+from registry.logs import get_logger, set_level
+from registry.sdnotify import Notifier, watchdog_interval_s
+
+log = get_logger("registry.service")
+
+# Long enough for a 20,000-character query string; the default is 8190.
+_MAX_LINE_BYTES = 65536
+
+
+def status_line(app: web.Application) -> str:
+    view = app[keys.VIEW]
+    models = len(view.models)
+    return f"{models} models, {view.active_count} active, GPU {view.snapshot.state.value}"
+
+
+class Service:
+    def __init__(self, settings: Settings, config_file: Path | None, overrides: dict[str, object]):
+        self.settings = settings
+        self.config_file = config_file
+        self.overrides = overrides
+        self.notifier = Notifier()
+        self.app = create_app(settings)
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+
+    async def run(self) -> int:
+        runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self.settings.shutdown_timeout,
+            max_line_size=_MAX_LINE_BYTES,
+            max_field_size=_MAX_LINE_BYTES,
+        )
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        await runner.setup()
+        exit_code = 0
+        try:
+            site = web.TCPSite(runner, self.settings.host, self.settings.port)
+            await site.start()
+            log.info("listening", host=self.settings.host, port=self.settings.port,
+                     urls=[str(s.name) for s in runner.sites])
+            self.notifier.send("READY=1", f"STATUS={status_line(self.app)}")
+            exit_code = await self._serve_until_stopped()
+        finally:
+            self.notifier.send("STOPPING=1")
+            log.info("stopping", grace_s=self.settings.shutdown_timeout)
+            await runner.cleanup()
+            log.info("stopped", exit_code=exit_code)
+        return exit_code
+
+    async def _serve_until_stopped(self) -> int:
+        fatal = self.app[keys.FATAL]
+        watchdog_s = watchdog_interval_s() if self.notifier.enabled else None
+        tick_s = min(watchdog_s or 5.0, 5.0)
+        last_status = ""
+        while True:
+            waiters = [asyncio.ensure_future(e.wait()) for e in (self._stop, fatal, self._reload)]
+            await asyncio.wait(waiters, timeout=tick_s, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+            if fatal.is_set():
+                log.error("a background task died; exiting so the service manager restarts us")
+                return 1
+            if self._stop.is_set():
+                return 0
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+            if watchdog_s is not None and self._poller_alive(watchdog_s * 2):
+                self.notifier.send("WATCHDOG=1")
+            status = status_line(self.app)
+            if status != last_status:
+                self.notifier.send(f"STATUS={status}")
+                last_status = status
+
+    def _poller_alive(self, within_s: float) -> bool:
+        """Whether the GPU loop has ticked recently; a stuck loop must miss the watchdog."""
+        poller = self.app.get(keys.POLLER)
+        if poller is None:
+            return True
+        return time.monotonic() - poller.last_tick <= max(within_s, 2 * poller.interval_s)
+
+    def reload(self) -> None:
+        self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            fresh = load_settings(self.config_file, **self.overrides)
+        except Exception as exc:
+            log.error("reload failed; keeping the current settings", error=str(exc))
+        else:
+            changed = {
+                name: {"from": getattr(self.settings, name), "to": getattr(fresh, name)}
+                for name in LIVE_SETTINGS
+                if getattr(fresh, name) != getattr(self.settings, name)
+            }
+            self.settings = self.settings.model_copy(
+                update={name: getattr(fresh, name) for name in LIVE_SETTINGS}
+            )
+            self.app[keys.VIEW].set_margins(margins_from(self.settings))
+            if (poller := self.app.get(keys.POLLER)) is not None:
+                poller.interval_s = self.settings.poll_interval
+            set_level(self.settings.log_level)
+            log.info("configuration reloaded", changed=changed or None)
+        self.notifier.send("READY=1", f"STATUS={status_line(self.app)}")
+
+
+async def serve(settings: Settings, config_file: Path | None, overrides: dict[str, object]) -> int:
+    service = Service(settings, config_file, overrides)
+    with contextlib.suppress(asyncio.CancelledError):
+        return await service.run()
+    return 1

@@ -1,0 +1,111 @@
+"""Plain SQL over the catalog tables. Every read and write of the catalog goes through here."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+import asyncpg
+
+from registry.catalog import DEFAULT_CATALOG, CatalogModel
+
+_COLUMNS = "id, name, vram, enabled, created_at, updated_at"
+_SEED_LOCK_KEY = 0x6D6F64656C736564  # "modelsed"
+_SEEDED_KEY = "default_catalog_seeded"
+
+
+class DuplicateName(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"a model named {name!r} already exists")
+        self.name = name
+
+
+class CatalogStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def list_all(self) -> list[CatalogModel]:
+        rows = await self._pool.fetch(f"SELECT {_COLUMNS} FROM models ORDER BY id")
+        return [CatalogModel.from_row(row) for row in rows]
+
+    async def get_many(self, ids: Iterable[int]) -> list[CatalogModel]:
+        rows = await self._pool.fetch(
+            f"SELECT {_COLUMNS} FROM models WHERE id = ANY($1::bigint[]) ORDER BY id", list(ids)
+        )
+        return [CatalogModel.from_row(row) for row in rows]
+
+    async def get(self, model_id: int) -> CatalogModel | None:
+        row = await self._pool.fetchrow(f"SELECT {_COLUMNS} FROM models WHERE id = $1", model_id)
+        return None if row is None else CatalogModel.from_row(row)
+
+    async def get_by_name(self, name: str) -> CatalogModel | None:
+        row = await self._pool.fetchrow(f"SELECT {_COLUMNS} FROM models WHERE name = $1", name)
+        return None if row is None else CatalogModel.from_row(row)
+
+    async def create(self, name: str, vram: int, enabled: bool = True) -> CatalogModel:
+        try:
+            row = await self._pool.fetchrow(
+                f"INSERT INTO models (name, vram, enabled) VALUES ($1, $2, $3) RETURNING {_COLUMNS}",
+                name,
+                vram,
+                enabled,
+            )
+        except asyncpg.UniqueViolationError as exc:
+            raise DuplicateName(name) from exc
+        return CatalogModel.from_row(row)
+
+    async def update(
+        self,
+        model_id: int,
+        *,
+        name: str | None = None,
+        vram: int | None = None,
+        enabled: bool | None = None,
+    ) -> CatalogModel | None:
+        """Change the given fields (None: leave as is); None when there is no such model."""
+        try:
+            row = await self._pool.fetchrow(
+                f"""
+                UPDATE models
+                   SET name = COALESCE($2, name),
+                       vram = COALESCE($3, vram),
+                       enabled = COALESCE($4, enabled)
+                 WHERE id = $1
+             RETURNING {_COLUMNS}
+                """,
+                model_id,
+                name,
+                vram,
+                enabled,
+            )
+        except asyncpg.UniqueViolationError as exc:
+            raise DuplicateName(name or "") from exc
+        return None if row is None else CatalogModel.from_row(row)
+
+    async def delete(self, model_id: int) -> bool:
+        deleted = await self._pool.fetchval(
+            "DELETE FROM models WHERE id = $1 RETURNING id", model_id
+        )
+        return deleted is not None
+
+    async def seed_default_catalog(self) -> bool:
+        """Insert the default catalog into a new, empty database, once ever.
+
+        Returns whether models were inserted. The marker is written even when the catalog
+        was not empty, so models an operator deletes later never come back.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _SEED_LOCK_KEY)
+            if await conn.fetchval("SELECT 1 FROM registry_meta WHERE key = $1", _SEEDED_KEY):
+                return False
+            empty = not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM models)")
+            if empty:
+                await conn.executemany(
+                    "INSERT INTO models (name, vram) VALUES ($1, $2)", DEFAULT_CATALOG
+                )
+            await conn.execute(
+                "INSERT INTO registry_meta (key, value) VALUES ($1, $2::jsonb)",
+                _SEEDED_KEY,
+                json.dumps({"inserted": empty}),
+            )
+            return empty
