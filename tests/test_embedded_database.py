@@ -1,0 +1,60 @@
+"""The default: an embedded PostgreSQL in the state directory, kept across restarts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from registry.app import create_app
+from registry.config import Settings
+
+
+def _settings(state_dir: Path, **overrides: Any) -> Settings:
+    return Settings(state_dir=state_dir, gpu_backend="none", log_format="json", **overrides)
+
+
+async def _names(client: Any) -> list[str]:
+    body = await (await client.get("/models")).json()
+    return [m["name"] for m in body["data"]]
+
+
+async def test_restart_on_the_same_state_dir_keeps_the_data(
+    tmp_path: Path, aiohttp_client: Any
+) -> None:
+    state_dir = tmp_path / "state"
+    first = await aiohttp_client(create_app(_settings(state_dir)))
+    assert await _names(first) == ["tiny", "medium", "large_v1", "large_v2", "large-v3"]
+    store = first.app[_database_key()].store
+    await store.delete(1)
+    await store.create("whisper-xl", 12000)
+    await first.close()
+    assert (state_dir / "postgres" / "PG_VERSION").exists()
+    assert not (state_dir / "postgres" / "postmaster.pid").exists(), "server left running"
+
+    second = await aiohttp_client(create_app(_settings(state_dir)))
+    # The operator's deletion sticks: the default catalog is inserted once per database, ever.
+    assert await _names(second) == ["medium", "large_v1", "large_v2", "large-v3", "whisper-xl"]
+    await second.close()
+
+
+async def test_default_catalog_can_be_switched_off(tmp_path: Path, aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app(_settings(tmp_path / "s", seed_catalog=False)))
+    assert await _names(client) == []
+
+
+async def test_an_emptied_catalog_stays_empty(tmp_path: Path, aiohttp_client: Any) -> None:
+    state_dir = tmp_path / "state"
+    first = await aiohttp_client(create_app(_settings(state_dir)))
+    store = first.app[_database_key()].store
+    for model in await store.list_all():
+        await store.delete(model.id)
+    await first.close()
+    second = await aiohttp_client(create_app(_settings(state_dir)))
+    assert await _names(second) == []
+    await second.close()
+
+
+def _database_key() -> Any:
+    from registry import keys
+
+    return keys.DATABASE

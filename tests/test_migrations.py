@@ -1,0 +1,121 @@
+"""Numbered migrations: once each, safe under concurrency, and a refusal to run on newer data."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from registry.migrations import DatabaseTooNew, load_migrations, migrate, migrations_dir
+
+
+async def _applied(dsn: str) -> list[tuple[int, str]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+        return [(r["version"], r["name"]) for r in rows]
+    finally:
+        await conn.close()
+
+
+def test_migration_files_are_numbered_and_found() -> None:
+    migrations = load_migrations()
+    assert [m.version for m in migrations] == list(range(1, len(migrations) + 1))
+    assert migrations_dir().name == "sql"
+
+
+async def test_migrate_applies_everything_once_and_is_idempotent(empty_database_url: str) -> None:
+    first = await migrate(empty_database_url)
+    assert first == [m.name for m in load_migrations()]
+    assert await migrate(empty_database_url) == []
+    assert [v for v, _ in await _applied(empty_database_url)] == [
+        m.version for m in load_migrations()
+    ]
+
+
+async def test_concurrent_migrations_apply_each_file_once(empty_database_url: str) -> None:
+    results = await asyncio.gather(*(migrate(empty_database_url) for _ in range(4)))
+    applied_names = [name for result in results for name in result]
+    assert sorted(applied_names) == sorted(m.name for m in load_migrations())
+    assert len(await _applied(empty_database_url)) == len(load_migrations())
+
+
+def test_two_concurrent_migrate_commands(empty_database_url: str) -> None:
+    env = {**os.environ, "MODEL_REGISTRY_DATABASE_URL": empty_database_url}
+    commands = [
+        subprocess.Popen(
+            [sys.executable, "-m", "registry", "migrate"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for _ in range(2)
+    ]
+    outputs = [command.communicate(timeout=60)[0].decode() for command in commands]
+    assert [command.returncode for command in commands] == [0, 0], outputs
+    combined = "".join(outputs)
+    for migration in load_migrations():
+        assert combined.count(f'"migration": "{migration.name}"') == 1, combined
+    assert len(asyncio.run(_applied(empty_database_url))) == len(load_migrations())
+
+
+async def test_a_failing_migration_leaves_nothing_behind(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    good = load_migrations()
+    (tmp_path / "0001_catalog.sql").write_text(good[0].sql)
+    (tmp_path / "0002_broken.sql").write_text("CREATE TABLE half_done (x int); SELECT nonsense;")
+    with pytest.raises(asyncpg.PostgresError):
+        await migrate(empty_database_url, load_migrations(tmp_path))
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        assert await conn.fetchval("SELECT to_regclass('half_done')") is None
+    finally:
+        await conn.close()
+    assert [v for v, _ in await _applied(empty_database_url)] == [1]
+
+
+async def test_refuses_a_database_newer_than_the_code(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES (9999, '9999_from_the_future')"
+        )
+    finally:
+        await conn.close()
+    with pytest.raises(DatabaseTooNew, match="9999"):
+        await migrate(database_url)
+
+
+def test_serve_refuses_a_newer_database_with_a_clear_message(database_url: str) -> None:
+    async def add_future() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (9999, '9999_future')"
+            )
+        finally:
+            await conn.close()
+
+    asyncio.run(add_future())
+    env = {
+        **os.environ,
+        "MODEL_REGISTRY_DATABASE_URL": database_url,
+        "MODEL_REGISTRY_GPU_BACKEND": "none",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "registry", "serve", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 3
+    assert "9999" in result.stderr
+    assert "upgrade model-registry" in result.stderr
+    assert "Traceback" not in result.stderr
