@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gpu import GpuBackend
 from registry.app import SERVER_OPTIONS, create_app
 from registry.config import Settings
 from registry.migrations import migrate
@@ -117,10 +118,15 @@ class _scratch_database:  # noqa: N801 - used as a context manager, reads like a
 
 @pytest.fixture
 def gpu_file(tmp_path: Path) -> Callable[..., Path]:
-    """Write the simulated backend's file: gpu_file((uuid, total_mib, free_mib), ...)."""
+    """Write the simulated backend's file: gpu_file((uuid, total_mib, free_mib), ...).
+
+    Called with no device, it only returns the file's path.
+    """
     path = tmp_path / "gpus.json"
 
     def write(*devices: tuple[str, int, int]) -> Path:
+        if not devices:
+            return path
         content = {
             "devices": [
                 {"uuid": uuid, "name": "Simulated GPU", "total_mib": total, "free_mib": free}
@@ -165,9 +171,9 @@ def start_app(
     """Start the real app (database, poller, listener) and return an HTTP client for it."""
 
     async def start(
-        settings: Settings | None = None, **overrides: Any
+        settings: Settings | None = None, *, backend: GpuBackend | None = None, **overrides: Any
     ) -> TestClient[web.Request, web.Application]:
-        app = create_app(settings or make_settings(**overrides))
+        app = create_app(settings or make_settings(**overrides), gpu_backend=backend)
         server = await aiohttp_server(app, **SERVER_OPTIONS)
         client: TestClient[web.Request, web.Application] = await aiohttp_client(server)
         return client
