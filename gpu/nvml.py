@@ -6,6 +6,7 @@ its function boundary and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from types import ModuleType
 from typing import Any
@@ -42,9 +43,7 @@ class NvmlBackend:
         self._uuid_by_index: dict[int, str] = {}
 
     def _errors(self, *names: str) -> tuple[type[BaseException], ...]:
-        return tuple(
-            getattr(self._nvml, name) for name in names if hasattr(self._nvml, name)
-        )
+        return tuple(getattr(self._nvml, name) for name in names if hasattr(self._nvml, name))
 
     def read(self) -> list[GpuDevice]:
         nvml = self._nvml
@@ -144,9 +143,14 @@ class NvmlBackend:
     def _memory(self, handle: Any) -> tuple[Any, bool]:
         nvml = self._nvml
         if self._use_v2 is not False:
+            no_v2: tuple[type[BaseException], ...] = (
+                TypeError,
+                AttributeError,
+                *self._errors(*_NO_V2_ERRORS),
+            )
             try:
                 memory = nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
-            except (TypeError, AttributeError, *self._errors(*_NO_V2_ERRORS)):
+            except no_v2:
                 self._use_v2 = False
             else:
                 self._use_v2 = True
@@ -155,10 +159,8 @@ class NvmlBackend:
 
     def close(self) -> None:
         if self._initialised:
-            try:
+            with contextlib.suppress(self._nvml.NVMLError):
                 self._nvml.nvmlShutdown()
-            except self._nvml.NVMLError:
-                pass
         self._initialised = False
         self._needs_reinit = False
 

@@ -7,6 +7,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+
 import structlog
 
 from gpu.backend import GpuBackend, GpuUnavailable
@@ -44,8 +45,12 @@ class GpuPoller:
         self._subscribers: list[Subscriber] = []
         self._poll_now = asyncio.Event()
         self._first = asyncio.Event()
-        self._snapshot = GpuSnapshot(backend=backend.name, state=GpuState.UNAVAILABLE,
-                                     error="no reading yet", interval_s=interval_s)
+        self._snapshot = GpuSnapshot(
+            backend=backend.name,
+            state=GpuState.UNAVAILABLE,
+            error="no reading yet",
+            interval_s=interval_s,
+        )
         self._last_good: float | None = None  # monotonic time of the last successful read
         self._failures = 0
         self._next_attempt = 0.0

@@ -7,6 +7,7 @@ rather than queued behind it, so a hung driver never builds a backlog or blocks 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -63,7 +64,6 @@ class DeadlineWorker:
                 result, error = fn(), None
             except BaseException as exc:
                 result, error = None, exc
-            try:
+            # RuntimeError: the loop closed while the call was stuck.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_settle, future, result, error)
-            except RuntimeError:
-                pass  # the loop closed while the call was stuck

@@ -186,14 +186,26 @@ async def patch_model(request: web.Request) -> web.StreamResponse:
         raise unprocessable(validation_issues(exc, "body")) from None
     if not data.model_fields_set:
         raise unprocessable(
-            [{"type": "missing", "loc": ["body"], "input": {},
-              "msg": "give at least one of name, vram, enabled"}]
+            [
+                {
+                    "type": "missing",
+                    "loc": ["body"],
+                    "input": {},
+                    "msg": "give at least one of name, vram, enabled",
+                }
+            ]
         )
-    if nulls := [field for field in sorted(data.model_fields_set)
-                 if getattr(data, field) is None]:
+    if nulls := [field for field in sorted(data.model_fields_set) if getattr(data, field) is None]:
         raise unprocessable(
-            [{"type": "none_forbidden", "loc": ["body", field], "input": None,
-              "msg": "may not be null"} for field in nulls]
+            [
+                {
+                    "type": "none_forbidden",
+                    "loc": ["body", field],
+                    "input": None,
+                    "msg": "may not be null",
+                }
+                for field in nulls
+            ]
         )
     store = request.app[keys.DATABASE].store
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
@@ -62,10 +63,8 @@ def spawn(app: web.Application, coro: Coroutine[Any, Any, None], name: str) -> a
 
 async def _stop_task(task: asyncio.Task[None]) -> None:
     task.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await task
-    except asyncio.CancelledError:
-        pass
 
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:

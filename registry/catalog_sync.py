@@ -90,7 +90,9 @@ class CatalogSync:
             while not self._lost:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), max(next_reload - time.monotonic(), 0))
+                    await asyncio.wait_for(
+                        self._wake.wait(), max(next_reload - time.monotonic(), 0)
+                    )
                 if time.monotonic() >= next_reload:
                     await conn.execute("SELECT 1", timeout=5)  # is the listener still alive?
                     self._reload_all = True

@@ -182,8 +182,10 @@ def format_table(models: Sequence[CatalogModel]) -> str:
         for m in models
     ]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-             for row in (headers, *rows)]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in (headers, *rows)
+    ]
     if not rows:
         lines.append("(no models)")
     return "\n".join(lines)

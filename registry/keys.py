@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+
 from aiohttp import web
 
 from gpu import GpuBackend, GpuPoller

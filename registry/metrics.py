@@ -19,7 +19,7 @@ from gpu import MIB, GpuSnapshot
 from registry.capacity import Margins, usable_devices
 from registry.view import CatalogView
 
-disable_created_metrics()  # the *_created series only add noise to every scrape
+disable_created_metrics()  # type: ignore[no-untyped-call] # the *_created series only add noise to every scrape
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -69,7 +69,8 @@ def _gpu_metrics(snapshot: GpuSnapshot, margins: Margins, dcgm: bool) -> Iterato
     labels = ["uuid", "gpu", "name"]
     families = {
         field: GaugeMetricFamily(
-            f"model_registry_gpu_memory_{field}_bytes", f"GPU memory {field}, in bytes.",
+            f"model_registry_gpu_memory_{field}_bytes",
+            f"GPU memory {field}, in bytes.",
             labels=labels,
         )
         for field in ("total", "free", "used", "reserved")
@@ -81,7 +82,8 @@ def _gpu_metrics(snapshot: GpuSnapshot, margins: Margins, dcgm: bool) -> Iterato
     )
     dcgm_families = {
         field: GaugeMetricFamily(
-            f"DCGM_FI_DEV_FB_{field.upper()}", f"Framebuffer memory {field} (MiB).",
+            f"DCGM_FI_DEV_FB_{field.upper()}",
+            f"Framebuffer memory {field} (MiB).",
             labels=["gpu", "UUID", "modelName"],
         )
         for field in ("free", "used", "reserved")

@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from registry.config import AccessLog
 from registry.errors import JSON, error_response
@@ -32,23 +33,17 @@ def _new_request_id() -> str:
 
 
 def _as_json(exc: web.HTTPException) -> web.Response:
-    if exc.content_type == JSON:
-        body = exc.text or '{"detail": ""}'
-    else:
-        body = None
     headers = {
         key: value
         for key, value in exc.headers.items()
         if key.lower() not in ("content-type", "content-length")
     }
-    if body is None:
-        return error_response(exc.status, exc.reason, headers=headers)
-    return web.Response(status=exc.status, text=body, content_type=JSON, headers=headers)
+    if exc.content_type == JSON and exc.text:
+        return web.Response(status=exc.status, text=exc.text, content_type=JSON, headers=headers)
+    return error_response(exc.status, exc.reason, headers=headers)
 
 
-def make_middleware(
-    metrics: Metrics, access: AccessLog, slow_request_ms: float
-) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def make_middleware(metrics: Metrics, access: AccessLog, slow_request_ms: float) -> Middleware:
     slow_s = slow_request_ms / 1000
 
     @web.middleware

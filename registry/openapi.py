@@ -74,13 +74,20 @@ def openapi_document() -> dict[str, Any]:
         [
             (m, "serialization" if m not in (ModelCreate, ModelPatch) else "validation")
             for m in (
-                ModelList, ModelOut, ModelCreate, ModelPatch, GpusOut, ErrorOut,
-                ValidationErrorOut, HealthOut, ReadyOut,
+                ModelList,
+                ModelOut,
+                ModelCreate,
+                ModelPatch,
+                GpusOut,
+                ErrorOut,
+                ValidationErrorOut,
+                HealthOut,
+                ReadyOut,
             )
         ],
         ref_template=_REF,
     )
-    secured = [{"bearer": []}]
+    secured: list[dict[str, list[str]]] = [{"bearer": []}]
     model_body = {"content": {"application/json": {"schema": _ref(ModelCreate)}}, "required": True}
     patch_body = {"content": {"application/json": {"schema": _ref(ModelPatch)}}, "required": True}
     return {

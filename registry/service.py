@@ -52,8 +52,12 @@ class Service:
         try:
             site = web.TCPSite(runner, self.settings.host, self.settings.port)
             await site.start()
-            log.info("listening", host=self.settings.host, port=self.settings.port,
-                     urls=[str(s.name) for s in runner.sites])
+            log.info(
+                "listening",
+                host=self.settings.host,
+                port=self.settings.port,
+                urls=[str(s.name) for s in runner.sites],
+            )
             self.notifier.send("READY=1", f"STATUS={status_line(self.app)}")
             exit_code = await self._serve_until_stopped()
         finally:

@@ -45,7 +45,8 @@ class CatalogStore:
     async def create(self, name: str, vram: int, enabled: bool = True) -> CatalogModel:
         try:
             row = await self._pool.fetchrow(
-                f"INSERT INTO models (name, vram, enabled) VALUES ($1, $2, $3) RETURNING {_COLUMNS}",
+                "INSERT INTO models (name, vram, enabled) VALUES ($1, $2, $3)"
+                f" RETURNING {_COLUMNS}",
                 name,
                 vram,
                 enabled,

@@ -104,8 +104,8 @@ class CatalogView:
         self._entries = {}
         for model in models:
             old = previous.get(model.id)
-            self._entries[model.id] = old if old is not None and old.model == model else _Entry(
-                model
+            self._entries[model.id] = (
+                old if old is not None and old.model == model else _Entry(model)
             )
         self.loaded = True
         self._rebuild()
@@ -174,8 +174,11 @@ class CatalogView:
             candidates = self._ordered
         if query.active is None:
             return candidates
-        return [e for e in candidates if e.assessment is not None
-                and e.assessment.active is query.active]
+        return [
+            e
+            for e in candidates
+            if e.assessment is not None and e.assessment.active is query.active
+        ]
 
     def _render_page(self, query: ListQuery) -> CachedBody:
         matching = self._matching(query)

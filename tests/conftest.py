@@ -93,7 +93,7 @@ async def database_url(pg_admin_dsn: str, template_dsn: str) -> AsyncIterator[st
         yield dsn
 
 
-class _scratch_database:  # noqa: N801 - used as a context manager, reads like a function
+class _scratch_database:
     def __init__(self, admin_dsn: str, template: str | None) -> None:
         self.admin_dsn = admin_dsn
         self.template = template
@@ -143,9 +143,9 @@ def gpu_file(tmp_path: Path) -> Callable[..., Path]:
 
 
 @pytest.fixture
-def make_settings(database_url: str, gpu_file: Callable[..., Path], tmp_path: Path) -> Callable[
-    ..., Settings
-]:
+def make_settings(
+    database_url: str, gpu_file: Callable[..., Path], tmp_path: Path
+) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "database_url": database_url,

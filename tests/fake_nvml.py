@@ -60,13 +60,13 @@ class FakeNvml:
         self.calls_started = 0
 
     # -- lifecycle --
-    def nvmlInit(self) -> None:  # noqa: N802 - pynvml's names
+    def nvmlInit(self) -> None:
         self.init_calls += 1
         if self.init_error is not None:
             raise self.init_error
         self.initialised = True
 
-    def nvmlShutdown(self) -> None:  # noqa: N802
+    def nvmlShutdown(self) -> None:
         self.shutdown_calls += 1
         self.initialised = False
 
@@ -75,41 +75,41 @@ class FakeNvml:
             raise pynvml.NVMLError_Uninitialized()
 
     # -- devices --
-    def nvmlDeviceGetCount(self) -> int:  # noqa: N802
+    def nvmlDeviceGetCount(self) -> int:
         self._check()
         return len(self.gpus)
 
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeGpu:  # noqa: N802
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeGpu:
         self._check()
         gpu = self.gpus[index]
         if gpu.lost:
             raise pynvml.NVMLError_GpuIsLost()
         return gpu
 
-    def nvmlDeviceGetUUID(self, gpu: FakeGpu) -> str:  # noqa: N802
+    def nvmlDeviceGetUUID(self, gpu: FakeGpu) -> str:
         if gpu.lost:
             raise pynvml.NVMLError_GpuIsLost()
         return gpu.uuid
 
-    def nvmlDeviceGetName(self, gpu: FakeGpu) -> str:  # noqa: N802
+    def nvmlDeviceGetName(self, gpu: FakeGpu) -> str:
         return gpu.name
 
-    def nvmlDeviceGetMigMode(self, gpu: FakeGpu) -> list[int]:  # noqa: N802
+    def nvmlDeviceGetMigMode(self, gpu: FakeGpu) -> list[int]:
         if gpu.mig_enabled is None:
             raise pynvml.NVMLError_NotSupported()
         mode = pynvml.NVML_DEVICE_MIG_ENABLE if gpu.mig_enabled else pynvml.NVML_DEVICE_MIG_DISABLE
         return [mode, mode]
 
-    def nvmlDeviceGetMaxMigDeviceCount(self, gpu: FakeGpu) -> int:  # noqa: N802
+    def nvmlDeviceGetMaxMigDeviceCount(self, gpu: FakeGpu) -> int:
         return len(gpu.mig_slots)
 
-    def nvmlDeviceGetMigDeviceHandleByIndex(self, gpu: FakeGpu, index: int) -> FakeGpu:  # noqa: N802
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, gpu: FakeGpu, index: int) -> FakeGpu:
         instance = gpu.mig_slots[index]
         if instance is None:
             raise pynvml.NVMLError_NotFound()
         return instance
 
-    def nvmlDeviceGetMemoryInfo(self, gpu: FakeGpu, version: int | None = None) -> Any:  # noqa: N802
+    def nvmlDeviceGetMemoryInfo(self, gpu: FakeGpu, version: int | None = None) -> Any:
         self._check()
         self.calls_started += 1
         if self.hang.is_set():

@@ -18,8 +18,14 @@ def model(model_id: int, vram: int, enabled: bool = True) -> CatalogModel:
 
 
 def device(uuid: str, free_mib: int, total_mib: int = 24576, **kw: object) -> GpuDevice:
-    return GpuDevice(uuid=uuid, index=int(uuid[-1]), name="GPU", total_bytes=total_mib * MIB,
-                     free_bytes=free_mib * MIB, **kw)  # type: ignore[arg-type]
+    return GpuDevice(
+        uuid=uuid,
+        index=int(uuid[-1]),
+        name="GPU",
+        total_bytes=total_mib * MIB,
+        free_bytes=free_mib * MIB,
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 def snapshot(*devices: GpuDevice, state: GpuState = GpuState.OK) -> GpuSnapshot:
@@ -28,8 +34,9 @@ def snapshot(*devices: GpuDevice, state: GpuState = GpuState.OK) -> GpuSnapshot:
 
 def test_a_model_is_never_split_across_devices() -> None:
     # 2 x 10 GiB free is 20 GiB in all, but no single device holds 15 GiB.
-    result = assess_all([model(1, 15000)], snapshot(device("g0", 10000), device("g1", 10000)),
-                        Margins())
+    result = assess_all(
+        [model(1, 15000)], snapshot(device("g0", 10000), device("g1", 10000)), Margins()
+    )
     verdict = result[1]
     assert verdict.fits is False and verdict.active is False
     assert verdict.reason is Reason.INSUFFICIENT_VRAM
@@ -65,8 +72,9 @@ def test_exact_fit_counts_as_fitting() -> None:
 def test_margin_arithmetic(margins: Margins, usable: int) -> None:
     [only] = usable_devices(snapshot(device("g0", 10000)), margins)
     assert only.usable_mib == usable
-    fits_exactly = assess_all([model(1, usable), model(2, usable + 1)],
-                              snapshot(device("g0", 10000)), margins)
+    fits_exactly = assess_all(
+        [model(1, usable), model(2, usable + 1)], snapshot(device("g0", 10000)), margins
+    )
     assert fits_exactly[1].fits is True
     assert fits_exactly[2].fits is False
 
@@ -87,8 +95,11 @@ def test_disabled_models_are_inactive_but_still_assessed() -> None:
 
 @pytest.mark.parametrize("state", [GpuState.STALE, GpuState.UNAVAILABLE])
 def test_unknown_gpu_state_gives_null_fits(state: GpuState) -> None:
-    result = assess_all([model(1, 100), model(2, 100, enabled=False)],
-                        snapshot(device("g0", 10000), state=state), Margins())
+    result = assess_all(
+        [model(1, 100), model(2, 100, enabled=False)],
+        snapshot(device("g0", 10000), state=state),
+        Margins(),
+    )
     assert result[1].fits is None and result[1].active is False
     assert result[1].reason is Reason.GPU_STATE_UNKNOWN
     assert result[1].headroom_mib is None and result[1].placement is None

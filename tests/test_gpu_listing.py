@@ -37,8 +37,14 @@ async def test_replaying_the_h200_trace_turns_large_models_off_and_on(
     trace = json.loads(TRACE.read_text())
     device = trace["device"]
     first = trace["samples"][0]
-    gpu = FakeGpu(device["uuid"], name=device["name"], total=first["total"], free=first["free"],
-                  reserved=first["reserved"], used=first["used"])
+    gpu = FakeGpu(
+        device["uuid"],
+        name=device["name"],
+        total=first["total"],
+        free=first["free"],
+        reserved=first["reserved"],
+        used=first["used"],
+    )
     fake = FakeNvml([gpu])
     client = await start_app(backend=NvmlBackend(fake), gpu_backend="nvml", seed_catalog=False)
     store = client.app[keys.DATABASE].store
@@ -55,9 +61,11 @@ async def test_replaying_the_h200_trace_turns_large_models_off_and_on(
         free_mib = sample["free"] // MIB
         body = await eventually(
             lambda: _listing(client),
-            lambda b, free=free_mib: b["capacity"]["state"] == "ok"
-            and b["data"][0]["placement"] is not None
-            and b["data"][0]["placement"]["free_mib"] == free,
+            lambda b, free=free_mib: (
+                b["capacity"]["state"] == "ok"
+                and b["data"][0]["placement"] is not None
+                and b["data"][0]["placement"]["free_mib"] == free
+            ),
         )
         for model in body["data"]:
             assert model["fits"] is (model["vram"] <= free_mib), (sample, model)
@@ -70,7 +78,11 @@ async def test_replaying_the_h200_trace_turns_large_models_off_and_on(
     # All fit; the 40 GiB step turns off the 100 GB model; the 60 GiB step the 40 GB one too;
     # freeing 60 GiB brings the 40 GB model back; freeing everything brings back the rest.
     assert [(h["llm-40g"], h["llm-100g"]) for h in history] == [
-        (True, True), (True, False), (False, False), (True, False), (True, True),
+        (True, True),
+        (True, False),
+        (False, False),
+        (True, False),
+        (True, True),
     ]
     assert all(h["whisper-small"] for h in history)
 
@@ -91,7 +103,11 @@ async def test_simulated_file_change_shows_within_one_poll_interval(
     )
     assert time.monotonic() - changed_at <= interval + 0.15
     assert _active(body) == {
-        "tiny": True, "medium": True, "large_v1": False, "large_v2": False, "large-v3": False,
+        "tiny": True,
+        "medium": True,
+        "large_v1": False,
+        "large_v2": False,
+        "large-v3": False,
     }
     large = body["data"][4]
     assert large["reason"] == "insufficient_vram" and large["fits"] is False
@@ -109,7 +125,10 @@ async def test_active_filter_counts_the_filtered_set(
     inactive = await _listing(client, "?active=false&limit=2&skip=2")
     assert [m["name"] for m in inactive["data"]] == ["large-v3"]
     assert inactive["pagination"] == {
-        "total_items": 3, "total_pages": 2, "current_page": 2, "per_page": 2,
+        "total_items": 3,
+        "total_pages": 2,
+        "current_page": 2,
+        "per_page": 2,
     }
 
 
@@ -177,8 +196,13 @@ async def test_gpus_endpoint_describes_devices(
     assert body["poll_interval_s"] == 0.2 and body["last_error"] is None
     [device] = body["devices"]
     assert device == {
-        "uuid": "GPU-sim-0", "index": 0, "name": "Simulated GPU", "total_mib": 24576,
-        "free_mib": 20000, "healthy": True, "usable_mib": 20000,
+        "uuid": "GPU-sim-0",
+        "index": 0,
+        "name": "Simulated GPU",
+        "total_mib": 24576,
+        "free_mib": 20000,
+        "healthy": True,
+        "usable_mib": 20000,
     }
     assert body["as_of"].endswith("+00:00")
 

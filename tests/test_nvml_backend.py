@@ -12,8 +12,9 @@ MIB = 1024**2
 
 
 def test_v2_driver_reports_reserved_apart_from_used() -> None:
-    fake = FakeNvml([FakeGpu("GPU-a", total=140 * GIB, free=100 * GIB, reserved=600 * MIB,
-                             used=39 * GIB)])
+    fake = FakeNvml(
+        [FakeGpu("GPU-a", total=140 * GIB, free=100 * GIB, reserved=600 * MIB, used=39 * GIB)]
+    )
     [device] = NvmlBackend(fake).read()
     assert device.uuid == "GPU-a"
     assert device.free_bytes == 100 * GIB  # NVML's own figure, not total - used
