@@ -93,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UNAVAILABLE_ERRORS as exc:
         print(f"model-registry: database unavailable: {exc}", file=sys.stderr)
         return 1
+    except asyncpg.ClientConfigurationError as exc:
+        print(f"model-registry: invalid database URL: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
@@ -181,7 +184,7 @@ def format_table(models: Sequence[CatalogModel]) -> str:
         )
         for m in models
     ]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in (headers, *rows)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
@@ -28,9 +28,12 @@ def _add_request_id(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDi
     return event_dict
 
 
-def configure_logging(log_format: LogFormat | None, level: str = "info") -> None:
+def configure_logging(
+    log_format: LogFormat | None, level: str = "info", stream: TextIO | None = None
+) -> None:
+    stream = stream or sys.stdout
     if log_format is None:
-        log_format = LogFormat.CONSOLE if sys.stdout.isatty() else LogFormat.JSON
+        log_format = LogFormat.CONSOLE if stream.isatty() else LogFormat.JSON
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         _add_request_id,
@@ -43,7 +46,7 @@ def configure_logging(log_format: LogFormat | None, level: str = "info") -> None
         renderer = structlog.processors.JSONRenderer()
         shared.append(structlog.processors.format_exc_info)
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
 
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -55,7 +58,7 @@ def configure_logging(log_format: LogFormat | None, level: str = "info") -> None
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -1,0 +1,112 @@
+"""Logs: JSON lines, request ids, and an access log that records what matters only."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from typing import Any
+
+import pytest
+
+from registry.config import LogFormat
+from registry.logs import configure_logging
+from tests.conftest import AppClient
+
+
+@pytest.fixture
+def json_lines() -> Any:
+    """Route every log line to a buffer; each call returns the JSON lines since the last."""
+    buffer = io.StringIO()
+    configure_logging(LogFormat.JSON, "info", stream=buffer)
+
+    def read() -> list[dict[str, Any]]:
+        out = buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+        return [json.loads(line) for line in out.splitlines()]
+
+    yield read
+    logging.getLogger().handlers.clear()
+
+
+def _requests(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [line for line in lines if line.get("event") == "request"]
+
+
+async def test_default_access_log_skips_fast_reads_and_keeps_errors(
+    start_app: AppClient, json_lines: Any
+) -> None:
+    client = await start_app(gpu_backend="none")
+    json_lines()
+    for _ in range(5):
+        assert (await client.get("/models")).status == 200
+    assert (await client.get("/models?limit=0")).status == 422
+    assert (await client.get("/missing")).status == 404
+    logged = _requests(json_lines())
+    assert [(line["path"], line["status"]) for line in logged] == [
+        ("/models", 422), ("/missing", 404),
+    ]
+    for line in logged:
+        assert {"method", "path", "status", "duration_ms", "request_id", "timestamp"} <= set(line)
+        assert line["timestamp"].endswith("Z")
+
+
+async def test_access_log_all_and_off(start_app: AppClient, json_lines: Any) -> None:
+    client = await start_app(gpu_backend="none", access_log="all")
+    json_lines()
+    await client.get("/models")
+    assert len(_requests(json_lines())) == 1
+    quiet = await start_app(gpu_backend="none", access_log="off")
+    await quiet.get("/missing")
+    assert _requests(json_lines()) == []
+
+
+async def test_slow_requests_are_logged(start_app: AppClient, json_lines: Any) -> None:
+    client = await start_app(gpu_backend="none", slow_request_ms=0)
+    json_lines()
+    await client.get("/healthz")
+    assert [line["path"] for line in _requests(json_lines())] == ["/healthz"]
+
+
+async def test_request_id_is_echoed_and_bound_to_log_lines(
+    start_app: AppClient, json_lines: Any
+) -> None:
+    client = await start_app(gpu_backend="none")
+    response = await client.get("/missing", headers={"X-Request-Id": "sched-42.abc"})
+    assert response.headers["X-Request-Id"] == "sched-42.abc"
+    [line] = _requests(json_lines())
+    assert line["request_id"] == "sched-42.abc"
+
+    generated = (await client.get("/models")).headers["X-Request-Id"]
+    other = (await client.get("/models")).headers["X-Request-Id"]
+    assert generated and other and generated != other
+
+
+async def test_a_hostile_request_id_is_replaced(start_app: AppClient) -> None:
+    client = await start_app(gpu_backend="none")
+    response = await client.get("/models", headers={"X-Request-Id": "x" * 500})
+    assert response.headers["X-Request-Id"] != "x" * 500
+    response = await client.get("/models", headers={"X-Request-Id": "<script>"})
+    assert response.headers["X-Request-Id"] != "<script>"
+
+
+async def test_the_database_password_never_reaches_the_log(
+    start_app: AppClient, json_lines: Any, database_url: str
+) -> None:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(database_url)
+    host = parts.netloc.rpartition("@")[2]
+    with_password = urlunsplit(parts._replace(netloc=f"postgres:s3cret-pw@{host}"))
+    client = await start_app(gpu_backend="none", database_url=with_password)
+    assert (await client.get("/healthz")).status == 200
+    lines = json_lines()
+    assert any("***" in json.dumps(line) for line in lines)
+    assert all("s3cret-pw" not in json.dumps(line) for line in lines)
+
+
+async def test_stdlib_loggers_share_the_pipeline(json_lines: Any) -> None:
+    logging.getLogger("aiohttp.server").warning("from aiohttp")
+    [line] = [x for x in json_lines() if x["event"] == "from aiohttp"]
+    assert line["logger"] == "aiohttp.server" and line["level"] == "warning"
