@@ -10,6 +10,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from gpu import GpuPoller
 from registry import keys
 from registry.app import SERVER_OPTIONS, create_app, margins_from
 from registry.config import LIVE_SETTINGS, Settings, load_settings
@@ -23,6 +24,13 @@ def status_line(app: web.Application) -> str:
     view = app[keys.VIEW]
     models = len(view.models)
     return f"{models} models, {view.active_count} active, GPU {view.snapshot.state.value}"
+
+
+def poller_alive(poller: GpuPoller | None, within_s: float) -> bool:
+    """Whether the GPU loop has ticked recently; a stuck loop must miss the watchdog."""
+    if poller is None:
+        return True
+    return time.monotonic() - poller.last_tick <= max(within_s, 2 * poller.interval_s)
 
 
 class Service:
@@ -85,19 +93,12 @@ class Service:
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
-            if watchdog_s is not None and self._poller_alive(watchdog_s * 2):
+            if watchdog_s is not None and poller_alive(self.app.get(keys.POLLER), watchdog_s * 2):
                 self.notifier.send("WATCHDOG=1")
             status = status_line(self.app)
             if status != last_status:
                 self.notifier.send(f"STATUS={status}")
                 last_status = status
-
-    def _poller_alive(self, within_s: float) -> bool:
-        """Whether the GPU loop has ticked recently; a stuck loop must miss the watchdog."""
-        poller = self.app.get(keys.POLLER)
-        if poller is None:
-            return True
-        return time.monotonic() - poller.last_tick <= max(within_s, 2 * poller.interval_s)
 
     def reload(self) -> None:
         self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")

@@ -69,7 +69,12 @@ def test_models_commands_change_the_catalog(database_url: str) -> None:
     listed = run_cli("models", "list", env=env)
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.splitlines()[0].split() == [
-        "ID", "NAME", "VRAM_MIB", "ENABLED", "CREATED_AT", "UPDATED_AT",
+        "ID",
+        "NAME",
+        "VRAM_MIB",
+        "ENABLED",
+        "CREATED_AT",
+        "UPDATED_AT",
     ]
     assert "(no models)" in listed.stdout
 

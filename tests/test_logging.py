@@ -45,7 +45,8 @@ async def test_default_access_log_skips_fast_reads_and_keeps_errors(
     assert (await client.get("/missing")).status == 404
     logged = _requests(json_lines())
     assert [(line["path"], line["status"]) for line in logged] == [
-        ("/models", 422), ("/missing", 404),
+        ("/models", 422),
+        ("/missing", 404),
     ]
     for line in logged:
         assert {"method", "path", "status", "duration_ms", "request_id", "timestamp"} <= set(line)

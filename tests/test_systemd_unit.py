@@ -1,0 +1,87 @@
+"""The shipped unit: Type=notify, watchdog, DynamicUser, and hardened to exposure <= 2.0."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from registry.config import Settings
+
+SYSTEMD = Path(__file__).parent.parent / "systemd"
+UNIT = SYSTEMD / "model-registry.service"
+
+
+def _settings_of(unit: str) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for line in unit.splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            found.setdefault(key.strip(), []).append(value.strip())
+    return found
+
+
+def test_unit_declares_what_the_service_needs() -> None:
+    unit = _settings_of(UNIT.read_text())
+    expected = {
+        "Type": ["notify"],
+        "NotifyAccess": ["main"],
+        "Restart": ["always"],
+        "DynamicUser": ["yes"],
+        "StateDirectory": ["model-registry"],
+        "EnvironmentFile": ["-/etc/model-registry/env"],
+        "MemoryDenyWriteExecute": ["no"],
+    }
+    for key, value in expected.items():
+        assert unit.get(key) == value, key
+    assert unit["WatchdogSec"]
+    assert "PrivateDevices" not in unit or unit["PrivateDevices"] == ["no"]
+    allowed = " ".join(unit["DeviceAllow"])
+    for device in ("/dev/nvidiactl", "/dev/nvidia-uvm", "char-nvidia-frontend"):
+        assert device in allowed
+
+
+def test_env_example_documents_every_setting() -> None:
+    example = (SYSTEMD / "model-registry.env.example").read_text()
+    for name in Settings.model_fields:
+        assert f"MODEL_REGISTRY_{name.upper()}=" in example, name
+
+
+@pytest.fixture
+def installed_unit(tmp_path: Path) -> Path:
+    """The unit with ExecStart pointing at this environment's console script."""
+    script = Path(sys.executable).parent / "model-registry"
+    unit = tmp_path / "model-registry.service"
+    unit.write_text(UNIT.read_text().replace("/opt/model-registry/bin/model-registry", str(script)))
+    return unit
+
+
+def test_hardening_exposure_is_at_most_2(installed_unit: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--threshold=20", str(installed_unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 2.0
+    assert result.returncode == 0
+
+
+def test_unit_verifies(installed_unit: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(installed_unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
