@@ -88,11 +88,14 @@ class CatalogSync:
             self.listening.set()
             next_reload = time.monotonic() + self.reload_interval_s
             while not self._lost:
+                # Wait only when nothing is pending: a notification that arrived during the
+                # last reload has already set (and must not lose) the wake-up.
+                if not (self._changed_ids or self._reload_all):
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            self._wake.wait(), max(next_reload - time.monotonic(), 0)
+                        )
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._wake.wait(), max(next_reload - time.monotonic(), 0)
-                    )
                 if time.monotonic() >= next_reload:
                     await conn.execute("SELECT 1", timeout=5)  # is the listener still alive?
                     self._reload_all = True
