@@ -195,18 +195,6 @@ async def patch_model(request: web.Request) -> web.StreamResponse:
                 }
             ]
         )
-    if nulls := [field for field in sorted(data.model_fields_set) if getattr(data, field) is None]:
-        raise unprocessable(
-            [
-                {
-                    "type": "none_forbidden",
-                    "loc": ["body", field],
-                    "input": None,
-                    "msg": "may not be null",
-                }
-                for field in nulls
-            ]
-        )
     store = request.app[keys.DATABASE].store
     try:
         model = await store.update(model_id, name=data.name, vram=data.vram, enabled=data.enabled)

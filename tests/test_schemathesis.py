@@ -1,0 +1,66 @@
+"""Property-based testing of the live daemon against its own OpenAPI document."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import Daemon
+
+# Bounded so the whole suite stays within a few minutes on two cores.
+BUDGET_S = 40
+
+
+async def test_schemathesis_finds_no_server_error_or_schema_violation(
+    database_url: str, gpu_file: Callable[..., Path], tmp_path: Path
+) -> None:
+    st = shutil.which("st", path=str(Path(sys.executable).parent)) or shutil.which("st")
+    if st is None:
+        pytest.fail("schemathesis is not installed: pip install -e '.[test]'")
+    daemon = Daemon(
+        {
+            "MODEL_REGISTRY_DATABASE_URL": database_url,
+            "MODEL_REGISTRY_GPU_BACKEND": "simulated",
+            "MODEL_REGISTRY_GPU_SIMULATED_FILE": str(gpu_file()),
+            "MODEL_REGISTRY_ADMIN_TOKEN": "fuzz-token",
+            "MODEL_REGISTRY_ACCESS_LOG": "off",
+        },
+        log_path=tmp_path / "daemon.log",
+    )
+    try:
+        await daemon.wait_ready()
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [
+                st,
+                "run",
+                f"{daemon.url}/openapi.json",
+                "--header",
+                "Authorization: Bearer fuzz-token",
+                "--checks",
+                "all",
+                "--max-time",
+                str(BUDGET_S),
+                "--workers",
+                "2",
+                "--seed",
+                "20261128",
+                "--request-timeout",
+                "10",
+                "--no-color",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=BUDGET_S + 60,
+            cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+        assert "Traceback" not in daemon.log()
+    finally:
+        daemon.stop()
