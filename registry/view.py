@@ -146,7 +146,7 @@ class CatalogView:
         return cached
 
     def page_for_raw_query(self, raw_query: str) -> CachedBody | None:
-        """The answer already rendered for this exact query string, if any."""
+        """The answer already rendered for this exact request target, if any."""
         return self._pages_by_raw_query.get(raw_query)
 
     def remember_raw_query(self, raw_query: str, cached: CachedBody) -> None:

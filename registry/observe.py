@@ -1,0 +1,123 @@
+"""What every request goes through: request id, JSON errors, metrics and the access log.
+
+Handlers are wrapped one by one instead of through an aiohttp middleware: the middleware
+machinery alone costs about a tenth of the listing's throughput, and the listing is the
+product's hot path. A catch-all route answers unmatched paths (404) and methods (405).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from registry.config import AccessLog
+from registry.errors import JSON, error_response
+from registry.logs import get_logger, request_id_var
+from registry.metrics import Metrics
+
+log = get_logger("registry.http")
+access_log = get_logger("registry.access")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+UNMATCHED = "unmatched"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_QUIET_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Ids are a per-process random prefix and a counter: unique enough, and far cheaper than uuid4.
+_ID_PREFIX = os.urandom(4).hex()
+_id_counter = itertools.count(1)
+
+
+def _new_request_id() -> str:
+    return f"{_ID_PREFIX}-{next(_id_counter):x}"
+
+
+def _as_json(exc: web.HTTPException) -> web.Response:
+    headers = {
+        key: value
+        for key, value in exc.headers.items()
+        if key.lower() not in ("content-type", "content-length")
+    }
+    if exc.content_type == JSON and exc.text:
+        return web.Response(status=exc.status, text=exc.text, content_type=JSON, headers=headers)
+    return error_response(exc.status, exc.reason, headers=headers)
+
+
+class Observer:
+    def __init__(self, metrics: Metrics, access: AccessLog, slow_request_ms: float) -> None:
+        self._metrics = metrics
+        self._access = access
+        self._slow_s = slow_request_ms / 1000
+
+    def wrap(self, route: str, handler: Handler) -> Handler:
+        metrics, access, slow_s = self._metrics, self._access, self._slow_s
+
+        async def observed(request: web.Request) -> web.StreamResponse:
+            started = time.perf_counter()
+            request_id = request.headers.get("X-Request-Id")
+            if request_id is None or _REQUEST_ID.match(request_id) is None:
+                request_id = _new_request_id()
+            # Set per request, not reset: the next request on this connection sets its own.
+            request_id_var.set(request_id)
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                response = _as_json(exc)
+            except Exception:
+                log.exception("unhandled error", method=request.method, path=request.path)
+                response = error_response(500, "Internal Server Error")
+            response.headers["X-Request-Id"] = request_id
+            elapsed = time.perf_counter() - started
+            status = response.status
+            method = request.method
+            metrics.observe_request(route, method, status, elapsed)
+            if access is AccessLog.ALL or (
+                access is AccessLog.DEFAULT
+                and (status >= 400 or elapsed > slow_s or method not in _QUIET_METHODS)
+            ):
+                access_log.info(
+                    "request",
+                    method=method,
+                    path=request.path,
+                    status=status,
+                    duration_ms=round(elapsed * 1000, 2),
+                    remote=request.remote,
+                )
+            return response
+
+        return observed
+
+    def add_routes(self, app: web.Application, routes: web.RouteTableDef) -> None:
+        """Register `routes`, each wrapped, then the catch-all for everything else."""
+        for route in routes:
+            assert isinstance(route, web.RouteDef)
+            wrapped = self.wrap(route.path, route.handler)
+            web.RouteDef(route.method, route.path, wrapped, route.kwargs).register(app.router)
+        fallback = app.router.add_route(
+            "*", "/{unmatched_path:.*}", self.wrap(UNMATCHED, _unmatched)
+        )
+        assert fallback.resource is not None
+        app[_FALLBACK] = fallback.resource
+
+
+_FALLBACK = web.AppKey("observe_fallback_resource", web.AbstractResource)
+
+
+async def _unmatched(request: web.Request) -> web.StreamResponse:
+    """404, or 405 with Allow when the path exists under other methods."""
+    fallback = request.app[_FALLBACK]
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not fallback:
+            _match, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        return error_response(
+            405, "Method Not Allowed", headers={"Allow": ",".join(sorted(allowed))}
+        )
+    return error_response(404, "Not Found")
