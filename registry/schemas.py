@@ -5,15 +5,34 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
-from pydantic.json_schema import SkipJsonSchema
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 
 from registry.catalog import NAME_MAX_LENGTH, NAME_PATTERN, VRAM_MAX_MIB, VRAM_MIN_MIB
 
 ModelName = Annotated[
     str, StringConstraints(min_length=1, max_length=NAME_MAX_LENGTH, pattern=NAME_PATTERN)
 ]
-Vram = Annotated[int, Field(ge=VRAM_MIN_MIB, le=VRAM_MAX_MIB, description="VRAM need in MiB")]
+
+
+def _integral_float_as_int(value: object) -> object:
+    # JSON Schema counts 57.0 as an integer; strict validation alone would refuse it.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Vram = Annotated[
+    int,
+    Field(ge=VRAM_MIN_MIB, le=VRAM_MAX_MIB, description="VRAM need in MiB"),
+    BeforeValidator(_integral_float_as_int),
+]
 
 
 class ListQuery(BaseModel):
@@ -30,7 +49,8 @@ class ListQuery(BaseModel):
 
 
 class ModelCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: a JSON body says what its schema says (0 is not false, "5" is not 5).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: ModelName
     vram: Vram
@@ -39,19 +59,22 @@ class ModelCreate(BaseModel):
 
 def _patch_schema(schema: dict[str, Any]) -> None:
     schema["minProperties"] = 1
-    for prop in schema.get("properties", {}).values():
-        prop.pop("default", None)  # absent means "unchanged", not null
+    for name, prop in schema.get("properties", {}).items():
+        # Absent means "unchanged"; null is not a value: keep only the non-null branch.
+        [non_null] = [branch for branch in prop.pop("anyOf") if branch.get("type") != "null"]
+        prop.pop("default", None)
+        schema["properties"][name] = {**non_null, **prop}
 
 
 class ModelPatch(BaseModel):
     """Any of the fields, at least one; null is not a value (leave the field out instead)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_patch_schema)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_patch_schema)
 
-    # Absent fields stay None (and out of the schema); an explicit null is refused.
-    name: ModelName | SkipJsonSchema[None] = None
-    vram: Vram | SkipJsonSchema[None] = None
-    enabled: bool | SkipJsonSchema[None] = None
+    # Absent fields stay None; an explicit null is refused, and the schema says so.
+    name: ModelName | None = None
+    vram: Vram | None = None
+    enabled: bool | None = None
 
     @field_validator("name", "vram", "enabled", mode="before")
     @classmethod

@@ -71,6 +71,9 @@ async def test_duplicate_name_is_409(client: Any) -> None:
         ({"name": "ok", "vram": "lots"}, ["body", "vram"]),
         ({"name": "ok", "vram": 1.5}, ["body", "vram"]),
         ({"name": "ok", "vram": 1, "enabled": "maybe"}, ["body", "enabled"]),
+        ({"name": "ok", "vram": 1, "enabled": 0}, ["body", "enabled"]),
+        ({"name": "ok", "vram": "5"}, ["body", "vram"]),
+        ({"name": 5, "vram": 1}, ["body", "name"]),
         ({"name": "ok", "vram": 1, "colour": "red"}, ["body", "colour"]),
         ([1, 2], ["body"]),
         (None, ["body"]),
@@ -221,3 +224,9 @@ async def test_tokens_never_reach_the_log(start_app: AppClient) -> None:
     log = buffer.getvalue()
     assert '"status": 201' in log and '"status": 401' in log
     assert TOKEN not in log and "guessed-token" not in log
+
+
+async def test_an_integral_float_is_an_integer_as_json_schema_says(client: Any) -> None:
+    response = await client.post("/models", data=b'{"name": "f", "vram": 1234.0}', headers=AUTH)
+    assert response.status == 201
+    assert (await response.json())["vram"] == 1234
