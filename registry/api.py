@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from registry import keys
 from registry.capacity import usable_devices
+from registry.catalog import CatalogModel
 from registry.database import UNAVAILABLE_ERRORS
 from registry.errors import JSON, http_error, unprocessable, validation_issues
 from registry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -153,12 +154,13 @@ async def _body(request: web.Request) -> bytes:
     return body if body.strip() else b"null"
 
 
-def _refresh_one(request: web.Request, model_id: int, model: Any) -> CachedBody:
+def _show_written(request: web.Request, model: CatalogModel) -> CachedBody:
+    """Put a model this daemon just wrote into its view at once, and return its JSON."""
     view = request.app[keys.VIEW]
-    view.apply_changes([model_id], [] if model is None else [model])
-    cached = view.single(model_id)
-    assert cached is not None or model is None
-    return cached  # type: ignore[return-value]
+    view.apply_changes([model.id], [model])
+    cached = view.single(model.id)
+    assert cached is not None
+    return cached
 
 
 @routes.post("/models")
@@ -173,7 +175,7 @@ async def create_model(request: web.Request) -> web.StreamResponse:
         model = await store.create(data.name, data.vram, data.enabled)
     except DuplicateName as exc:
         raise http_error(web.HTTPConflict, str(exc)) from None
-    cached = _refresh_one(request, model.id, model)
+    cached = _show_written(request, model)
     response = _cached_json(request, cached, status=201)
     response.headers["Location"] = f"/models/{model.id}"
     return response
@@ -205,7 +207,7 @@ async def patch_model(request: web.Request) -> web.StreamResponse:
         raise http_error(web.HTTPConflict, str(exc)) from None
     if model is None:
         raise http_error(web.HTTPNotFound, "Not Found")
-    return _cached_json(request, _refresh_one(request, model_id, model))
+    return _cached_json(request, _show_written(request, model))
 
 
 @routes.delete("/models/{id}")

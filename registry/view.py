@@ -101,14 +101,17 @@ class CatalogView:
 
     def replace_catalog(self, models: Iterable[CatalogModel]) -> None:
         previous = self._entries
-        self._entries = {}
+        entries = {}
         for model in models:
             old = previous.get(model.id)
-            self._entries[model.id] = (
-                old if old is not None and old.model == model else _Entry(model)
-            )
+            entries[model.id] = old if old is not None and old.model == model else _Entry(model)
         self.loaded = True
-        self._rebuild()
+        unchanged = entries.keys() == previous.keys() and all(
+            entries[key] is previous[key] for key in entries
+        )
+        if not unchanged:  # a periodic reload that finds nothing new keeps every cached answer
+            self._entries = entries
+            self._rebuild()
 
     def apply_changes(self, requested_ids: Iterable[int], found: Iterable[CatalogModel]) -> None:
         """Refresh the models whose ids were asked for; an id not found was deleted."""

@@ -58,3 +58,45 @@ def _database_key() -> Any:
     from registry import keys
 
     return keys.DATABASE
+
+
+def test_embedded_server_runs_as_an_ordinary_user(tmp_path: Path) -> None:
+    """As root the suite already covers it; here the server is run by `nobody`."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("the whole suite already runs the embedded server as an ordinary user")
+    if shutil.which("runuser") is None:
+        pytest.skip("runuser is not available")
+    probe = subprocess.run(
+        ["runuser", "-u", "nobody", "--", sys.executable, "-c", "import registry"],
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    if probe.returncode != 0:
+        pytest.skip("this Python is not readable by an ordinary user (e.g. under /root)")
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.chown(home, "nobody")
+    tmp_path.chmod(0o755)
+    script = (
+        "import asyncio; from pathlib import Path; from registry.database import EmbeddedPostgres\n"
+        "async def main():\n"
+        f"    server = EmbeddedPostgres(Path({str(home)!r}) / 'state' / 'postgres')\n"
+        "    print(await server.start()); await server.stop()\n"
+        "asyncio.run(main())\n"
+    )
+    result = subprocess.run(
+        ["runuser", "-u", "nobody", "--", "env", f"HOME={home}", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "postgresql://" in result.stdout

@@ -283,3 +283,33 @@ async def test_openapi_document_describes_the_listing(start_app: AppClient) -> N
         "current_page",
         "per_page",
     }
+
+
+async def test_an_unexpected_error_is_a_json_500_without_traceback(
+    start_app: AppClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from registry import keys
+
+    client = await start_app(gpu_backend="none")
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("something deep went wrong")
+
+    monkeypatch.setattr(client.app[keys.VIEW], "page", broken)
+    response = await client.get("/models?limit=7")
+    assert response.status == 500
+    assert await response.json() == {"detail": "Internal Server Error"}
+    assert "went wrong" not in await response.text()
+    assert (await client.get("/healthz")).status == 200
+
+
+async def test_requests_are_served_from_the_cached_view(start_app: AppClient) -> None:
+    from registry import keys
+
+    client = await start_app()
+    view = client.app[keys.VIEW]
+    generation = view.generation
+    for query in ("", "?limit=2", "?active=true", "?name=tiny", ""):
+        assert (await client.get(f"/models{query}")).status == 200
+    assert (await client.get("/models/1")).status == 200
+    assert view.generation == generation  # capacity was not recomputed per request

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -130,3 +131,54 @@ async def test_unparseable_requests_log_one_warning_without_traceback(
     assert len(lines) == 1
     assert lines[0]["level"] == "warning"
     assert "exception" not in lines[0] and "Traceback" not in json.dumps(lines[0])
+
+
+def test_console_format_is_readable() -> None:
+    buffer = io.StringIO()
+    configure_logging(LogFormat.CONSOLE, "info", stream=buffer)
+    try:
+        logging.getLogger("registry.test").info("hello operator")
+        from registry.logs import get_logger
+
+        get_logger("registry.test").warning("gpu state changed", state="ok")
+    finally:
+        logging.getLogger().handlers.clear()
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) == 2
+    assert not lines[0].startswith("{") and "hello operator" in lines[0]
+    assert "gpu state changed" in lines[1] and "state=ok" in lines[1]
+
+
+async def test_gpu_changes_log_once_and_each_flipped_model_once(
+    start_app: AppClient, json_lines: Any, gpu_file: Any
+) -> None:
+    from registry import keys
+
+    client = await start_app(poll_interval=0.05)
+    poller = client.app[keys.POLLER]
+    json_lines()  # start-up: the first reading is a change from "no reading yet"
+    polls = poller.polls
+    while poller.polls < polls + 5:  # several polls that see nothing new
+        poller.poll_now()
+        await asyncio.sleep(0.01)
+    assert not [
+        x for x in json_lines() if x["event"] in ("gpu state changed", "model availability changed")
+    ]
+    gpu_file(("GPU-sim-0", 24576, 3000))  # large_v1, large_v2 and large-v3 no longer fit
+    poller.poll_now()
+    for _ in range(200):
+        flips = [x for x in json_lines() if x["event"] == "model availability changed"]
+        if flips:
+            break
+        await asyncio.sleep(0.01)
+    assert sorted(x["model"] for x in flips) == ["large-v3", "large_v1", "large_v2"]
+    assert all(x["active"] is False and x["headroom_mib"] < 0 for x in flips)
+    gpu_file().unlink()
+    poller.poll_now()
+    for _ in range(200):
+        changes = [x for x in json_lines() if x["event"] == "gpu state changed"]
+        if changes:
+            break
+        await asyncio.sleep(0.01)
+    [change] = changes
+    assert (change["previous"], change["state"]) == ("ok", "unavailable")

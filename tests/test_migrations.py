@@ -119,3 +119,33 @@ def test_serve_refuses_a_newer_database_with_a_clear_message(database_url: str) 
     assert "9999" in result.stderr
     assert "upgrade model-registry" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "vram"),
+    [
+        ("", 1),
+        ("-dash-first", 1),
+        ("has space", 1),
+        ("x" * 129, 1),
+        ("ok", 0),
+        ("ok", 10_000_001),
+    ],
+)
+async def test_the_table_itself_refuses_invalid_models(
+    database_url: str, name: str, vram: int
+) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute("INSERT INTO models (name, vram) VALUES ($1, $2)", name, vram)
+        await conn.execute("INSERT INTO models (name, vram) VALUES ('a' || repeat('b', 127), 1)")
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await conn.execute(
+                "INSERT INTO models (name, vram) VALUES ('a' || repeat('b', 127), 2)"
+            )
+        row = await conn.fetchrow("SELECT enabled, created_at, updated_at FROM models")
+        assert row["enabled"] is True and row["created_at"] is not None
+        assert row["updated_at"] is None
+    finally:
+        await conn.close()

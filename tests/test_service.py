@@ -201,3 +201,13 @@ async def test_without_nvidia_drivers_serve_answers_and_says_why(
     assert {m["reason"] for m in models["data"]} == {"gpu_state_unknown"}
     assert "gpu_state_unknown until the GPUs can be read" in daemon.log()
     assert gpus["last_error"] in daemon.log()
+
+
+async def test_sigint_stops_cleanly_too(
+    daemon_env: dict[str, str], start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = start_daemon(daemon_env)
+    await daemon.wait_ready()
+    daemon.signal(signal.SIGINT)
+    assert await asyncio.to_thread(daemon.wait_exit, 10) == 0
+    assert '"event": "stopped"' in daemon.log()
