@@ -49,7 +49,6 @@ class GpuPoller:
             backend=backend.name,
             state=GpuState.UNAVAILABLE,
             error="no reading yet",
-            interval_s=interval_s,
         )
         self._last_good: float | None = None  # monotonic time of the last successful read
         self._failures = 0
@@ -174,7 +173,6 @@ class GpuPoller:
             devices=devices,
             as_of=previous.as_of if keep_as_of else datetime.now(UTC),
             error=error,
-            interval_s=self.interval_s,
         )
         if candidate.same_readings(previous):
             return

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 MIB = 1024 * 1024
@@ -58,7 +58,6 @@ class GpuSnapshot:
     devices: tuple[GpuDevice, ...] = ()
     as_of: datetime | None = None
     error: str | None = None
-    interval_s: float = field(default=1.0, compare=False)
 
     @property
     def known(self) -> bool:

@@ -15,10 +15,9 @@ from registry.api import routes
 from registry.capacity import Margins
 from registry.catalog_sync import CatalogSync
 from registry.config import GpuBackendName, Settings
-from registry.database import Database, EmbeddedPostgres, create_pool, redact_dsn
+from registry.database import Database, create_pool, migrated_database
 from registry.logs import get_logger
 from registry.metrics import Metrics
-from registry.migrations import migrate
 from registry.observe import Observer
 from registry.view import CatalogView
 
@@ -69,28 +68,16 @@ async def _stop_task(task: asyncio.Task[None]) -> None:
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    embedded = None
-    if settings.database_url is not None:
-        dsn = settings.database_url.get_secret_value()
-    else:
-        embedded = EmbeddedPostgres(settings.state_dir / "postgres")
-        dsn = await embedded.start()
-    try:
-        log.info("connecting to the database", dsn=redact_dsn(dsn))
-        applied = await migrate(dsn)
-        if applied:
-            log.info("database migrated", applied=applied)
-        pool = await create_pool(dsn)
-    except BaseException:
-        if embedded is not None:
-            await embedded.stop()
-        raise
-    database = Database(dsn, pool, embedded)
-    if settings.seed_catalog and await database.store.seed_default_catalog():
-        log.info("default catalog inserted")
-    app[keys.DATABASE] = database
-    yield
-    await database.close()
+    url = settings.database_url.get_secret_value() if settings.database_url else None
+    async with migrated_database(url, settings.state_dir) as dsn:
+        database = Database(dsn, await create_pool(dsn))
+        try:
+            if settings.seed_catalog and await database.store.seed_default_catalog():
+                log.info("default catalog inserted")
+            app[keys.DATABASE] = database
+            yield
+        finally:
+            await database.close()
 
 
 async def gpu_ctx(app: web.Application) -> AsyncIterator[None]:

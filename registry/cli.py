@@ -16,9 +16,9 @@ from pydantic import ValidationError
 from registry import __version__
 from registry.catalog import CatalogModel
 from registry.config import ConfigError, Settings, load_settings
-from registry.database import UNAVAILABLE_ERRORS, EmbeddedPostgres, redact_dsn
+from registry.database import DatabaseUnavailable, migrated_database
 from registry.logs import configure_logging, get_logger
-from registry.migrations import DatabaseTooNew, migrate
+from registry.migrations import DatabaseTooNew
 from registry.store import CatalogStore, DuplicateName
 
 log = get_logger("registry.cli")
@@ -74,7 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValidationError, tomllib.TOMLDecodeError) as exc:
         print(f"model-registry: configuration error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_format, settings.log_level)
+    # The daemon logs to stdout (the journal); the other commands keep stdout for their output.
+    log_stream = sys.stdout if args.command == "serve" else sys.stderr
+    configure_logging(settings.log_format, settings.log_level, stream=log_stream)
     try:
         if args.command == "serve":
             from registry.service import serve
@@ -90,31 +92,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, DuplicateName) as exc:
         print(f"model-registry: {exc}", file=sys.stderr)
         return 1
-    except UNAVAILABLE_ERRORS as exc:
+    except DatabaseUnavailable as exc:
         print(f"model-registry: database unavailable: {exc}", file=sys.stderr)
         return 1
     except asyncpg.ClientConfigurationError as exc:
         print(f"model-registry: invalid database URL: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the port is taken, the state directory is not writable, ...
+        log.error("model-registry failed", error=str(exc))
+        print(f"model-registry: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
 
 async def _with_dsn(settings: Settings, action: Callable[[str], Awaitable[int]]) -> int:
     """Run `action` against the configured database, or the embedded one, migrated."""
-    embedded = None
-    if settings.database_url is not None:
-        dsn = settings.database_url.get_secret_value()
-    else:
-        embedded = EmbeddedPostgres(settings.state_dir / "postgres")
-        dsn = await embedded.start()
-    try:
-        log.debug("database", dsn=redact_dsn(dsn))
-        await migrate(dsn)
+    url = settings.database_url.get_secret_value() if settings.database_url else None
+    async with migrated_database(url, settings.state_dir) as dsn:
         return await action(dsn)
-    finally:
-        if embedded is not None:
-            await embedded.stop()
 
 
 async def _migrate_only(dsn: str) -> int:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import warnings
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from registry.logs import get_logger
-from registry.migrations import load_migrations, pending_problem
+from registry.migrations import load_migrations, migrate, pending_problem
 from registry.store import CatalogStore
 
 log = get_logger("registry.database")
@@ -114,15 +116,42 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 8) -> asyn
     )
 
 
-class Database:
-    """The pool, the catalog store and, when this process started one, the embedded server."""
+class DatabaseUnavailable(Exception):
+    """The database cannot be reached at start-up; the message names it, password redacted."""
 
-    def __init__(
-        self, dsn: str, pool: asyncpg.Pool, embedded: EmbeddedPostgres | None = None
-    ) -> None:
+
+@contextlib.asynccontextmanager
+async def migrated_database(database_url: str | None, state_dir: Path) -> AsyncIterator[str]:
+    """The configured database, or an embedded one in `state_dir`, migrated; yields its DSN.
+
+    An embedded server started here is stopped on the way out.
+    """
+    embedded = None
+    if database_url is None:
+        embedded = EmbeddedPostgres(state_dir / "postgres")
+        dsn = await embedded.start()
+    else:
+        dsn = database_url
+    try:
+        log.info("connecting to the database", dsn=redact_dsn(dsn))
+        try:
+            applied = await migrate(dsn)
+        except UNAVAILABLE_ERRORS as exc:
+            raise DatabaseUnavailable(f"cannot reach {redact_dsn(dsn)}: {exc}") from exc
+        if applied:
+            log.info("database migrated", applied=applied)
+        yield dsn
+    finally:
+        if embedded is not None:
+            await embedded.stop()
+
+
+class Database:
+    """The connection pool and the catalog store over it."""
+
+    def __init__(self, dsn: str, pool: asyncpg.Pool) -> None:
         self.dsn = dsn
         self.pool = pool
-        self.embedded = embedded
         self.store = CatalogStore(pool)
 
     async def problems(self, timeout_s: float = 2.0) -> list[str]:
@@ -141,5 +170,3 @@ class Database:
             await asyncio.wait_for(self.pool.close(), timeout=5)
         except _CLOSE_ERRORS:
             self.pool.terminate()
-        if self.embedded is not None:
-            await self.embedded.stop()

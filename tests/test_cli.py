@@ -100,3 +100,21 @@ def test_unreachable_database_is_a_one_line_error(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "database unavailable" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_taken_port_is_a_one_line_error(database_url: str) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(
+            "serve",
+            "--port",
+            str(port),
+            env={"MODEL_REGISTRY_DATABASE_URL": database_url, "MODEL_REGISTRY_GPU_BACKEND": "none"},
+        )
+    assert result.returncode == 1
+    assert "address already in use" in result.stderr.lower()
+    assert "Traceback" not in result.stderr + result.stdout
