@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import urllib.request
 from pathlib import Path
 
 import asyncpg
+from common import free_port, start_daemon, wait_http
 
 STATIC_APP = """
 import sys
@@ -44,25 +44,6 @@ app = web.Application()
 app.router.add_get("/models", handler)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[2]), access_log=None, print=None)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_http(url: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 def fetch(url: str) -> bytes:
@@ -166,17 +147,11 @@ def main() -> None:
         "MODEL_REGISTRY_GPU_SIMULATED_FILE": str(gpus),
         "MODEL_REGISTRY_LOG_FORMAT": "json",
     }
-    log = (work / "daemon.log").open("w")
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "registry", "serve", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    daemon = start_daemon(env, port, work / "daemon.log")
     static = None
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_http(f"{base}/healthz")
+        wait_http(f"{base}/healthz", daemon)
         time.sleep(2)  # let start-up work settle before measuring idle CPU
         before = cpu_seconds(daemon.pid)
         time.sleep(args.idle_seconds)
@@ -231,7 +206,6 @@ def main() -> None:
             static.wait(timeout=10)
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=20)
-        log.close()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from common import free_port, start_daemon, wait_http
 
 TOKEN = "drill-token"
 GIB_MIB = 1024
@@ -44,13 +45,6 @@ for line in sys.stdin:
         torch.cuda.synchronize()
     print("ok", flush=True)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def call(url: str, method: str = "GET", body: Any = None) -> Any:
@@ -98,24 +92,10 @@ def main() -> None:
         "MODEL_REGISTRY_LOG_FORMAT": "json",
     }
     log_path = work / "daemon.log"
-    log = log_path.open("w")
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "registry", "serve", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    daemon = start_daemon(env, port, log_path)
     allocator = None
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                call(f"{base}/healthz")
-                break
-            except OSError:
-                if daemon.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"daemon did not start:\n{log_path.read_text()}") from None
-                time.sleep(0.1)
+        wait_http(f"{base}/healthz", daemon)
 
         gpus = call(f"{base}/gpus")
         print("GET /gpus at start:")
@@ -192,7 +172,6 @@ def main() -> None:
         daemon.send_signal(signal.SIGTERM)
         code = daemon.wait(timeout=20)
         print(f"daemon exited with {code} after SIGTERM")
-        log.close()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from registry import keys
 from tests.conftest import AppClient
+from tests.db import execute
 from tests.waiting import eventually
 
 AUTH = {"Authorization": "Bearer tok"}
@@ -82,11 +83,7 @@ async def test_changes_made_outside_the_daemon_are_picked_up(
 ) -> None:
     client = await start_app()
     await eventually(lambda: _listening(client), bool)
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute("UPDATE models SET vram = 9999 WHERE name = 'tiny'")
-    finally:
-        await conn.close()
+    await execute(database_url, "UPDATE models SET vram = 9999 WHERE name = 'tiny'")
     body = await eventually(
         lambda: _listing(client, "?name=tiny"), lambda b: b["data"][0]["vram"] == 9999
     )
@@ -169,11 +166,7 @@ async def test_database_outage_reads_keep_working_and_it_reconnects(
     assert write.status == 201
     # The listener came back too: a change made elsewhere reaches this daemon again.
     await eventually(lambda: _listening(client), bool, timeout_s=10)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("UPDATE models SET enabled = false WHERE name = 'tiny'")
-    finally:
-        await conn.close()
+    await execute(dsn, "UPDATE models SET enabled = false WHERE name = 'tiny'")
     await eventually(
         lambda: _listing(client, "?name=tiny"), lambda b: b["data"][0]["enabled"] is False
     )

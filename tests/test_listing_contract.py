@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
-import asyncpg
 import pytest
 
 from tests.conftest import AppClient
+from tests.db import catalog_rows, execute
 
 SEED_PAGE = [
     (1, "tiny", 625),
@@ -18,14 +17,6 @@ SEED_PAGE = [
     (5, "large-v3", 10000),
 ]
 SEED_FIELDS = {"id", "name", "active", "vram", "created_at", "updated_at"}
-
-
-async def _catalog_rows(dsn: str) -> list[Any]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return list(await conn.fetch("SELECT * FROM models ORDER BY id"))
-    finally:
-        await conn.close()
 
 
 async def test_reproduces_the_seed_page_field_by_field(start_app: AppClient) -> None:
@@ -164,12 +155,12 @@ async def test_hostile_names_never_fail_or_change_data(
     start_app: AppClient, database_url: str, name: str
 ) -> None:
     client = await start_app(gpu_backend="none")
-    before = await _catalog_rows(database_url)
+    before = await catalog_rows(database_url)
     response = await client.get("/models", params={"name": name})
     assert response.status == 200
     body = await response.json()
     assert body["data"] == []
-    assert await _catalog_rows(database_url) == before
+    assert await catalog_rows(database_url) == before
 
 
 async def test_repeated_parameters_take_the_last_value(start_app: AppClient) -> None:
@@ -250,11 +241,7 @@ async def test_health_and_readiness(start_app: AppClient) -> None:
 
 async def test_readiness_names_a_missing_migration(start_app: AppClient, database_url: str) -> None:
     client = await start_app(gpu_backend="none")
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute("DELETE FROM schema_migrations WHERE version = 2")
-    finally:
-        await conn.close()
+    await execute(database_url, "DELETE FROM schema_migrations WHERE version = 2")
     response = await client.get("/readyz")
     assert response.status == 503
     body = await response.json()

@@ -13,6 +13,7 @@ import pytest
 from registry.config import LogFormat
 from registry.logs import configure_logging
 from tests.conftest import AppClient
+from tests.waiting import eventually
 
 
 @pytest.fixture
@@ -166,19 +167,15 @@ async def test_gpu_changes_log_once_and_each_flipped_model_once(
     ]
     gpu_file(("GPU-sim-0", 24576, 3000))  # large_v1, large_v2 and large-v3 no longer fit
     poller.poll_now()
-    for _ in range(200):
-        flips = [x for x in json_lines() if x["event"] == "model availability changed"]
-        if flips:
-            break
-        await asyncio.sleep(0.01)
+    flips = await eventually(lambda: _logged(json_lines, "model availability changed"), bool)
     assert sorted(x["model"] for x in flips) == ["large-v3", "large_v1", "large_v2"]
     assert all(x["active"] is False and x["headroom_mib"] < 0 for x in flips)
     gpu_file().unlink()
     poller.poll_now()
-    for _ in range(200):
-        changes = [x for x in json_lines() if x["event"] == "gpu state changed"]
-        if changes:
-            break
-        await asyncio.sleep(0.01)
+    changes = await eventually(lambda: _logged(json_lines, "gpu state changed"), bool)
     [change] = changes
     assert (change["previous"], change["state"]) == ("ok", "unavailable")
+
+
+async def _logged(json_lines: Any, event: str) -> list[dict[str, Any]]:
+    return [line for line in json_lines() if line["event"] == event]

@@ -12,15 +12,12 @@ import asyncpg
 import pytest
 
 from registry.migrations import DatabaseTooNew, load_migrations, migrate, migrations_dir
+from tests.db import execute, fetch
 
 
 async def _applied(dsn: str) -> list[tuple[int, str]]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
-        return [(r["version"], r["name"]) for r in rows]
-    finally:
-        await conn.close()
+    rows = await fetch(dsn, "SELECT version, name FROM schema_migrations ORDER BY version")
+    return [(r["version"], r["name"]) for r in rows]
 
 
 def test_migration_files_are_numbered_and_found() -> None:
@@ -72,37 +69,22 @@ async def test_a_failing_migration_leaves_nothing_behind(
     (tmp_path / "0002_broken.sql").write_text("CREATE TABLE half_done (x int); SELECT nonsense;")
     with pytest.raises(asyncpg.PostgresError):
         await migrate(empty_database_url, load_migrations(tmp_path))
-    conn = await asyncpg.connect(empty_database_url)
-    try:
-        assert await conn.fetchval("SELECT to_regclass('half_done')") is None
-    finally:
-        await conn.close()
+    [row] = await fetch(empty_database_url, "SELECT to_regclass('half_done') AS found")
+    assert row["found"] is None
     assert [v for v, _ in await _applied(empty_database_url)] == [1]
 
 
+_FROM_THE_FUTURE = "INSERT INTO schema_migrations (version, name) VALUES (9999, '9999_future')"
+
+
 async def test_refuses_a_database_newer_than_the_code(database_url: str) -> None:
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute(
-            "INSERT INTO schema_migrations (version, name) VALUES (9999, '9999_from_the_future')"
-        )
-    finally:
-        await conn.close()
+    await execute(database_url, _FROM_THE_FUTURE)
     with pytest.raises(DatabaseTooNew, match="9999"):
         await migrate(database_url)
 
 
 def test_serve_refuses_a_newer_database_with_a_clear_message(database_url: str) -> None:
-    async def add_future() -> None:
-        conn = await asyncpg.connect(database_url)
-        try:
-            await conn.execute(
-                "INSERT INTO schema_migrations (version, name) VALUES (9999, '9999_future')"
-            )
-        finally:
-            await conn.close()
-
-    asyncio.run(add_future())
+    asyncio.run(execute(database_url, _FROM_THE_FUTURE))
     env = {
         **os.environ,
         "MODEL_REGISTRY_DATABASE_URL": database_url,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import asyncpg
 import pytest
 
 from tests.conftest import AppClient
+from tests.db import catalog_rows
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -17,14 +17,6 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture
 async def client(start_app: AppClient) -> Any:
     return await start_app(gpu_backend="none", admin_token=f"other-token, {TOKEN}")
-
-
-async def _rows(dsn: str) -> list[Any]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return list(await conn.fetch("SELECT * FROM models ORDER BY id"))
-    finally:
-        await conn.close()
 
 
 async def test_create_returns_201_with_location(client: Any) -> None:
@@ -82,12 +74,12 @@ async def test_duplicate_name_is_409(client: Any) -> None:
 async def test_invalid_bodies_are_422_and_change_nothing(
     client: Any, database_url: str, body: Any, loc: list[str]
 ) -> None:
-    before = await _rows(database_url)
+    before = await catalog_rows(database_url)
     response = await client.post("/models", data=json.dumps(body), headers=AUTH)
     assert response.status == 422
     issues = (await response.json())["detail"]
     assert loc in [issue["loc"] for issue in issues]
-    assert await _rows(database_url) == before
+    assert await catalog_rows(database_url) == before
 
 
 @pytest.mark.parametrize("raw", [b"{", b"not json", b'{"name": "x", "vram": 1', b"\xff\xfe"])
@@ -100,12 +92,12 @@ async def test_malformed_json_is_a_json_error(client: Any, raw: bytes) -> None:
 
 
 async def test_bodies_over_64_kib_are_refused(client: Any, database_url: str) -> None:
-    before = await _rows(database_url)
+    before = await catalog_rows(database_url)
     huge = json.dumps({"name": "big", "vram": 1, "pad": "x" * 70_000})
     response = await client.post("/models", data=huge, headers=AUTH)
     assert response.status == 413
     assert response.content_type == "application/json"
-    assert await _rows(database_url) == before
+    assert await catalog_rows(database_url) == before
 
 
 async def test_patch_changes_fields_and_sets_updated_at(client: Any) -> None:
@@ -137,11 +129,11 @@ async def test_patch_changes_fields_and_sets_updated_at(client: Any) -> None:
     ],
 )
 async def test_bad_patches(client: Any, database_url: str, body: Any, status: int) -> None:
-    before = await _rows(database_url)
+    before = await catalog_rows(database_url)
     response = await client.patch("/models/2", json=body, headers=AUTH)
     assert response.status == status
     assert response.content_type == "application/json"
-    assert await _rows(database_url) == before
+    assert await catalog_rows(database_url) == before
 
 
 async def test_delete_then_404(client: Any) -> None:
@@ -174,7 +166,7 @@ async def test_writes_to_impossible_ids_are_404(client: Any, path: str) -> None:
 async def test_missing_or_wrong_tokens_are_401(
     client: Any, database_url: str, headers: dict[str, str], error: str | None
 ) -> None:
-    before = await _rows(database_url)
+    before = await catalog_rows(database_url)
     for method, path in (("POST", "/models"), ("PATCH", "/models/1"), ("DELETE", "/models/1")):
         response = await client.request(
             method, path, json={"name": "x", "vram": 1}, headers=headers
@@ -183,7 +175,7 @@ async def test_missing_or_wrong_tokens_are_401(
         challenge = response.headers["WWW-Authenticate"]
         assert challenge.startswith("Bearer")
         assert (error in challenge) if error else ("error=" not in challenge)
-    assert await _rows(database_url) == before
+    assert await catalog_rows(database_url) == before
 
 
 async def test_every_configured_token_works(client: Any) -> None:
