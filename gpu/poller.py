@@ -53,6 +53,7 @@ class GpuPoller:
         self._last_good: float | None = None  # monotonic time of the last successful read
         self._failures = 0
         self._next_attempt = 0.0
+        self._last_problem: str | None = None  # a slow or hung call, logged once
         self.last_tick = time.monotonic()
         self.last_success_wall: datetime | None = None
         self.polls = 0
@@ -99,13 +100,13 @@ class GpuPoller:
     async def poll_once(self) -> GpuSnapshot:
         now = time.monotonic()
         if now >= self._next_attempt:
-            await self._attempt(now)
+            await self._attempt()
         else:
             self._check_stale(now)
         self._first.set()
         return self._snapshot
 
-    async def _attempt(self, now: float) -> None:
+    async def _attempt(self) -> None:
         started = time.perf_counter()
         try:
             devices = await self._worker.call(self.backend.read, self.deadline_s)
@@ -124,6 +125,7 @@ class GpuPoller:
 
     def _record_success(self, devices: list[GpuDevice], started: float) -> None:
         self.polls += 1
+        self._last_problem = None
         self._failures = 0
         self._next_attempt = 0.0
         self._last_good = time.monotonic()
@@ -141,8 +143,9 @@ class GpuPoller:
             self._publish(GpuState.UNAVAILABLE, (), error=error)
             return
         # The driver is slow or hung: keep the last readings until they go stale.
-        if not self._check_stale(time.monotonic(), error=error) and self._snapshot.error != error:
+        if not self._check_stale(time.monotonic(), error=error) and error != self._last_problem:
             log.warning("gpu call problem", backend=self.backend.name, error=error)
+        self._last_problem = error
 
     def _check_stale(self, now: float, error: str | None = None) -> bool:
         current = self._snapshot

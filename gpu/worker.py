@@ -31,6 +31,11 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_result(result)
 
 
+def _consume_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class DeadlineWorker:
     def __init__(self, name: str) -> None:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
@@ -49,6 +54,8 @@ class DeadlineWorker:
             raise WorkerBusy("the previous GPU call has not returned")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
+        # A call that outlives its deadline may still fail later, with nobody awaiting it.
+        future.add_done_callback(_consume_outcome)
         self._in_flight = future
         self._jobs.put((fn, future, loop))
         async with asyncio.timeout(deadline_s):
