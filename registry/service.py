@@ -55,7 +55,11 @@ class Service:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
-        await runner.setup()
+        try:
+            await runner.setup()
+        except BaseException:
+            await runner.cleanup()  # release what start-up acquired (the embedded server, ...)
+            raise
         exit_code = 0
         try:
             site = web.TCPSite(runner, self.settings.host, self.settings.port)
