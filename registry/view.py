@@ -11,6 +11,7 @@ import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from gpu import GpuSnapshot
 from registry.capacity import Assessment, Margins, assess_all
@@ -21,12 +22,21 @@ from registry.schemas import ListQuery
 log = get_logger("registry.view")
 
 _MAX_CACHED_PAGES = 4096
+K = TypeVar("K")
 
 
 @dataclass(frozen=True, slots=True)
 class CachedBody:
     body: bytes
     etag: str
+
+
+def _remember(cache: dict[K, CachedBody], key: K, value: CachedBody) -> CachedBody:
+    # Clients choose query strings: the caches must not grow without bound.
+    if len(cache) >= _MAX_CACHED_PAGES:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def _etag(body: bytes) -> str:
@@ -143,9 +153,7 @@ class CatalogView:
     def page(self, query: ListQuery) -> CachedBody:
         cached = self._pages.get(query)
         if cached is None:
-            if len(self._pages) >= _MAX_CACHED_PAGES:
-                self._pages.clear()
-            cached = self._pages[query] = self._render_page(query)
+            cached = _remember(self._pages, query, self._render_page(query))
         return cached
 
     def page_for_raw_query(self, raw_query: str) -> CachedBody | None:
@@ -153,9 +161,7 @@ class CatalogView:
         return self._pages_by_raw_query.get(raw_query)
 
     def remember_raw_query(self, raw_query: str, cached: CachedBody) -> None:
-        if len(self._pages_by_raw_query) >= _MAX_CACHED_PAGES:
-            self._pages_by_raw_query.clear()
-        self._pages_by_raw_query[raw_query] = cached
+        _remember(self._pages_by_raw_query, raw_query, cached)
 
     def single(self, model_id: int) -> CachedBody | None:
         cached = self._singles.get(model_id)

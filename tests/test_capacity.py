@@ -111,3 +111,17 @@ def test_backend_none_means_active_is_enabled() -> None:
     result = assess_all([model(1, 10**7), model(2, 1, enabled=False)], none, Margins())
     assert (result[1].active, result[1].fits, result[1].reason) == (True, None, None)
     assert (result[2].active, result[2].fits, result[2].reason) == (False, None, Reason.DISABLED)
+
+
+def test_the_page_cache_stays_bounded_whatever_clients_ask() -> None:
+    from registry.schemas import ListQuery
+    from registry.view import CatalogView
+
+    view = CatalogView(snapshot(device("g0", 10000)), Margins())
+    view.replace_catalog([model(i, 100) for i in range(1, 6)])
+    for skip in range(10_000):
+        view.page(ListQuery(skip=skip))
+        view.remember_raw_query(f"/models?skip={skip}", view.page(ListQuery(skip=skip)))
+    assert len(view._pages) <= 4096
+    assert len(view._pages_by_raw_query) <= 4096
+    assert view.page_for_raw_query("/models?skip=9999") is not None
