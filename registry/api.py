@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -16,6 +15,7 @@ from registry.catalog import CatalogModel
 from registry.database import UNAVAILABLE_ERRORS
 from registry.errors import JSON, http_error, unprocessable, validation_issues
 from registry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from registry.observe import Handler
 from registry.schemas import (
     GpuDeviceOut,
     GpusOut,
@@ -131,10 +131,7 @@ def _require_admin(request: web.Request) -> None:
         )
 
 
-Write = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _admin_write(handler: Write) -> Write:
+def _admin_write(handler: Handler) -> Handler:
     """Authenticate, then run the write; a database that is down answers 503."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:

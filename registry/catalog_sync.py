@@ -43,14 +43,6 @@ class CatalogSync:
     async def load(self) -> None:
         self._view.replace_catalog(await self._store.list_all())
 
-    def refresh_now(self, ids: set[int] | None = None) -> None:
-        """Refresh these ids (None: everything) at once; for local writes and tests."""
-        if ids is None:
-            self._reload_all = True
-        else:
-            self._changed_ids |= ids
-        self._wake.set()
-
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         try:
             self._changed_ids.add(int(payload))
