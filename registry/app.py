@@ -68,8 +68,7 @@ async def _stop_task(task: asyncio.Task[None]) -> None:
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    url = settings.database_url.get_secret_value() if settings.database_url else None
-    async with migrated_database(url, settings.state_dir) as dsn:
+    async with migrated_database(settings.database_dsn(), settings.state_dir) as dsn:
         database = Database(dsn, await create_pool(dsn))
         try:
             if settings.seed_catalog and await database.store.seed_default_catalog():

@@ -108,8 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _with_dsn(settings: Settings, action: Callable[[str], Awaitable[int]]) -> int:
     """Run `action` against the configured database, or the embedded one, migrated."""
-    url = settings.database_url.get_secret_value() if settings.database_url else None
-    async with migrated_database(url, settings.state_dir) as dsn:
+    async with migrated_database(settings.database_dsn(), settings.state_dir) as dsn:
         return await action(dsn)
 
 

@@ -111,6 +111,10 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
 
+    def database_dsn(self) -> str | None:
+        """The configured PostgreSQL URL; None means the embedded server."""
+        return None if self.database_url is None else self.database_url.get_secret_value()
+
     def admin_tokens(self) -> list[str]:
         if self.admin_token is None:
             return []
