@@ -98,19 +98,12 @@ class Observer:
             assert isinstance(route, web.RouteDef)
             wrapped = self.wrap(route.path, route.handler)
             web.RouteDef(route.method, route.path, wrapped, route.kwargs).register(app.router)
-        fallback = app.router.add_route(
-            "*", "/{unmatched_path:.*}", self.wrap(UNMATCHED, _unmatched)
-        )
-        assert fallback.resource is not None
-        app[_FALLBACK] = fallback.resource
-
-
-_FALLBACK = web.AppKey("observe_fallback_resource", web.AbstractResource)
+        app.router.add_route("*", "/{unmatched_path:.*}", self.wrap(UNMATCHED, _unmatched))
 
 
 async def _unmatched(request: web.Request) -> web.StreamResponse:
     """404, or 405 with Allow when the path exists under other methods."""
-    fallback = request.app[_FALLBACK]
+    fallback = request.match_info.route.resource  # this catch-all itself
     allowed: set[str] = set()
     for resource in request.app.router.resources():
         if resource is not fallback:
