@@ -120,9 +120,9 @@ def _gpu_metrics(snapshot: GpuSnapshot, margins: Margins, dcgm: bool) -> Iterato
 
 
 class _RequestStats(Collector):
-    """HTTP request counts and latencies, kept as plain integers.
+    """HTTP request counts and latencies, kept as plain numbers.
 
-    The hot path is one dict lookup and a bisect: prometheus_client's Counter and Histogram
+    The hot path is two dict lookups and a bisect: prometheus_client's Counter and Histogram
     take a lock per update, which measurably cuts throughput. The event loop is the only
     writer, so no lock is needed; scrapes read a consistent enough view.
     """
@@ -130,16 +130,18 @@ class _RequestStats(Collector):
     BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 
     def __init__(self) -> None:
-        # (route, method, status) -> [count per bucket..., count above the last], sum
-        self._series: dict[tuple[str, str, int], tuple[list[int], list[float]]] = {}
+        self._counts: dict[tuple[str, str, int], int] = {}  # (route, method, status)
+        # (route, method) -> count per bucket, then the count above the last, then the sum
+        self._latency: dict[tuple[str, str], list[float]] = {}
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method, status)
-        series = self._series.get(key)
-        if series is None:
-            series = self._series[key] = ([0] * (len(self.BUCKETS) + 1), [0.0])
-        series[0][bisect.bisect_left(self.BUCKETS, seconds)] += 1
-        series[1][0] += seconds
+        self._counts[key] = self._counts.get(key, 0) + 1
+        latency = self._latency.get((route, method))
+        if latency is None:
+            latency = self._latency[(route, method)] = [0.0] * (len(self.BUCKETS) + 2)
+        latency[bisect.bisect_left(self.BUCKETS, seconds)] += 1
+        latency[-1] += seconds
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -147,25 +149,19 @@ class _RequestStats(Collector):
             "HTTP requests answered.",
             labels=["route", "method", "status"],
         )
+        for (route, method, status), count in list(self._counts.items()):
+            requests.add_metric([route, method, str(status)], count)
         latency = HistogramMetricFamily(
             "model_registry_http_request_duration_seconds",
             "HTTP request latency.",
             labels=["route", "method"],
         )
-        merged: dict[tuple[str, str], tuple[list[int], float]] = {}
-        for (route, method, status), (counts, total) in list(self._series.items()):
-            requests.add_metric([route, method, str(status)], sum(counts))
-            buckets, seconds = merged.get((route, method), ([0] * len(counts), 0.0))
-            merged[(route, method)] = (
-                [a + b for a, b in zip(buckets, counts, strict=True)],
-                seconds + total[0],
-            )
-        for (route, method), (counts, seconds) in merged.items():
-            cumulative, running = [], 0
-            for bound, count in zip((*self.BUCKETS, float("inf")), counts, strict=True):
-                running += count
+        for (route, method), values in list(self._latency.items()):
+            cumulative, running = [], 0.0
+            for bound, in_bucket in zip((*self.BUCKETS, float("inf")), values[:-1], strict=True):
+                running += in_bucket
                 cumulative.append((_bound(bound), running))
-            latency.add_metric([route, method], cumulative, seconds)
+            latency.add_metric([route, method], cumulative, values[-1])
         yield requests
         yield latency
 
