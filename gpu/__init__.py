@@ -5,13 +5,14 @@ This package knows nothing of the web app or the database.
 
 from gpu.backend import GpuBackend, GpuUnavailable
 from gpu.poller import GpuPoller
-from gpu.snapshot import MIB, GpuDevice, GpuSnapshot, GpuState
+from gpu.snapshot import MIB, GpuDevice, GpuProcess, GpuSnapshot, GpuState
 
 __all__ = [
     "MIB",
     "GpuBackend",
     "GpuDevice",
     "GpuPoller",
+    "GpuProcess",
     "GpuSnapshot",
     "GpuState",
     "GpuUnavailable",

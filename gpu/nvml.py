@@ -12,7 +12,7 @@ from types import ModuleType
 from typing import Any
 
 from gpu.backend import GpuUnavailable
-from gpu.snapshot import GpuDevice
+from gpu.snapshot import GpuDevice, GpuProcess
 
 # A device that fails with one of these is gone until NVML is initialised again.
 _LIFECYCLE_ERRORS = ("NVMLError_GpuIsLost", "NVMLError_Uninitialized", "NVMLError_GpuNotFound")
@@ -22,6 +22,8 @@ _NO_V2_ERRORS = (
     "NVMLError_ArgumentVersionMismatch",
     "NVMLError_NotSupported",
 )
+# Compute processes (CUDA) and graphics processes; a process can be in both lists.
+_PROCESS_CALLS = ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses")
 
 
 def _load_pynvml() -> ModuleType:
@@ -138,7 +140,31 @@ class NvmlBackend:
             used_bytes=_optional_int(memory, "used"),
             reserved_bytes=int(memory.reserved) if has_reserved else None,
             parent_uuid=parent_uuid,
+            processes=self._processes(handle),
         )
+
+    def _processes(self, handle: Any) -> tuple[GpuProcess, ...]:
+        """Who holds memory on the device; empty when the driver will not say."""
+        nvml = self._nvml
+        lifecycle = self._errors(*_LIFECYCLE_ERRORS)
+        used_by_pid: dict[int, int | None] = {}
+        for call in _PROCESS_CALLS:
+            function = getattr(nvml, call, None)
+            if function is None:
+                continue
+            try:
+                infos = function(handle)
+            except lifecycle:
+                raise
+            except nvml.NVMLError:
+                continue  # not supported, no permission: the memory figures still stand
+            for info in infos:
+                pid = int(info.pid)
+                raw = getattr(info, "usedGpuMemory", None)
+                used = None if raw is None else int(raw)
+                known = used_by_pid.get(pid)
+                used_by_pid[pid] = used if known is None else max(known, used or 0)
+        return tuple(GpuProcess(pid, used) for pid, used in sorted(used_by_pid.items()))
 
     def _memory(self, handle: Any) -> tuple[Any, bool]:
         nvml = self._nvml

@@ -86,12 +86,13 @@ class GpuPoller:
         """Poll until cancelled."""
         try:
             while True:
+                # Cleared before the poll: a request made while it runs gets a poll of its own.
+                self._poll_now.clear()
                 try:
                     await self.poll_once()
                 except Exception:
                     log.exception("gpu poll failed unexpectedly")
                 self.last_tick = time.monotonic()
-                self._poll_now.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._poll_now.wait(), self.interval_s)
         finally:

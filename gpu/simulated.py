@@ -8,7 +8,14 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gpu.backend import GpuUnavailable
-from gpu.snapshot import MIB, GpuDevice
+from gpu.snapshot import MIB, GpuDevice, GpuProcess
+
+
+class _SimulatedProcess(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pid: int = Field(ge=1)
+    used_mib: int | None = Field(default=None, ge=0)
 
 
 class _SimulatedDevice(BaseModel):
@@ -22,6 +29,7 @@ class _SimulatedDevice(BaseModel):
     used_mib: int | None = Field(default=None, ge=0)
     reserved_mib: int | None = Field(default=None, ge=0)
     healthy: bool = True
+    processes: list[_SimulatedProcess] = []
 
 
 class _SimulatedFile(BaseModel):
@@ -70,6 +78,9 @@ class SimulatedBackend:
                 reserved_bytes=_optional_bytes(device.reserved_mib),
                 healthy=device.healthy,
                 error=None if device.healthy else "marked unhealthy in the simulated file",
+                processes=tuple(
+                    GpuProcess(p.pid, _optional_bytes(p.used_mib)) for p in device.processes
+                ),
             )
             for position, device in enumerate(parsed.devices)
         ]

@@ -17,6 +17,17 @@ class GpuState(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class GpuProcess:
+    """A process holding memory on a device, as the driver reports it.
+
+    `used_bytes` is None when the driver does not say (some platforms, some containers).
+    """
+
+    pid: int
+    used_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class GpuDevice:
     """One allocatable device: a whole GPU, or one MIG instance of a GPU with MIG on.
 
@@ -34,6 +45,7 @@ class GpuDevice:
     healthy: bool = True
     error: str | None = None
     parent_uuid: str | None = None
+    processes: tuple[GpuProcess, ...] = ()
 
     @property
     def total_mib(self) -> int:
@@ -43,6 +55,13 @@ class GpuDevice:
     def free_mib(self) -> int:
         # Rounded down: a scheduler must never be promised memory that is not there.
         return self.free_bytes // MIB
+
+    def process_used_mib(self, pid: int) -> int | None:
+        """MiB the driver attributes to `pid` on this device; None when it is not listed."""
+        for process in self.processes:
+            if process.pid == pid and process.used_bytes is not None:
+                return process.used_bytes // MIB  # rounded down: never more than measured
+        return None
 
 
 @dataclass(frozen=True, slots=True)

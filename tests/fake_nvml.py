@@ -27,6 +27,10 @@ class FakeGpu:
     mig_enabled: bool | None = False  # None: MIG not supported on this GPU
     mig_slots: list[FakeGpu | None] = field(default_factory=list)  # None: empty slot
     lost: bool = False
+    # (pid, bytes or None) per process, as the compute and graphics calls report them
+    compute_processes: list[tuple[int, int | None]] = field(default_factory=list)
+    graphics_processes: list[tuple[int, int | None]] = field(default_factory=list)
+    processes_error: BaseException | None = None
 
 
 class FakeNvml:
@@ -108,6 +112,21 @@ class FakeNvml:
         if instance is None:
             raise pynvml.NVMLError_NotFound()
         return instance
+
+    def nvmlDeviceGetComputeRunningProcesses(self, gpu: FakeGpu) -> list[Any]:
+        return self._processes(gpu, gpu.compute_processes)
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, gpu: FakeGpu) -> list[Any]:
+        return self._processes(gpu, gpu.graphics_processes)
+
+    def _processes(self, gpu: FakeGpu, listed: list[tuple[int, int | None]]) -> list[Any]:
+        self._check()
+        if gpu.lost:
+            raise pynvml.NVMLError_GpuIsLost()
+        if gpu.processes_error is not None:
+            raise gpu.processes_error
+        # pynvml turns the driver's "not available" into None, as here.
+        return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in listed]
 
     def nvmlDeviceGetMemoryInfo(self, gpu: FakeGpu, version: int | None = None) -> Any:
         self._check()
