@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 from typing import Any
 
@@ -10,7 +9,8 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from registry import keys
-from registry.capacity import usable_devices
+from registry.auth import Role, require
+from registry.bodies import validated_body
 from registry.catalog import CatalogModel
 from registry.database import UNAVAILABLE_ERRORS
 from registry.errors import JSON, http_error, unprocessable, validation_issues
@@ -103,39 +103,11 @@ async def get_model(request: web.Request) -> web.Response:
 # -- writes -------------------------------------------------------------------------------
 
 
-def _require_admin(request: web.Request) -> None:
-    tokens = request.app[keys.SETTINGS].admin_tokens()
-    if not tokens:
-        raise http_error(
-            web.HTTPForbidden,
-            "writes are disabled: no admin token is configured (MODEL_REGISTRY_ADMIN_TOKEN)",
-        )
-    header = request.headers.get("Authorization", "")
-    scheme, _, presented = header.partition(" ")
-    if scheme.lower() != "bearer" or not presented.strip():
-        raise http_error(
-            web.HTTPUnauthorized,
-            "a bearer token is required",
-            headers={"WWW-Authenticate": 'Bearer realm="model-registry"'},
-        )
-    given = presented.strip().encode()
-    # Compare with every token, so the time taken does not tell which one nearly matched.
-    matched = False
-    for token in tokens:
-        matched |= hmac.compare_digest(given, token.encode())
-    if not matched:
-        raise http_error(
-            web.HTTPUnauthorized,
-            "invalid bearer token",
-            headers={"WWW-Authenticate": 'Bearer realm="model-registry", error="invalid_token"'},
-        )
-
-
 def _admin_write(handler: Handler) -> Handler:
     """Authenticate, then run the write; a database that is down answers 503."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        _require_admin(request)
+        require(request, Role.ADMIN)
         try:
             return await handler(request)
         except UNAVAILABLE_ERRORS:
@@ -144,11 +116,6 @@ def _admin_write(handler: Handler) -> Handler:
             ) from None
 
     return wrapped
-
-
-async def _body(request: web.Request) -> bytes:
-    body = await request.read()  # bounded by client_max_size
-    return body if body.strip() else b"null"
 
 
 def _show_written(request: web.Request, model: CatalogModel) -> CachedBody:
@@ -163,10 +130,7 @@ def _show_written(request: web.Request, model: CatalogModel) -> CachedBody:
 @routes.post("/models")
 @_admin_write
 async def create_model(request: web.Request) -> web.StreamResponse:
-    try:
-        data = ModelCreate.model_validate_json(await _body(request))
-    except ValidationError as exc:
-        raise unprocessable(validation_issues(exc, "body")) from None
+    data = await validated_body(request, ModelCreate)
     store = request.app[keys.DATABASE].store
     try:
         model = await store.create(data.name, data.vram, data.enabled)
@@ -182,10 +146,7 @@ async def create_model(request: web.Request) -> web.StreamResponse:
 @_admin_write
 async def patch_model(request: web.Request) -> web.StreamResponse:
     model_id = _model_id(request)
-    try:
-        data = ModelPatch.model_validate_json(await _body(request))
-    except ValidationError as exc:
-        raise unprocessable(validation_issues(exc, "body")) from None
+    data = await validated_body(request, ModelPatch)
     if not data.model_fields_set:
         raise unprocessable(
             [
@@ -225,7 +186,7 @@ async def gpus(request: web.Request) -> web.Response:
     view = request.app[keys.VIEW]
     snapshot = view.snapshot
     poller = request.app.get(keys.POLLER)
-    usable = {u.device.uuid: u.usable_mib for u in usable_devices(snapshot, view.margins)}
+    usable = {u.device.uuid: u.usable_mib for u in view.usable}
     devices = [
         GpuDeviceOut(
             uuid=d.uuid,
@@ -237,6 +198,7 @@ async def gpus(request: web.Request) -> web.Response:
             reserved_mib=None if d.reserved_bytes is None else d.reserved_bytes // (1024 * 1024),
             healthy=d.healthy,
             usable_mib=usable.get(d.uuid),
+            pending_mib=view.pending_by_device.get(d.uuid, 0),
             error=d.error,
             parent_uuid=d.parent_uuid,
         )

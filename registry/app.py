@@ -11,6 +11,9 @@ from aiohttp import web
 
 from gpu import GpuBackend, GpuPoller, GpuSnapshot, GpuState
 from registry import keys
+from registry.admission.api import routes as admission_routes
+from registry.admission.book import Clock, ReservationBook, utc_now
+from registry.admission.ledger import ReservationLedger
 from registry.api import routes
 from registry.capacity import Margins
 from registry.catalog_sync import CatalogSync
@@ -79,6 +82,31 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
             await database.close()
 
 
+async def admission_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The reservations this host promised, from the state directory; expired ones end."""
+    settings = app[keys.SETTINGS]
+    ledger = ReservationLedger(settings.state_dir)
+    reservations = await asyncio.to_thread(ledger.open)
+    try:
+        book = ReservationBook(app[keys.VIEW], ledger, clock=app[keys.CLOCK])
+        book.load(reservations)
+        if reservations:
+            log.info(
+                "reservations restored",
+                open=len(book.open()),
+                expired=len(reservations) - len(book.open()),
+                file=str(ledger.path),
+            )
+        app[keys.BOOK] = book
+        app[keys.METRICS].book = book
+        task = spawn(app, book.run_expiry(), "reservation-expiry")
+        yield
+        await _stop_task(task)
+        await book.persist()
+    finally:
+        ledger.close()
+
+
 async def gpu_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     view = app[keys.VIEW]
@@ -135,19 +163,24 @@ async def _mark_stopping(app: web.Application) -> None:
     app[keys.STOP].set()
 
 
-def create_app(settings: Settings, *, gpu_backend: GpuBackend | None = None) -> web.Application:
+def create_app(
+    settings: Settings, *, gpu_backend: GpuBackend | None = None, clock: Clock = utc_now
+) -> web.Application:
     metrics = Metrics(dcgm=settings.dcgm_metrics)
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = metrics
     app[keys.STOP] = asyncio.Event()
     app[keys.FATAL] = asyncio.Event()
+    app[keys.CLOCK] = clock
     view = CatalogView(_initial_snapshot(settings), margins_from(settings))
     app[keys.VIEW] = view
     metrics.view = view
     if gpu_backend is not None:
         app[keys.GPU_BACKEND_OVERRIDE] = gpu_backend
     app.on_shutdown.append(_mark_stopping)
-    app.cleanup_ctx.extend([database_ctx, gpu_ctx, catalog_ctx])
-    Observer(metrics, settings.access_log, settings.slow_request_ms).add_routes(app, routes)
+    app.cleanup_ctx.extend([admission_ctx, database_ctx, gpu_ctx, catalog_ctx])
+    Observer(metrics, settings.access_log, settings.slow_request_ms).add_routes(
+        app, routes, admission_routes
+    )
     return app

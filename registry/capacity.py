@@ -1,7 +1,8 @@
-"""The capacity rule: a pure function of catalog, GPU snapshot and margins.
+"""The capacity rule: a pure function of catalog, GPU snapshot, margins and pending bookings.
 
-usable(d) = free(d) - margin_mib - margin_percent * total(d) for each healthy device d.
-A model fits when one single device has usable(d) >= vram; it is never split across devices.
+usable(d) = free(d) - margin_mib - margin_percent * total(d) - pending(d) for each healthy
+device d, pending(d) being what open reservations still hold on it. A model fits when one single
+device has usable(d) >= vram; it is never split across devices.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import bisect
 import enum
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from gpu import GpuDevice, GpuSnapshot, GpuState
@@ -53,10 +54,15 @@ class UsableDevice:
     usable_mib: int
 
 
-def usable_devices(snapshot: GpuSnapshot, margins: Margins) -> list[UsableDevice]:
+def usable_devices(
+    snapshot: GpuSnapshot, margins: Margins, pending: Mapping[str, int] | None = None
+) -> list[UsableDevice]:
     """Healthy devices with their usable memory, least usable first (for best fit)."""
+    pending = pending or {}
     usable = [
-        UsableDevice(device, device.free_mib - margins.for_device(device))
+        UsableDevice(
+            device, device.free_mib - margins.for_device(device) - pending.get(device.uuid, 0)
+        )
         for device in snapshot.devices
         if device.healthy
     ]
@@ -64,27 +70,31 @@ def usable_devices(snapshot: GpuSnapshot, margins: Margins) -> list[UsableDevice
     return usable
 
 
+def best_fit(devices: list[UsableDevice], vram: int) -> UsableDevice | None:
+    """The device with the least usable memory that still holds `vram` (devices sorted)."""
+    position = bisect.bisect_left(devices, vram, key=lambda u: u.usable_mib)
+    return devices[position] if position < len(devices) else None
+
+
 def assess_all(
-    models: Iterable[CatalogModel], snapshot: GpuSnapshot, margins: Margins
+    models: Iterable[CatalogModel],
+    snapshot: GpuSnapshot,
+    margins: Margins,
+    pending: Mapping[str, int] | None = None,
 ) -> dict[int, Assessment]:
     if snapshot.state is GpuState.DISABLED:
         return {m.id: _without_gpu(m) for m in models}
     if not snapshot.known:
         return {m.id: _unknown(m) for m in models}
-    devices = usable_devices(snapshot, margins)
-    sizes = [d.usable_mib for d in devices]
-    best = sizes[-1] if sizes else None
-    return {m.id: _assess(m, devices, sizes, best) for m in models}
+    devices = usable_devices(snapshot, margins, pending)
+    best = devices[-1].usable_mib if devices else None
+    return {m.id: _assess(m, devices, best) for m in models}
 
 
-def _assess(
-    model: CatalogModel, devices: list[UsableDevice], sizes: list[int], best: int | None
-) -> Assessment:
-    # Best fit: the device with the least usable memory that still holds the model.
-    position = bisect.bisect_left(sizes, model.vram)
+def _assess(model: CatalogModel, devices: list[UsableDevice], best: int | None) -> Assessment:
+    chosen = best_fit(devices, model.vram)
     placement = None
-    if position < len(devices):
-        chosen = devices[position]
+    if chosen is not None:
         placement = Placement(chosen.device.uuid, chosen.device.index, chosen.device.free_mib)
     fits = placement is not None
     if not model.enabled:

@@ -14,12 +14,15 @@ import asyncpg
 from pydantic import ValidationError
 
 from registry import __version__
+from registry.admission import cli as reservations_cli
+from registry.admission.ledger import LedgerError
 from registry.catalog import CatalogModel
 from registry.config import ConfigError, Settings, load_settings
 from registry.database import DatabaseUnavailable, migrated_database
 from registry.logs import configure_logging, get_logger
 from registry.migrations import DatabaseTooNew
 from registry.store import CatalogStore, DuplicateName
+from registry.tables import text_table
 
 log = get_logger("registry.cli")
 
@@ -61,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     switch.add_argument("--disable", dest="enabled", action="store_const", const=False)
     remove = actions.add_parser("remove", parents=[common], help="remove a model")
     remove.add_argument("name_or_id")
+
+    reservations_cli.add_parser(commands, common)
     return parser
 
 
@@ -82,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from registry.service import serve
 
             return asyncio.run(serve(settings, args.config, overrides))
+        if args.command == "reservations":
+            return reservations_cli.run(args, settings)
         if args.command == "migrate":
             return asyncio.run(_with_dsn(settings, _migrate_only))
         return asyncio.run(_with_dsn(settings, lambda dsn: _models(dsn, args)))
@@ -89,7 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("refusing to start: database is newer than this code", error=str(exc))
         print(f"model-registry: {exc}", file=sys.stderr)
         return 3
-    except (CliError, DuplicateName) as exc:
+    except LedgerError as exc:
+        log.error("refusing to start: the reservations cannot be read", error=str(exc))
+        print(f"model-registry: {exc}", file=sys.stderr)
+        return 1
+    except (CliError, DuplicateName, reservations_cli.ClientError) as exc:
         print(f"model-registry: {exc}", file=sys.stderr)
         return 1
     except DatabaseUnavailable as exc:
@@ -181,11 +192,4 @@ def format_table(models: Sequence[CatalogModel]) -> str:
         )
         for m in models
     ]
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in (headers, *rows)
-    ]
-    if not rows:
-        lines.append("(no models)")
-    return "\n".join(lines)
+    return text_table(headers, rows, "(no models)")

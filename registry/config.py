@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     vram_margin_mib: int = Field(default=0, ge=0)
     vram_margin_percent: float = Field(default=0.0, ge=0.0, le=100.0)
     admin_token: SecretStr | None = None
+    scheduler_token: SecretStr | None = Field(
+        default=None, description="Bearer token(s) that may reserve VRAM but not edit the catalog."
+    )
     seed_catalog: bool = True
     log_format: LogFormat | None = Field(
         default=None, description="json or console; unset: json unless stdout is a terminal."
@@ -81,7 +84,7 @@ class Settings(BaseSettings):
             raise ValueError("must be one of debug, info, warning, error, critical")
         return level
 
-    @field_validator("admin_token", "database_url", mode="before")
+    @field_validator("admin_token", "scheduler_token", "database_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -116,9 +119,17 @@ class Settings(BaseSettings):
         return None if self.database_url is None else self.database_url.get_secret_value()
 
     def admin_tokens(self) -> list[str]:
-        if self.admin_token is None:
-            return []
-        return [t.strip() for t in self.admin_token.get_secret_value().split(",") if t.strip()]
+        return _tokens(self.admin_token)
+
+    def scheduler_tokens(self) -> list[str]:
+        return _tokens(self.scheduler_token)
+
+
+def _tokens(value: SecretStr | None) -> list[str]:
+    """A comma-separated list of tokens; blanks are ignored."""
+    if value is None:
+        return []
+    return [t.strip() for t in value.get_secret_value().split(",") if t.strip()]
 
 
 class ConfigError(Exception):

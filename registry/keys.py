@@ -7,6 +7,7 @@ import asyncio
 from aiohttp import web
 
 from gpu import GpuBackend, GpuPoller
+from registry.admission.book import Clock, ReservationBook
 from registry.catalog_sync import CatalogSync
 from registry.config import Settings
 from registry.database import Database
@@ -19,6 +20,8 @@ VIEW = web.AppKey("view", CatalogView)
 DATABASE = web.AppKey("database", Database)
 CATALOG_SYNC = web.AppKey("catalog_sync", CatalogSync)
 POLLER = web.AppKey("poller", GpuPoller)
+BOOK = web.AppKey("book", ReservationBook)
+CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 STOP = web.AppKey("stop", asyncio.Event)
 FATAL = web.AppKey("fatal", asyncio.Event)
 GPU_BACKEND_OVERRIDE = web.AppKey("gpu_backend_override", GpuBackend)

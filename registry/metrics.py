@@ -21,8 +21,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from gpu import MIB, GpuSnapshot
-from registry.capacity import Margins, usable_devices
+from gpu import MIB
+from registry.admission.book import ReservationBook
 from registry.view import CatalogView
 
 disable_created_metrics()  # type: ignore[no-untyped-call] # the *_created series only add noise to every scrape
@@ -45,7 +45,7 @@ class _StateCollector(Collector):
         view = self._view()
         if view is None:
             return
-        yield from _gpu_metrics(view.snapshot, view.margins, self._dcgm)
+        yield from _gpu_metrics(view, self._dcgm)
         models = GaugeMetricFamily(
             "model_registry_models", "Models in the catalog by state.", labels=["state"]
         )
@@ -71,7 +71,8 @@ class _StateCollector(Collector):
         yield last
 
 
-def _gpu_metrics(snapshot: GpuSnapshot, margins: Margins, dcgm: bool) -> Iterator[Metric]:
+def _gpu_metrics(view: CatalogView, dcgm: bool) -> Iterator[Metric]:
+    snapshot = view.snapshot
     labels = ["uuid", "gpu", "name"]
     families = {
         field: GaugeMetricFamily(
@@ -83,7 +84,12 @@ def _gpu_metrics(snapshot: GpuSnapshot, margins: Margins, dcgm: bool) -> Iterato
     }
     usable = GaugeMetricFamily(
         "model_registry_gpu_usable_bytes",
-        "Free GPU memory after the configured margin, in bytes.",
+        "Free GPU memory after the configured margin and pending reservations, in bytes.",
+        labels=labels,
+    )
+    pending = GaugeMetricFamily(
+        "model_registry_gpu_pending_bytes",
+        "GPU memory booked by open reservations and not yet loaded, in bytes.",
         labels=labels,
     )
     dcgm_families = {
@@ -110,11 +116,15 @@ def _gpu_metrics(snapshot: GpuSnapshot, margins: Margins, dcgm: bool) -> Iterato
                         dcgm_families[field].add_metric(
                             [str(device.index), device.uuid, device.name], value // MIB
                         )
-        for item in usable_devices(snapshot, margins):
+        for item in view.usable:
             device = item.device
             usable.add_metric([device.uuid, str(device.index), device.name], item.usable_mib * MIB)
+    for device in snapshot.devices:
+        booked = view.pending_by_device.get(device.uuid, 0)
+        pending.add_metric([device.uuid, str(device.index), device.name], booked * MIB)
     yield from families.values()
     yield usable
+    yield pending
     if dcgm:
         yield from dcgm_families.values()
 
@@ -166,6 +176,34 @@ class _RequestStats(Collector):
         yield latency
 
 
+class _ReservationStats(Collector):
+    def __init__(self, book: Callable[[], ReservationBook | None]) -> None:
+        self._book = book
+
+    def collect(self) -> Iterator[Metric]:
+        book = self._book()
+        if book is None:
+            return
+        counters = book.counters
+        yield GaugeMetricFamily(
+            "model_registry_reservations_open", "Open reservations.", value=len(book.open())
+        )
+        for name, value, help_text in (
+            ("created", counters.created, "Reservations granted."),
+            ("released", counters.released, "Reservations ended by their holder."),
+            ("expired", counters.expired, "Reservations ended by expiry."),
+        ):
+            yield CounterMetricFamily(f"model_registry_reservations_{name}", help_text, value)
+        rejected = CounterMetricFamily(
+            "model_registry_reservations_rejected",
+            "Reservations refused, by reason.",
+            labels=["reason"],
+        )
+        for reason in ("insufficient_vram", "disabled", "gpu_state_unknown"):
+            rejected.add_metric([reason], counters.rejected.get(reason, 0))
+        yield rejected
+
+
 def _bound(value: float) -> str:
     return "+Inf" if value == float("inf") else repr(value)
 
@@ -174,6 +212,7 @@ class Metrics:
     def __init__(self, *, dcgm: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.view: CatalogView | None = None
+        self.book: ReservationBook | None = None
         self.last_success: float | None = None
         self.poll_seconds = Histogram(
             "model_registry_gpu_poll_duration_seconds",
@@ -187,6 +226,7 @@ class Metrics:
         self._requests = _RequestStats()
         self.registry.register(self._requests)
         self.registry.register(_StateCollector(lambda: self.view, lambda: self.last_success, dcgm))
+        self.registry.register(_ReservationStats(lambda: self.book))
 
     def observe_poll(self, seconds: float, ok: bool) -> None:
         self.poll_seconds.observe(seconds)

@@ -92,9 +92,9 @@ class Observer:
 
         return observed
 
-    def add_routes(self, app: web.Application, routes: web.RouteTableDef) -> None:
-        """Register `routes`, each wrapped, then the catch-all for everything else."""
-        for route in routes:
+    def add_routes(self, app: web.Application, *tables: web.RouteTableDef) -> None:
+        """Register every table's routes, each wrapped, then the catch-all for everything else."""
+        for route in (route for table in tables for route in table):
             assert isinstance(route, web.RouteDef)
             wrapped = self.wrap(route.path, route.handler)
             web.RouteDef(route.method, route.path, wrapped, route.kwargs).register(app.router)

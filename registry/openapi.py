@@ -9,6 +9,13 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from registry import __version__
+from registry.admission.schemas import (
+    RefusalOut,
+    ReservationCreate,
+    ReservationList,
+    ReservationOut,
+    ReservationPatch,
+)
 from registry.schemas import (
     ErrorOut,
     GpusOut,
@@ -36,6 +43,7 @@ def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
 _ERRORS = {
     "422": _json(ValidationErrorOut, "Invalid parameters"),
 }
+_VALIDATED = (ModelCreate, ModelPatch, ReservationCreate, ReservationPatch)
 _NOT_FOUND = {"404": _json(ErrorOut, "No such model")}
 _WRITE_ERRORS = {
     "400": _json(ErrorOut, "Malformed request"),
@@ -66,13 +74,84 @@ _ID = {
     "required": True,
     "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
 }
+_RESERVATION_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+_RESERVATION_ERRORS = {
+    "400": _json(ErrorOut, "Malformed request"),
+    "401": _json(ErrorOut, "Missing or invalid bearer token"),
+    "403": _json(ErrorOut, "Reservations are disabled: no scheduler or admin token configured"),
+    "413": _json(ErrorOut, "Request body over 64 KiB"),
+    **_ERRORS,
+}
+_GONE = {"404": _json(ErrorOut, "No such open reservation")}
+
+
+def _body(model: type[BaseModel]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": _ref(model)}}, "required": True}
+
+
+def _reservation_paths(secured: list[dict[str, list[str]]]) -> dict[str, Any]:
+    return {
+        "/reservations": {
+            "get": {
+                "summary": "Open reservations, oldest first",
+                "operationId": "list_reservations",
+                "responses": {"200": _json(ReservationList, "Open reservations")},
+            },
+            "post": {
+                "summary": "Reserve VRAM for a load: check and book in one step",
+                "operationId": "create_reservation",
+                "security": secured,
+                "requestBody": _body(ReservationCreate),
+                "responses": {
+                    "201": _json(ReservationOut, "Booked"),
+                    "404": _json(ErrorOut, "No such model or GPU"),
+                    "409": _json(RefusalOut, "Does not fit, or the model is disabled"),
+                    "503": _json(
+                        ErrorOut,
+                        "GPU state unknown (with reason gpu_state_unknown), or not recorded",
+                    ),
+                    **_RESERVATION_ERRORS,
+                },
+            },
+        },
+        "/reservations/{id}": {
+            "parameters": [_RESERVATION_ID],
+            "get": {
+                "summary": "One open reservation",
+                "operationId": "get_reservation",
+                "responses": {"200": _json(ReservationOut, "The reservation"), **_GONE},
+            },
+            "patch": {
+                "summary": "Renew the lease from now, or name the loading process",
+                "operationId": "renew_reservation",
+                "security": secured,
+                "requestBody": _body(ReservationPatch),
+                "responses": {
+                    "200": _json(ReservationOut, "Renewed"),
+                    "503": _json(ErrorOut, "Not recorded on disk; nothing changed"),
+                    **_GONE,
+                    **_RESERVATION_ERRORS,
+                },
+            },
+            "delete": {
+                "summary": "Release: the load finished or failed",
+                "operationId": "release_reservation",
+                "security": secured,
+                "responses": {
+                    "204": {"description": "Released"},
+                    **_GONE,
+                    **_RESERVATION_ERRORS,
+                },
+            },
+        },
+    }
 
 
 @functools.cache
 def openapi_document() -> dict[str, Any]:
     _, components = models_json_schema(
         [
-            (m, "serialization" if m not in (ModelCreate, ModelPatch) else "validation")
+            (m, "validation" if m in _VALIDATED else "serialization")
             for m in (
                 ModelList,
                 ModelOut,
@@ -83,13 +162,18 @@ def openapi_document() -> dict[str, Any]:
                 ValidationErrorOut,
                 HealthOut,
                 ReadyOut,
+                ReservationCreate,
+                ReservationPatch,
+                ReservationOut,
+                ReservationList,
+                RefusalOut,
             )
         ],
         ref_template=_REF,
     )
     secured: list[dict[str, list[str]]] = [{"bearer": []}]
-    model_body = {"content": {"application/json": {"schema": _ref(ModelCreate)}}, "required": True}
-    patch_body = {"content": {"application/json": {"schema": _ref(ModelPatch)}}, "required": True}
+    model_body = _body(ModelCreate)
+    patch_body = _body(ModelPatch)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -157,6 +241,7 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": _json(GpusOut, "Devices")},
                 }
             },
+            **_reservation_paths(secured),
             "/healthz": {
                 "get": {
                     "summary": "Liveness",

@@ -21,7 +21,7 @@ ModelName = Annotated[
 ]
 
 
-def _integral_float_as_int(value: object) -> object:
+def integral_float_as_int(value: object) -> object:
     # JSON Schema counts 57.0 as an integer; strict validation alone would refuse it.
     if isinstance(value, float) and value.is_integer():
         return int(value)
@@ -31,7 +31,7 @@ def _integral_float_as_int(value: object) -> object:
 Vram = Annotated[
     int,
     Field(ge=VRAM_MIN_MIB, le=VRAM_MAX_MIB, description="VRAM need in MiB"),
-    BeforeValidator(_integral_float_as_int),
+    BeforeValidator(integral_float_as_int),
 ]
 
 
@@ -134,7 +134,10 @@ class GpuDeviceOut(BaseModel):
         default=None, description="Absent when NVML does not report it."
     )
     healthy: bool
-    usable_mib: int | None = Field(description="Free memory after the margin; null if unhealthy.")
+    usable_mib: int | None = Field(
+        description="Free memory after the margin and the pending reservations; null if unhealthy."
+    )
+    pending_mib: int = Field(description="What open reservations still hold on this device.")
     error: str | None = None
     parent_uuid: str | None = None
 

@@ -23,7 +23,11 @@ log = get_logger("registry.service")
 def status_line(app: web.Application) -> str:
     view = app[keys.VIEW]
     models = len(view.models)
-    return f"{models} models, {view.active_count} active, GPU {view.snapshot.state.value}"
+    line = f"{models} models, {view.active_count} active, GPU {view.snapshot.state.value}"
+    if reservations := view.reservations:
+        pending = sum(view.pending_by_device.values())
+        line += f", {len(reservations)} reservation(s) holding {pending} MiB"
+    return line
 
 
 def poller_alive(poller: GpuPoller | None, within_s: float) -> bool:
@@ -42,6 +46,8 @@ class Service:
         self.app = create_app(settings)
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
+        self._view_changed = asyncio.Event()
+        self.app[keys.VIEW].subscribe(self._view_changed.set)
 
     async def run(self) -> int:
         runner = web.AppRunner(
@@ -83,9 +89,11 @@ class Service:
         fatal = self.app[keys.FATAL]
         watchdog_s = watchdog_interval_s() if self.notifier.enabled else None
         tick_s = min(watchdog_s or 5.0, 5.0)
+        next_watchdog = 0.0
         last_status = ""
+        events = (self._stop, fatal, self._reload, self._view_changed)
         while True:
-            waiters = [asyncio.ensure_future(e.wait()) for e in (self._stop, fatal, self._reload)]
+            waiters = [asyncio.ensure_future(e.wait()) for e in events]
             await asyncio.wait(waiters, timeout=tick_s, return_when=asyncio.FIRST_COMPLETED)
             for waiter in waiters:
                 waiter.cancel()
@@ -97,8 +105,12 @@ class Service:
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
-            if watchdog_s is not None and poller_alive(self.app.get(keys.POLLER), watchdog_s * 2):
-                self.notifier.send("WATCHDOG=1")
+            now = time.monotonic()
+            if watchdog_s is not None and now >= next_watchdog:
+                next_watchdog = now + tick_s
+                if poller_alive(self.app.get(keys.POLLER), watchdog_s * 2):
+                    self.notifier.send("WATCHDOG=1")
+            self._view_changed.clear()
             status = status_line(self.app)
             if status != last_status:
                 self.notifier.send(f"STATUS={status}")

@@ -9,12 +9,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from gpu import GpuSnapshot
-from registry.capacity import Assessment, Margins, assess_all
+from registry.admission.reservation import (
+    Reservation,
+    pending_by_device,
+    pending_by_reservation,
+)
+from registry.capacity import Assessment, Margins, UsableDevice, assess_all, usable_devices
 from registry.catalog import CatalogModel
 from registry.logs import get_logger
 from registry.schemas import ListQuery
@@ -94,6 +99,11 @@ class CatalogView:
         self._pages_by_raw_query: dict[str, CachedBody] = {}
         self._singles: dict[int, CachedBody] = {}
         self._capacity_json = ""
+        self._reservations: tuple[Reservation, ...] = ()
+        self.pending_by_reservation: dict[str, int] = {}
+        self.pending_by_device: dict[str, int] = {}
+        self.usable: list[UsableDevice] = []  # healthy devices, least usable first
+        self._listeners: list[Callable[[], None]] = []
         self.loaded = False
         self.generation = 0
         self.active_count = 0
@@ -140,11 +150,27 @@ class CatalogView:
             self._margins = margins
             self._rebuild()
 
+    def set_reservations(self, reservations: Iterable[Reservation]) -> None:
+        self._reservations = tuple(reservations)
+        self._rebuild()
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after every change of the view."""
+        self._listeners.append(listener)
+
     # -- outputs -------------------------------------------------------------------------
 
     @property
     def models(self) -> list[CatalogModel]:
         return [entry.model for entry in self._ordered]
+
+    @property
+    def reservations(self) -> tuple[Reservation, ...]:
+        return self._reservations
+
+    def model_by_name(self, name: str) -> CatalogModel | None:
+        entry = self._by_name.get(name)
+        return None if entry is None else entry.model
 
     def assessment(self, model_id: int) -> Assessment | None:
         entry = self._entries.get(model_id)
@@ -207,7 +233,12 @@ class CatalogView:
         snapshot = self._snapshot
         self._ordered = sorted(self._entries.values(), key=lambda e: e.model.id)
         self._by_name = {e.model.name: e for e in self._ordered}
-        assessments = assess_all((e.model for e in self._ordered), snapshot, self._margins)
+        self.pending_by_reservation = pending_by_reservation(self._reservations, snapshot)
+        self.pending_by_device = pending_by_device(self._reservations, self.pending_by_reservation)
+        self.usable = usable_devices(snapshot, self._margins, self.pending_by_device)
+        assessments = assess_all(
+            (e.model for e in self._ordered), snapshot, self._margins, self.pending_by_device
+        )
         active = 0
         for entry in self._ordered:
             new = assessments[entry.model.id]
@@ -226,6 +257,8 @@ class CatalogView:
         self._pages_by_raw_query = {}
         self._singles = {}
         self.generation += 1
+        for listener in self._listeners:
+            listener()
 
 
 def _log_flip(model: CatalogModel, assessment: Assessment) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import json
+import logging
 import os
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -18,9 +20,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gpu import GpuBackend
+from registry.admission.book import Clock, utc_now
 from registry.app import SERVER_OPTIONS, create_app
-from registry.config import Settings
+from registry.config import LogFormat, Settings
+from registry.logs import configure_logging
 from registry.migrations import migrate
+from tests.db import StoppableServer
 
 TEMPLATE_DB = "model_registry_template"
 _db_numbers = itertools.count(1)
@@ -116,21 +121,49 @@ class _scratch_database:
             await admin.close()
 
 
+LogLines = Callable[[], list[dict[str, Any]]]
+
+
+@pytest.fixture
+def json_log() -> Iterator[LogLines]:
+    """Send the process's log to a buffer as JSON lines; call the result to read them parsed."""
+    buffer = io.StringIO()
+    configure_logging(LogFormat.JSON, "debug", stream=buffer)
+    yield lambda: [json.loads(line) for line in buffer.getvalue().splitlines()]
+    logging.getLogger().handlers.clear()
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[StoppableServer]:
+    """A PostgreSQL server for this test alone, which it may stop and start."""
+    server = StoppableServer(tmp_path / "pg")
+    yield server
+    server.stop_if_running()
+
+
 @pytest.fixture
 def gpu_file(tmp_path: Path) -> Callable[..., Path]:
     """Write the simulated backend's file: gpu_file((uuid, total_mib, free_mib), ...).
 
+    A device may also be given as a dict, as the file holds it (with `processes`, say).
     Called with no device, it only returns the file's path.
     """
     path = tmp_path / "gpus.json"
 
-    def write(*devices: tuple[str, int, int]) -> Path:
+    def write(*devices: tuple[str, int, int] | dict[str, Any]) -> Path:
         if not devices:
             return path
         content = {
             "devices": [
-                {"uuid": uuid, "name": "Simulated GPU", "total_mib": total, "free_mib": free}
-                for uuid, total, free in devices
+                device
+                if isinstance(device, dict)
+                else {
+                    "uuid": device[0],
+                    "name": "Simulated GPU",
+                    "total_mib": device[1],
+                    "free_mib": device[2],
+                }
+                for device in devices
             ]
         }
         tmp = path.with_suffix(".tmp")
@@ -166,14 +199,25 @@ AppClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 @pytest.fixture
 def start_app(
-    make_settings: Callable[..., Settings], aiohttp_server: Any, aiohttp_client: Any
+    make_settings: Callable[..., Settings],
+    aiohttp_server: Any,
+    aiohttp_client: Any,
+    tmp_path: Path,
 ) -> AppClient:
     """Start the real app (database, poller, listener) and return an HTTP client for it."""
 
+    started = itertools.count()
+
     async def start(
-        settings: Settings | None = None, *, backend: GpuBackend | None = None, **overrides: Any
+        settings: Settings | None = None,
+        *,
+        backend: GpuBackend | None = None,
+        clock: Clock = utc_now,
+        **overrides: Any,
     ) -> TestClient[web.Request, web.Application]:
-        app = create_app(settings or make_settings(**overrides), gpu_backend=backend)
+        # Each daemon of a test gets its own state directory, as on separate hosts.
+        overrides.setdefault("state_dir", tmp_path / f"state{next(started)}")
+        app = create_app(settings or make_settings(**overrides), gpu_backend=backend, clock=clock)
         server = await aiohttp_server(app, **SERVER_OPTIONS)
         client: TestClient[web.Request, web.Application] = await aiohttp_client(server)
         return client

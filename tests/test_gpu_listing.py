@@ -203,6 +203,7 @@ async def test_gpus_endpoint_describes_devices(
         "free_mib": 20000,
         "healthy": True,
         "usable_mib": 20000,
+        "pending_mib": 0,
     }
     assert body["as_of"].endswith("+00:00")
 

@@ -4,24 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import AppClient
+from tests.scrape import scrape
 
 MIB = 1024**2
-
-
-async def _samples(client: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    response = await client.get("/metrics")
-    assert response.status == 200
-    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    samples = {}
-    for family in text_string_to_metric_families(await response.text()):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
 
 
 def _device_labels(uuid: str, index: int = 0) -> tuple[tuple[str, str], ...]:
@@ -35,7 +22,7 @@ async def test_metrics_carry_the_simulated_device(
     client = await start_app(vram_margin_mib=500)
     await client.get("/models")
     await client.get("/models?limit=0")
-    samples = await _samples(client)
+    samples = await scrape(client)
     labels = _device_labels("GPU-sim-0")
     assert samples[("model_registry_gpu_memory_total_bytes", labels)] == 24576 * MIB
     assert samples[("model_registry_gpu_memory_free_bytes", labels)] == 6000 * MIB
@@ -66,7 +53,7 @@ async def test_dcgm_names_behind_a_setting(
 ) -> None:
     gpu_file(("GPU-sim-0", 24576, 6000))
     client = await start_app(dcgm_metrics=True)
-    samples = await _samples(client)
+    samples = await scrape(client)
     labels = (("UUID", "GPU-sim-0"), ("gpu", "0"), ("modelName", "Simulated GPU"))
     assert samples[("DCGM_FI_DEV_FB_FREE", labels)] == 6000
 
@@ -76,7 +63,7 @@ async def test_unmatched_paths_and_odd_methods_keep_labels_bounded(start_app: Ap
     for path in ("/a", "/b", "/c"):
         await client.get(path)
     await client.request("PROPFIND", "/models")
-    samples = await _samples(client)
+    samples = await scrape(client)
     routes = {
         dict(labels).get("route")
         for name, labels in samples
@@ -94,6 +81,6 @@ async def test_unmatched_paths_and_odd_methods_keep_labels_bounded(start_app: Ap
 async def test_poll_errors_are_counted(start_app: AppClient, gpu_file: Callable[..., Path]) -> None:
     gpu_file().write_text("not json")
     client = await start_app()
-    samples = await _samples(client)
+    samples = await scrape(client)
     assert samples[("model_registry_gpu_poll_errors_total", ())] >= 1
     assert not any(name == "model_registry_gpu_memory_free_bytes" for name, _ in samples)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import AppClient
+from tests.conftest import AppClient, LogLines
 from tests.db import catalog_rows
 
 TOKEN = "s3cret-admin-token"
@@ -194,26 +194,15 @@ async def test_writes_are_refused_without_a_configured_token(start_app: AppClien
     assert "MODEL_REGISTRY_ADMIN_TOKEN" in (await response.json())["detail"]
 
 
-async def test_tokens_never_reach_the_log(start_app: AppClient) -> None:
-    import io
-    import logging
-
-    from registry.config import LogFormat
-    from registry.logs import configure_logging
-
-    buffer = io.StringIO()
-    configure_logging(LogFormat.JSON, "debug", stream=buffer)
-    try:
-        client = await start_app(gpu_backend="none", admin_token=TOKEN, access_log="all")
-        await client.post("/models", json={"name": "logged", "vram": 1}, headers=AUTH)
-        await client.post(
-            "/models",
-            json={"name": "x", "vram": 1},
-            headers={"Authorization": "Bearer guessed-token"},
-        )
-    finally:
-        logging.getLogger().handlers.clear()
-    log = buffer.getvalue()
+async def test_tokens_never_reach_the_log(start_app: AppClient, json_log: LogLines) -> None:
+    client = await start_app(gpu_backend="none", admin_token=TOKEN, access_log="all")
+    await client.post("/models", json={"name": "logged", "vram": 1}, headers=AUTH)
+    await client.post(
+        "/models",
+        json={"name": "x", "vram": 1},
+        headers={"Authorization": "Bearer guessed-token"},
+    )
+    log = json.dumps(json_log())
     assert '"status": 201' in log and '"status": 401' in log
     assert TOKEN not in log and "guessed-token" not in log
 

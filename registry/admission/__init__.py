@@ -1,0 +1,1 @@
+"""Admission: reservations that book VRAM for a load in flight, so "fits" is a promise."""

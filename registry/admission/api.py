@@ -1,0 +1,123 @@
+"""HTTP handlers for /reservations: reserve, look, renew, release."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from registry import keys
+from registry.admission.book import NotFound, Refused, ReservationBook, ReservationRequest
+from registry.admission.reservation import Reservation
+from registry.admission.schemas import ReservationCreate, ReservationPatch
+from registry.auth import Role, require
+from registry.bodies import validated_body
+from registry.capacity import Reason
+from registry.errors import JSON, http_error
+from registry.logs import get_logger
+
+log = get_logger("registry.admission")
+
+routes = web.RouteTableDef()
+
+_REFUSAL_STATUS = {
+    Reason.INSUFFICIENT_VRAM: 409,
+    Reason.DISABLED: 409,
+    Reason.GPU_STATE_UNKNOWN: 503,
+}
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, text=json.dumps(data), content_type=JSON, headers=headers)
+
+
+def _refusal(refusal: Refused, retry_after_s: float) -> web.Response:
+    status = _REFUSAL_STATUS[refusal.reason]
+    headers = {"Retry-After": str(max(1, round(retry_after_s)))} if status == 503 else None
+    return _json({"detail": refusal.detail, "reason": refusal.reason.value}, status, headers)
+
+
+def _not_recorded(exc: OSError) -> web.HTTPException:
+    log.error("could not record reservations on disk", error=str(exc))
+    return http_error(
+        web.HTTPServiceUnavailable,
+        f"the reservation could not be recorded on disk ({exc.strerror or exc}); nothing changed",
+    )
+
+
+def _book(request: web.Request) -> ReservationBook:
+    return request.app[keys.BOOK]
+
+
+def _found(request: web.Request) -> Reservation:
+    reservation = _book(request).get(request.match_info["id"])
+    if reservation is None:
+        raise http_error(web.HTTPNotFound, "Not Found")
+    return reservation
+
+
+@routes.post("/reservations")
+async def create_reservation(request: web.Request) -> web.StreamResponse:
+    require(request, Role.SCHEDULER)
+    data = await validated_body(request, ReservationCreate)
+    book = _book(request)
+    try:
+        reservation = book.reserve(ReservationRequest(**data.model_dump()))
+    except NotFound as exc:
+        raise http_error(web.HTTPNotFound, str(exc)) from None
+    except Refused as refusal:
+        return _refusal(refusal, request.app[keys.SETTINGS].poll_interval)
+    try:
+        await book.persist()
+    except OSError as exc:
+        book.discard(reservation.id)
+        raise _not_recorded(exc) from None
+    return _json(
+        book.describe(reservation),
+        status=201,
+        headers={"Location": f"/reservations/{reservation.id}"},
+    )
+
+
+@routes.get("/reservations")
+async def list_reservations(request: web.Request) -> web.StreamResponse:
+    book = _book(request)
+    return _json({"data": [book.describe(r) for r in book.open()]})
+
+
+@routes.get("/reservations/{id}")
+async def get_reservation(request: web.Request) -> web.StreamResponse:
+    return _json(_book(request).describe(_found(request)))
+
+
+@routes.patch("/reservations/{id}")
+async def renew_reservation(request: web.Request) -> web.StreamResponse:
+    require(request, Role.SCHEDULER)
+    _found(request)
+    data = await validated_body(request, ReservationPatch)
+    before = _found(request)  # again: it may have ended while the body was read
+    book = _book(request)
+    renewed = book.renew(before.id, ttl_s=data.ttl_s, pid=data.pid)
+    assert renewed is not None
+    try:
+        await book.persist()
+    except OSError as exc:
+        if book.get(before.id) is not None:
+            book.restore(before)
+        raise _not_recorded(exc) from None
+    return _json(book.describe(renewed))
+
+
+@routes.delete("/reservations/{id}")
+async def release_reservation(request: web.Request) -> web.StreamResponse:
+    require(request, Role.SCHEDULER)
+    book = _book(request)
+    if book.release(request.match_info["id"]) is None:
+        raise http_error(web.HTTPNotFound, "Not Found")
+    try:
+        await book.persist()
+    except OSError as exc:
+        # Released here already; on disk it stays until its expiry, which errs on the safe side.
+        log.error("could not record a release on disk", error=str(exc))
+    return web.Response(status=204)

@@ -1,0 +1,271 @@
+"""The book of open reservations: admission (check and book in one step), renewal, release and
+expiry. Every change goes straight into the capacity view, so the listing shows it at once.
+
+Admission is atomic because it never awaits between reading the usable memory and booking it:
+the event loop runs one admission at a time, however many requests arrive together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from gpu import GpuState
+from registry.admission.ledger import ReservationLedger
+from registry.admission.reservation import Reservation
+from registry.capacity import Reason, best_fit
+from registry.logs import get_logger
+from registry.view import CatalogView
+
+log = get_logger("registry.admission")
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationRequest:
+    vram_mib: int | None = None
+    model: str | None = None
+    ttl_s: int = 120
+    holder: str | None = None
+    gpu: str | None = None
+    pid: int | None = None
+
+
+class Refused(Exception):
+    """Admission said no; `reason` is one of the listing's reasons."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class NotFound(Exception):
+    """The request names a model or a GPU this host does not have."""
+
+
+@dataclass
+class BookCounters:
+    created: int = 0
+    released: int = 0
+    expired: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)  # by reason
+
+    def reject(self, reason: Reason) -> None:
+        self.rejected[reason.value] = self.rejected.get(reason.value, 0) + 1
+
+
+class ReservationBook:
+    def __init__(
+        self,
+        view: CatalogView,
+        ledger: ReservationLedger,
+        *,
+        clock: Clock = utc_now,
+        max_sleep_s: float = 1.0,
+    ) -> None:
+        self._view = view
+        self._ledger = ledger
+        self._clock = clock
+        # Expiry is timed by the wall clock (expiries survive restarts); a bounded sleep keeps
+        # a clock step from delaying it.
+        self.max_sleep_s = max_sleep_s
+        self._open: dict[str, Reservation] = {}
+        self._wake = asyncio.Event()
+        self.counters = BookCounters()
+
+    # -- reading -------------------------------------------------------------------------
+
+    def open(self) -> list[Reservation]:
+        """Open reservations, oldest first."""
+        return sorted(self._open.values(), key=lambda r: (r.created_at, r.id))
+
+    def get(self, reservation_id: str) -> Reservation | None:
+        return self._open.get(reservation_id)
+
+    def pending_mib(self, reservation: Reservation) -> int:
+        return self._view.pending_by_reservation.get(reservation.id, reservation.vram_mib)
+
+    def describe(self, reservation: Reservation) -> dict[str, object]:
+        return reservation.to_api(self.pending_mib(reservation))
+
+    # -- changing ------------------------------------------------------------------------
+
+    def load(self, reservations: list[Reservation]) -> None:
+        """Take over what the ledger held at start-up; what expired meanwhile ends now."""
+        self._open = {r.id: r for r in reservations}
+        self._publish()
+        self.expire_due()
+
+    def reserve(self, request: ReservationRequest) -> Reservation:
+        """Check and book in one step; raise Refused or NotFound."""
+        try:
+            return self._reserve(request)
+        except Refused as refusal:
+            self.counters.reject(refusal.reason)
+            raise
+
+    def _reserve(self, request: ReservationRequest) -> Reservation:
+        view = self._view
+        vram = request.vram_mib
+        if request.model is not None:
+            model = view.model_by_name(request.model)
+            if model is None:
+                raise NotFound(f"no model named {request.model!r} in the catalog")
+            if not model.enabled:
+                raise Refused(Reason.DISABLED, f"model {model.name!r} is disabled")
+            vram = model.vram
+        assert vram is not None
+        snapshot = view.snapshot
+        if snapshot.state is GpuState.DISABLED:
+            raise Refused(
+                Reason.GPU_STATE_UNKNOWN,
+                "GPU awareness is off (backend none): there is no measured memory to reserve",
+            )
+        if not snapshot.known:
+            raise Refused(
+                Reason.GPU_STATE_UNKNOWN,
+                f"GPU state is {snapshot.state.value}: {snapshot.error or 'no reading'}",
+            )
+        candidates = view.usable
+        if request.gpu is not None:
+            if all(device.uuid != request.gpu for device in snapshot.devices):
+                raise NotFound(f"no GPU with uuid {request.gpu!r} on this host")
+            candidates = [u for u in candidates if u.device.uuid == request.gpu]
+            if not candidates:
+                raise Refused(Reason.INSUFFICIENT_VRAM, f"GPU {request.gpu} is not healthy")
+        chosen = best_fit(candidates, vram)
+        if chosen is None:
+            best = candidates[-1].usable_mib if candidates else 0
+            where = f"GPU {request.gpu} has" if request.gpu else "the roomiest GPU has"
+            raise Refused(
+                Reason.INSUFFICIENT_VRAM, f"{vram} MiB asked, but {where} {best} MiB usable"
+            )
+        now = self._clock()
+        device = chosen.device
+        baseline = 0
+        if request.pid is not None:
+            baseline = device.process_used_mib(request.pid) or 0
+        reservation = Reservation(
+            id=str(uuid.uuid4()),
+            vram_mib=vram,
+            gpu_uuid=device.uuid,
+            gpu_index=device.index,
+            created_at=now,
+            expires_at=now + timedelta(seconds=request.ttl_s),
+            model=request.model,
+            holder=request.holder,
+            pid=request.pid,
+            pid_baseline_mib=baseline,
+        )
+        self._open[reservation.id] = reservation
+        self.counters.created += 1
+        self._publish()
+        return reservation
+
+    def renew(
+        self, reservation_id: str, *, ttl_s: int | None = None, pid: int | None = None
+    ) -> Reservation | None:
+        """Extend the lease to `ttl_s` from now and/or name the loading process."""
+        reservation = self._open.get(reservation_id)
+        if reservation is None:
+            return None
+        if ttl_s is not None:
+            reservation = reservation.renewed(self._clock() + timedelta(seconds=ttl_s))
+        if pid is not None and pid != reservation.pid:
+            device = next(
+                (d for d in self._view.snapshot.devices if d.uuid == reservation.gpu_uuid), None
+            )
+            baseline = (device.process_used_mib(pid) if device else None) or 0
+            reservation = reservation.with_pid(pid, baseline)
+        self._open[reservation_id] = reservation
+        self._publish()
+        return reservation
+
+    def restore(self, reservation: Reservation) -> None:
+        """Put back a reservation as it was (a change that could not be recorded)."""
+        self._open[reservation.id] = reservation
+        self._publish()
+
+    def discard(self, reservation_id: str) -> None:
+        """Drop a booking that was never acknowledged."""
+        if self._open.pop(reservation_id, None) is not None:
+            self.counters.created -= 1
+            self._publish()
+
+    def release(self, reservation_id: str) -> Reservation | None:
+        reservation = self._open.pop(reservation_id, None)
+        if reservation is not None:
+            self.counters.released += 1
+            self._publish()
+            log.debug(
+                "reservation released",
+                reservation=reservation.id,
+                holder=reservation.holder,
+                model=reservation.model,
+                vram_mib=reservation.vram_mib,
+                held_s=self._age_s(reservation),
+            )
+        return reservation
+
+    def expire_due(self) -> list[Reservation]:
+        now = self._clock()
+        expired = [r for r in self._open.values() if r.expires_at <= now]
+        for reservation in expired:
+            del self._open[reservation.id]
+            self.counters.expired += 1
+            log.warning(
+                "reservation expired",
+                reservation=reservation.id,
+                holder=reservation.holder,
+                model=reservation.model,
+                vram_mib=reservation.vram_mib,
+                gpu=reservation.gpu_uuid,
+                age_s=self._age_s(reservation),
+            )
+        if expired:
+            self._publish()
+        return expired
+
+    async def persist(self) -> None:
+        """Return once the book as it is now is on disk."""
+        await self._ledger.save(self.open)
+
+    def wake(self) -> None:
+        """Check expiries now (tests advance their clock, then call this)."""
+        self._wake.set()
+
+    async def run_expiry(self) -> None:
+        """End reservations as they expire, until cancelled."""
+        while True:
+            self._wake.clear()
+            if self.expire_due():
+                try:
+                    await self.persist()
+                except OSError as exc:
+                    log.error("could not record expired reservations", error=str(exc))
+            upcoming = min((r.expires_at for r in self._open.values()), default=None)
+            sleep_s = self.max_sleep_s
+            if upcoming is not None:
+                until = (upcoming - self._clock()).total_seconds()
+                sleep_s = min(sleep_s, max(until, 0.0))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), sleep_s)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _publish(self) -> None:
+        self._view.set_reservations(self.open())
+        self._wake.set()
+
+    def _age_s(self, reservation: Reservation) -> float:
+        return round((self._clock() - reservation.created_at).total_seconds(), 3)

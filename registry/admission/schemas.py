@@ -1,0 +1,120 @@
+"""Shapes of the /reservations API: validated strictly, like model writes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
+
+from registry.schemas import ModelName, Vram, integral_float_as_int
+
+TTL_MAX_S = 3600
+PID_MAX = 4_194_304  # the kernel's upper bound for pid_max
+
+
+# Free text shown to operators and written to logs: anything but control characters.
+_PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+
+Holder = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=128, pattern=_PRINTABLE),
+    Field(description="Who holds it (a session or job id), shown to operators."),
+]
+TtlS = Annotated[
+    int,
+    Field(ge=1, le=TTL_MAX_S, description="Lease in seconds, from now."),
+    BeforeValidator(integral_float_as_int),
+]
+Pid = Annotated[
+    int,
+    Field(ge=1, le=PID_MAX, description="The process that loads (as the host sees it)."),
+    BeforeValidator(integral_float_as_int),
+]
+GpuUuid = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=128, pattern=_PRINTABLE),
+    Field(description="Device UUID to reserve on; default: best fit."),
+]
+
+
+def _given(*alternatives: tuple[str, str]) -> list[dict[str, Any]]:
+    """JSON Schema branches "this field is present and not null", one per (field, type)."""
+    return [
+        {"required": [name], "properties": {name: {"type": kind}}} for name, kind in alternatives
+    ]
+
+
+def _exactly_one_size(schema: dict[str, Any]) -> None:
+    schema["oneOf"] = _given(("model", "string"), ("vram_mib", "integer"))
+
+
+def _at_least_one_change(schema: dict[str, Any]) -> None:
+    schema["anyOf"] = _given(("ttl_s", "integer"), ("pid", "integer"))
+
+
+class ReservationCreate(BaseModel):
+    """Exactly one of `model` and `vram_mib`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_exactly_one_size)
+
+    model: ModelName | None = Field(default=None, description="A catalog model, by name.")
+    vram_mib: Vram | None = None
+    ttl_s: TtlS = 120
+    holder: Holder | None = None
+    gpu: GpuUuid | None = None
+    pid: Pid | None = None
+
+    @model_validator(mode="after")
+    def _one_size(self) -> ReservationCreate:
+        if (self.model is None) == (self.vram_mib is None):
+            raise ValueError("give exactly one of model and vram_mib")
+        return self
+
+
+class ReservationPatch(BaseModel):
+    """Renew the lease from now, name the loading process, or both."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_at_least_one_change)
+
+    ttl_s: TtlS | None = None
+    pid: Pid | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> ReservationPatch:
+        if self.ttl_s is None and self.pid is None:
+            raise ValueError("give ttl_s, pid or both")
+        return self
+
+
+class ReservedGpu(BaseModel):
+    uuid: str
+    index: int
+
+
+class ReservationOut(BaseModel):
+    id: str
+    model: str | None
+    vram_mib: int
+    gpu: ReservedGpu
+    holder: str | None
+    pid: int | None
+    created_at: datetime
+    expires_at: datetime
+    pending_mib: int = Field(description="What it still holds: vram_mib less what pid loaded.")
+
+
+class ReservationList(BaseModel):
+    data: list[ReservationOut]
+
+
+class RefusalOut(BaseModel):
+    detail: str
+    reason: Literal["insufficient_vram", "disabled", "gpu_state_unknown"]

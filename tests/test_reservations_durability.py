@@ -1,0 +1,264 @@
+"""Reservations are this host's promises: they survive SIGKILL, outlast a database outage, and
+the command line and systemd see them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from registry import keys
+from registry.admission.ledger import LedgerError
+from registry.cli import main
+from tests.conftest import AppClient
+from tests.daemon import Daemon, NotifyListener
+from tests.db import StoppableServer
+from tests.waiting import eventually
+
+TOKEN = "sched-durable-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def daemons(
+    tmp_path: Path, database_url: str, gpu_file: Callable[..., Path]
+) -> Iterator[Callable[..., Daemon]]:
+    gpu_file(("GPU-sim-0", 81920, 81920))
+    started: list[Daemon] = []
+
+    def start(**env: str) -> Daemon:
+        daemon = Daemon(
+            {
+                "MODEL_REGISTRY_DATABASE_URL": database_url,
+                "MODEL_REGISTRY_GPU_BACKEND": "simulated",
+                "MODEL_REGISTRY_GPU_SIMULATED_FILE": str(gpu_file()),
+                "MODEL_REGISTRY_POLL_INTERVAL": "0.1",
+                "MODEL_REGISTRY_STATE_DIR": str(tmp_path / "state"),
+                "MODEL_REGISTRY_SCHEDULER_TOKEN": TOKEN,
+                "MODEL_REGISTRY_ACCESS_LOG": "all",
+                **env,
+            },
+            log_path=tmp_path / f"daemon{len(started)}.log",
+        )
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+async def _call(method: str, url: str, **kwargs: Any) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as session, session.request(method, url, **kwargs) as r:
+        return r.status, await r.json(content_type=None)
+
+
+async def test_a_reservation_survives_sigkill_with_its_expiry(
+    daemons: Callable[..., Daemon],
+) -> None:
+    first = daemons()
+    await first.wait_ready()
+    status, promised = await _call(
+        "POST",
+        f"{first.url}/reservations",
+        json={"model": "large-v3", "holder": "session-1", "ttl_s": 3600},
+        headers=AUTH,
+    )
+    assert status == 201
+    first.signal(signal.SIGKILL)
+    first.wait_exit()
+
+    second = daemons()
+    await second.wait_ready()
+    status, listed = await _call("GET", f"{second.url}/reservations")
+    assert listed["data"] == [promised]
+    _, gpus = await _call("GET", f"{second.url}/gpus")
+    assert gpus["devices"][0]["pending_mib"] == 10000
+    _, large = await _call("GET", f"{second.url}/models?name=large-v3")
+    assert large["data"][0]["headroom_mib"] == 81920 - 20000
+    status, _ = await _call("DELETE", f"{second.url}/reservations/{promised['id']}", headers=AUTH)
+    assert status == 204
+    second.signal(signal.SIGTERM)
+    assert second.wait_exit() == 0
+
+    third = daemons()
+    await third.wait_ready()
+    assert (await _call("GET", f"{third.url}/reservations"))[1] == {"data": []}
+    log = first.log() + second.log() + third.log()
+    assert TOKEN not in log and "Traceback" not in log
+
+
+async def test_a_second_daemon_on_the_same_state_directory_is_refused(
+    daemons: Callable[..., Daemon],
+) -> None:
+    first = daemons()
+    await first.wait_ready()
+    second = daemons()
+    assert second.wait_exit() == 1
+    assert "another model-registry daemon" in second.log()
+    assert "Traceback" not in second.log()
+
+
+async def test_an_unreadable_reservations_file_stops_start_up_with_the_reason(
+    daemons: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "reservations.json").write_text('{"format": 1, "reservations": [{')
+    daemon = daemons()
+    assert daemon.wait_exit(timeout_s=30) == 1
+    assert "reservations.json is not a reservations file" in daemon.log()
+    assert "Traceback" not in daemon.log()
+
+
+async def test_status_line_shows_a_reservation_at_once(
+    daemons: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    notify = NotifyListener(tmp_path / "notify.sock")
+    try:
+        daemon = daemons(NOTIFY_SOCKET=str(notify.path), MODEL_REGISTRY_POLL_INTERVAL="60")
+        notify.wait_for("READY=1")
+        status, _ = await _call(
+            "POST", f"{daemon.url}/reservations", json={"vram_mib": 4096}, headers=AUTH
+        )
+        assert status == 201
+        status_line = "STATUS=5 models, 5 active, GPU ok, 1 reservation(s) holding 4096 MiB"
+        await asyncio.to_thread(notify.wait_for, status_line, 2.0)
+    finally:
+        notify.close()
+
+
+async def test_reservations_keep_working_while_the_database_is_down(
+    start_app: AppClient, own_server: StoppableServer, gpu_file: Callable[..., Path]
+) -> None:
+    gpu_file(("GPU-sim-0", 81920, 81920))
+    client = await start_app(database_url=own_server.start(), scheduler_token=TOKEN)
+    await eventually(
+        lambda: asyncio.sleep(0, client.app[keys.CATALOG_SYNC].listening.is_set()), bool
+    )
+    await asyncio.to_thread(own_server.stop)
+    assert (await client.get("/readyz")).status == 503
+
+    created = await client.post("/reservations", json={"model": "large-v3"}, headers=AUTH)
+    assert created.status == 201
+    listing = await (await client.get("/models?name=large-v3")).json()
+    assert listing["data"][0]["headroom_mib"] == 81920 - 20000
+    renewed = await client.patch(created.headers["Location"], json={"ttl_s": 60}, headers=AUTH)
+    assert renewed.status == 200
+    assert (await client.delete(created.headers["Location"], headers=AUTH)).status == 204
+    listing = await (await client.get("/models?name=large-v3")).json()
+    assert listing["data"][0]["headroom_mib"] == 81920 - 10000
+
+
+async def test_a_reservation_that_cannot_be_recorded_is_not_granted(
+    start_app: AppClient, gpu_file: Callable[..., Path], tmp_path: Path
+) -> None:
+    gpu_file(("GPU-sim-0", 81920, 81920))
+    state = tmp_path / "readonly-state"
+    client = await start_app(scheduler_token=TOKEN, state_dir=state)
+    kept = await client.post("/reservations", json={"vram_mib": 1000}, headers=AUTH)
+    assert kept.status == 201
+    ledger_path = client.app[keys.BOOK]._ledger.path
+    # A directory where the file's temporary copy goes makes every write fail.
+    blocker = ledger_path.with_name(ledger_path.name + ".tmp")
+    blocker.mkdir()
+    refused = await client.post("/reservations", json={"vram_mib": 2000}, headers=AUTH)
+    assert refused.status == 503
+    assert "could not be recorded" in (await refused.json())["detail"]
+    listed = await (await client.get("/reservations")).json()
+    assert [r["id"] for r in listed["data"]] == [(await kept.json())["id"]]
+    before = await (await client.get(kept.headers["Location"])).json()
+    renew = await client.patch(kept.headers["Location"], json={"ttl_s": 3600}, headers=AUTH)
+    assert renew.status == 503
+    assert await (await client.get(kept.headers["Location"])).json() == before
+    blocker.rmdir()
+    assert (await client.post("/reservations", json={"vram_mib": 2000}, headers=AUTH)).status == 201
+    on_disk = json.loads(ledger_path.read_text())
+    assert len(on_disk["reservations"]) == 2
+
+
+def test_ledger_errors_name_the_file(tmp_path: Path) -> None:
+    from registry.admission.ledger import ReservationLedger
+
+    (tmp_path / "reservations.json").write_text('{"format": 99, "reservations": []}')
+    with pytest.raises(LedgerError, match="format 99"):
+        ReservationLedger(tmp_path).open()
+    # The failed open let go of the state directory.
+    (tmp_path / "reservations.json").unlink()
+    ledger = ReservationLedger(tmp_path)
+    assert ledger.open() == []
+    ledger.close()
+
+
+# -- the command line ---------------------------------------------------------------------
+
+
+async def test_cli_adds_lists_and_removes_on_the_running_daemon(
+    start_app: AppClient,
+    gpu_file: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    gpu_file(("GPU-sim-0", 81920, 81920))
+    client = await start_app(scheduler_token=TOKEN)
+    url = str(client.make_url("")).rstrip("/")
+    monkeypatch.setenv("MODEL_REGISTRY_SCHEDULER_TOKEN", TOKEN)
+    await eventually(
+        lambda: asyncio.sleep(0, client.app[keys.CATALOG_SYNC].listening.is_set()), bool
+    )
+    capsys.readouterr()  # the daemon's start-up log
+
+    async def cli(*args: str) -> tuple[int, str, str]:
+        code = await asyncio.to_thread(main, ["reservations", *args, "--url", url])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, _ = await cli("add", "large-v3", "--holder", "job-9", "--ttl", "600")
+    assert code == 0
+    header, row = out.splitlines()
+    assert header.split() == [
+        "ID",
+        "MODEL",
+        "VRAM_MIB",
+        "PENDING_MIB",
+        "GPU",
+        "HOLDER",
+        "PID",
+        "EXPIRES_IN",
+    ]
+    reservation_id = row.split()[0]
+    assert row.split()[1:7] == ["large-v3", "10000", "10000", "0", "GPU-sim-0", "job-9"]
+    assert row.split()[-1] in ("600s", "599s")
+    code, out, _ = await cli("add", "--vram", "5000", "--pid", "4242")
+    assert code == 0 and " 5000 " in out and "4242" in out
+
+    code, out, _ = await cli("list")
+    assert code == 0 and reservation_id in out and len(out.splitlines()) == 3
+
+    code, out, _ = await cli("remove", reservation_id)
+    assert (code, out.strip()) == (0, f"released {reservation_id}")
+    code, _, err = await cli("remove", reservation_id)
+    assert code == 1 and "Not Found (HTTP 404)" in err
+
+    code, _, err = await cli("add", "large-v3", "--vram", "5")
+    assert code == 1 and "one of the two" in err
+    code, _, err = await cli("add", "--vram", "999999")
+    assert code == 1 and "insufficient_vram" in err and "HTTP 409" in err
+    code, _, err = await cli("add", "--vram", "0")
+    assert code == 1 and "vram_mib" in err and "HTTP 422" in err
+    monkeypatch.setenv("MODEL_REGISTRY_SCHEDULER_TOKEN", "wrong")
+    code, _, err = await cli("add", "tiny")
+    assert code == 1 and "HTTP 401" in err
+
+
+def test_cli_says_when_the_daemon_is_not_there(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.daemon import free_port
+
+    assert main(["reservations", "list", "--url", f"http://127.0.0.1:{free_port()}"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the daemon" in err and "Traceback" not in err
