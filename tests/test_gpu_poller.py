@@ -114,3 +114,22 @@ async def test_backoff_doubles_up_to_a_minute() -> None:
         delays.append(round(poller._next_attempt - time.monotonic()))
     assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
     await poller.aclose()
+
+
+async def test_a_poll_asked_for_during_a_poll_is_not_lost() -> None:
+    import asyncio
+
+    fake = FakeNvml([FakeGpu("GPU-0", free=100 * GIB)])
+    poller = GpuPoller(NvmlBackend(fake), interval_s=60.0, deadline_s=5.0)
+    fake.hang.set()
+    task = asyncio.create_task(poller.run())
+    try:
+        await eventually(lambda: asyncio.sleep(0, fake.calls_started), lambda n: n == 1)
+        poller.poll_now()  # while the first read is still in the driver
+        fake.hang.clear()
+        fake.release.set()
+        # A second read follows at once, not an interval (a minute) later.
+        await eventually(lambda: asyncio.sleep(0, fake.calls_started), lambda n: n == 2)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -81,3 +81,35 @@ def test_init_failure_is_unavailable_with_nvml_text(error: str) -> None:
 def test_zero_devices_is_a_failure() -> None:
     with pytest.raises(GpuUnavailable, match="no GPU"):
         NvmlBackend(FakeNvml([])).read()
+
+
+def test_processes_come_from_the_compute_and_graphics_lists() -> None:
+    gpu = FakeGpu("GPU-a", free=100 * GIB)
+    gpu.compute_processes = [(300, 4 * GIB), (100, None)]
+    gpu.graphics_processes = [(300, 4 * GIB), (200, 512 * MIB)]  # 300 is in both lists
+    [device] = NvmlBackend(FakeNvml([gpu])).read()
+    assert [(p.pid, p.used_bytes) for p in device.processes] == [
+        (100, None),  # the driver does not say
+        (200, 512 * MIB),
+        (300, 4 * GIB),
+    ]
+    assert device.process_used_mib(300) == 4096
+    assert device.process_used_mib(100) is None and device.process_used_mib(999) is None
+
+
+def test_a_driver_that_will_not_list_processes_still_reports_memory() -> None:
+    import pynvml
+
+    gpu = FakeGpu("GPU-a", free=100 * GIB)
+    gpu.processes_error = pynvml.NVMLError_NoPermission()
+    [device] = NvmlBackend(FakeNvml([gpu])).read()
+    assert device.healthy and device.free_bytes == 100 * GIB and device.processes == ()
+
+
+def test_a_gpu_lost_while_listing_processes_is_unhealthy() -> None:
+    import pynvml
+
+    gpu = FakeGpu("GPU-a", free=100 * GIB)
+    gpu.processes_error = pynvml.NVMLError_GpuIsLost()
+    [device] = NvmlBackend(FakeNvml([gpu])).read()
+    assert not device.healthy and "GpuIsLost" in (device.error or "")
