@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -28,6 +29,12 @@ def start_daemon(env: dict[str, str], port: int, log_path: Path) -> subprocess.P
         )
 
 
+def fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body: bytes = response.read()
+        return body
+
+
 def wait_http(
     url: str, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 60
 ) -> None:
@@ -40,3 +47,16 @@ def wait_http(
             if (process is not None and process.poll() is not None) or time.monotonic() > deadline:
                 raise SystemExit(f"{url} did not answer") from None
             time.sleep(0.1)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")

@@ -24,11 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import asyncpg
-from common import free_port, start_daemon, wait_http
+from common import cpu_seconds, fetch, free_port, rss_mib, start_daemon, wait_http
 
 STATIC_APP = """
 import sys
@@ -44,12 +43,6 @@ app = web.Application()
 app.router.add_get("/models", handler)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[2]), access_log=None, print=None)
 """
-
-
-def fetch(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        body: bytes = response.read()
-        return body
 
 
 def wrk(url: str, duration_s: int, connections: int = 64) -> dict[str, float]:
@@ -68,18 +61,6 @@ def wrk(url: str, duration_s: int, connections: int = 64) -> dict[str, float]:
     if errors:
         raise SystemExit(f"wrk saw errors against {url}:\n{out}")
     return {"rps": rps, "p50_ms": latencies["50"], "p99_ms": latencies["99"]}
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def compare(name: str, daemon_url: str, static_url: str, duration: int, rounds: int) -> None:

@@ -86,15 +86,15 @@ async def admission_ctx(app: web.Application) -> AsyncIterator[None]:
     """The reservations this host promised, from the state directory; expired ones end."""
     settings = app[keys.SETTINGS]
     ledger = ReservationLedger(settings.state_dir)
-    reservations = await asyncio.to_thread(ledger.open)
+    book = ReservationBook(app[keys.VIEW], ledger, clock=app[keys.CLOCK])
+    held = await asyncio.to_thread(ledger.open, book.open)
     try:
-        book = ReservationBook(app[keys.VIEW], ledger, clock=app[keys.CLOCK])
-        book.load(reservations)
-        if reservations:
+        book.load(held)
+        if held:
             log.info(
                 "reservations restored",
                 open=len(book.open()),
-                expired=len(reservations) - len(book.open()),
+                expired=len(held) - len(book.open()),
                 file=str(ledger.path),
             )
         app[keys.BOOK] = book
@@ -180,7 +180,11 @@ def create_app(
         app[keys.GPU_BACKEND_OVERRIDE] = gpu_backend
     app.on_shutdown.append(_mark_stopping)
     app.cleanup_ctx.extend([admission_ctx, database_ctx, gpu_ctx, catalog_ctx])
-    Observer(metrics, settings.access_log, settings.slow_request_ms).add_routes(
-        app, routes, admission_routes
+    observer = Observer(
+        metrics,
+        settings.access_log,
+        settings.slow_request_ms,
+        busy_routes=frozenset({"/reservations", "/reservations/{id}"}),
     )
+    observer.add_routes(app, routes, admission_routes)
     return app

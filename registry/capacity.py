@@ -76,19 +76,50 @@ def best_fit(devices: list[UsableDevice], vram: int) -> UsableDevice | None:
     return devices[position] if position < len(devices) else None
 
 
+class Capacity:
+    """The GPU side of the rule at one moment, computed once per change of its inputs.
+
+    Whether a model is active depends only on its switch and on whether its vram is at most
+    `threshold`: the most usable memory of one device (+inf without GPU awareness, -inf while
+    the GPU state is unknown). Work per change is therefore per device, never per model.
+    """
+
+    def __init__(
+        self, snapshot: GpuSnapshot, margins: Margins, pending: Mapping[str, int] | None = None
+    ) -> None:
+        self.snapshot = snapshot
+        self.disabled = snapshot.state is GpuState.DISABLED
+        self.known = snapshot.known
+        self.devices = usable_devices(snapshot, margins, pending)
+        self.best: int | None = self.devices[-1].usable_mib if self.devices else None
+        self.threshold: float
+        if self.disabled:
+            self.threshold = math.inf
+        elif not self.known or self.best is None:
+            self.threshold = -math.inf
+        else:
+            self.threshold = self.best
+
+    def is_active(self, model: CatalogModel) -> bool:
+        return model.enabled and model.vram <= self.threshold
+
+    def assess(self, model: CatalogModel) -> Assessment:
+        if self.disabled:
+            return _without_gpu(model)
+        if not self.known:
+            return _unknown(model)
+        return _assess(model, self.devices, self.best)
+
+
 def assess_all(
     models: Iterable[CatalogModel],
     snapshot: GpuSnapshot,
     margins: Margins,
     pending: Mapping[str, int] | None = None,
 ) -> dict[int, Assessment]:
-    if snapshot.state is GpuState.DISABLED:
-        return {m.id: _without_gpu(m) for m in models}
-    if not snapshot.known:
-        return {m.id: _unknown(m) for m in models}
-    devices = usable_devices(snapshot, margins, pending)
-    best = devices[-1].usable_mib if devices else None
-    return {m.id: _assess(m, devices, best) for m in models}
+    """The rule applied model by model: the reference every faster path must agree with."""
+    capacity = Capacity(snapshot, margins, pending)
+    return {m.id: capacity.assess(m) for m in models}
 
 
 def _assess(model: CatalogModel, devices: list[UsableDevice], best: int | None) -> Assessment:

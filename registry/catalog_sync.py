@@ -76,7 +76,7 @@ class CatalogSync:
         try:
             await conn.add_listener(CHANNEL, self._on_notify)
             await self.load()  # anything written while we were not listening
-            log.info("catalog listener connected", models=len(self._view.models))
+            log.info("catalog listener connected", models=self._view.model_count)
             self.listening.set()
             next_reload = time.monotonic() + self.reload_interval_s
             while not self._lost:

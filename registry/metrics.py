@@ -49,7 +49,7 @@ class _StateCollector(Collector):
         models = GaugeMetricFamily(
             "model_registry_models", "Models in the catalog by state.", labels=["state"]
         )
-        total = len(view.models)
+        total = view.model_count
         models.add_metric(["active"], view.active_count)
         models.add_metric(["inactive"], total - view.active_count)
         yield models
@@ -58,7 +58,7 @@ class _StateCollector(Collector):
             "1 when the model can be used for a new session now.",
             labels=["model"],
         )
-        for model in view.models:
+        for model in view.models():
             assessment = view.assessment(model.id)
             per_model.add_metric([model.name], 1.0 if assessment and assessment.active else 0.0)
         yield per_model

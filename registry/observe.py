@@ -28,6 +28,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UNMATCHED = "unmatched"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _QUIET_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_ALL_METHODS = frozenset({*_QUIET_METHODS, "POST", "PUT", "PATCH", "DELETE"})
 # Ids are a per-process random prefix and a counter: unique enough, and far cheaper than uuid4.
 _ID_PREFIX = os.urandom(4).hex()
 _id_counter = itertools.count(1)
@@ -49,13 +50,24 @@ def _as_json(exc: web.HTTPException) -> web.Response:
 
 
 class Observer:
-    def __init__(self, metrics: Metrics, access: AccessLog, slow_request_ms: float) -> None:
+    """Wraps handlers; `busy_routes` take writes too frequent for the default access log
+    (reservations: thousands a second from schedulers), which logs them like reads."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        access: AccessLog,
+        slow_request_ms: float,
+        busy_routes: frozenset[str] = frozenset(),
+    ) -> None:
         self._metrics = metrics
         self._access = access
         self._slow_s = slow_request_ms / 1000
+        self._busy_routes = busy_routes
 
     def wrap(self, route: str, handler: Handler) -> Handler:
         metrics, access, slow_s = self._metrics, self._access, self._slow_s
+        quiet_methods = _ALL_METHODS if route in self._busy_routes else _QUIET_METHODS
 
         async def observed(request: web.Request) -> web.StreamResponse:
             started = time.perf_counter()
@@ -78,7 +90,7 @@ class Observer:
             metrics.observe_request(route, method, status, elapsed)
             if access is AccessLog.ALL or (
                 access is AccessLog.DEFAULT
-                and (status >= 400 or elapsed > slow_s or method not in _QUIET_METHODS)
+                and (status >= 400 or elapsed > slow_s or method not in quiet_methods)
             ):
                 access_log.info(
                     "request",

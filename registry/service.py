@@ -19,10 +19,12 @@ from registry.sdnotify import Notifier, watchdog_interval_s
 
 log = get_logger("registry.service")
 
+STATUS_DEBOUNCE_S = 0.05
+
 
 def status_line(app: web.Application) -> str:
     view = app[keys.VIEW]
-    models = len(view.models)
+    models = view.model_count
     line = f"{models} models, {view.active_count} active, GPU {view.snapshot.state.value}"
     if reservations := view.reservations:
         pending = sum(view.pending_by_device.values())
@@ -47,7 +49,8 @@ class Service:
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._view_changed = asyncio.Event()
-        self.app[keys.VIEW].subscribe(self._view_changed.set)
+        if self.notifier.enabled:
+            self.app[keys.VIEW].subscribe(self._view_changed.set)
 
     async def run(self) -> int:
         runner = web.AppRunner(
@@ -110,7 +113,10 @@ class Service:
                 next_watchdog = now + tick_s
                 if poller_alive(self.app.get(keys.POLLER), watchdog_s * 2):
                     self.notifier.send("WATCHDOG=1")
-            self._view_changed.clear()
+            if self._view_changed.is_set():
+                # STATUS is read by people: at most one every 50 ms, however busy the view is.
+                self._view_changed.clear()
+                await asyncio.sleep(STATUS_DEBOUNCE_S)
             status = status_line(self.app)
             if status != last_status:
                 self.notifier.send(f"STATUS={status}")

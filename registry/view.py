@@ -1,15 +1,18 @@
-"""The catalog and its capacity view, held in memory, with each answer's bytes cached.
+"""The one place that combines catalog, GPU snapshot, margins and reservations into answers.
 
-Requests never touch the database nor recompute capacity: the view is rebuilt when the catalog,
-the GPU snapshot or the margins change, and each distinct page is serialised once per rebuild.
+Every change costs work in proportion to what changed: a write touches one model's entry; a
+GPU or reservation change recomputes the per-device capacity and finds the models that flip
+by bisecting the enabled models sorted by VRAM. Pages are rendered only when asked for and
+cached until the next change; each change bumps `generation`, which every output keys on.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -19,7 +22,7 @@ from registry.admission.reservation import (
     pending_by_device,
     pending_by_reservation,
 )
-from registry.capacity import Assessment, Margins, UsableDevice, assess_all, usable_devices
+from registry.capacity import Assessment, Capacity, Margins, UsableDevice
 from registry.catalog import CatalogModel
 from registry.logs import get_logger
 from registry.schemas import ListQuery
@@ -57,9 +60,9 @@ def _iso(value: object) -> str:
 
 
 class _Entry:
-    """One model's JSON, split around the parts that depend on the GPU state."""
+    """One model, with the parts of its JSON that do not depend on the GPU state."""
 
-    __slots__ = ("assessment", "head", "json", "model", "tail")
+    __slots__ = ("head", "model", "tail")
 
     def __init__(self, model: CatalogModel) -> None:
         self.model = model
@@ -68,11 +71,8 @@ class _Entry:
             f',"vram":{model.vram},"created_at":{_iso(model.created_at)},'
             f'"updated_at":{_iso(model.updated_at)},"enabled":{_json(model.enabled)},"fits":'
         )
-        self.assessment: Assessment | None = None
-        self.json = ""
 
-    def render(self, assessment: Assessment) -> None:
-        self.assessment = assessment
+    def render(self, assessment: Assessment) -> str:
         placement = assessment.placement
         placement_json = (
             "null"
@@ -82,7 +82,7 @@ class _Entry:
         )
         reason = "null" if assessment.reason is None else f'"{assessment.reason.value}"'
         headroom = "null" if assessment.headroom_mib is None else str(assessment.headroom_mib)
-        self.json = (
+        return (
             f"{self.head}{_json(assessment.active)}{self.tail}{_json(assessment.fits)}"
             f',"reason":{reason},"placement":{placement_json},"headroom_mib":{headroom}}}'
         )
@@ -92,22 +92,22 @@ class CatalogView:
     def __init__(self, snapshot: GpuSnapshot, margins: Margins) -> None:
         self._snapshot = snapshot
         self._margins = margins
+        self._reservations: tuple[Reservation, ...] = ()
         self._entries: dict[int, _Entry] = {}
-        self._ordered: list[_Entry] = []
+        self._ids: list[int] = []  # ascending: the listing's order
         self._by_name: dict[str, _Entry] = {}
+        self._enabled: list[tuple[int, int]] = []  # (vram, id) of enabled models, ascending
+        self._listeners: list[Callable[[], None]] = []
+        self.pending_by_reservation: dict[str, int] = {}
+        self.pending_by_device: dict[str, int] = {}
+        self.capacity = Capacity(snapshot, margins)
+        self._capacity_json = ""
         self._pages: dict[ListQuery, CachedBody] = {}
         self._pages_by_raw_query: dict[str, CachedBody] = {}
         self._singles: dict[int, CachedBody] = {}
-        self._capacity_json = ""
-        self._reservations: tuple[Reservation, ...] = ()
-        self.pending_by_reservation: dict[str, int] = {}
-        self.pending_by_device: dict[str, int] = {}
-        self.usable: list[UsableDevice] = []  # healthy devices, least usable first
-        self._listeners: list[Callable[[], None]] = []
         self.loaded = False
         self.generation = 0
-        self.active_count = 0
-        self._rebuild(log_flips=False)
+        self._recompute_capacity(log_flips=False)
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -119,40 +119,39 @@ class CatalogView:
     def margins(self) -> Margins:
         return self._margins
 
+    @property
+    def reservations(self) -> tuple[Reservation, ...]:
+        return self._reservations
+
     def replace_catalog(self, models: Iterable[CatalogModel]) -> None:
-        previous = self._entries
-        entries = {}
-        for model in models:
-            old = previous.get(model.id)
-            entries[model.id] = old if old is not None and old.model == model else _Entry(model)
-        self.loaded = True
-        unchanged = entries.keys() == previous.keys() and all(
-            entries[key] is previous[key] for key in entries
-        )
-        if not unchanged:  # a periodic reload that finds nothing new keeps every cached answer
-            self._entries = entries
-            self._rebuild()
+        """Take the whole catalog (start-up, reconnect, periodic reload)."""
+        fresh = {model.id: model for model in models}
+        was_loaded, self.loaded = self.loaded, True
+        changed = [m for m in fresh.values() if self._model(m.id) != m]
+        gone = [model_id for model_id in self._entries if model_id not in fresh]
+        if changed or gone or not was_loaded:
+            self._apply(gone, changed)
 
     def apply_changes(self, requested_ids: Iterable[int], found: Iterable[CatalogModel]) -> None:
         """Refresh the models whose ids were asked for; an id not found was deleted."""
-        for model_id in requested_ids:
-            self._entries.pop(model_id, None)
-        for model in found:
-            self._entries[model.id] = _Entry(model)
-        self._rebuild()
+        found_by_id = {model.id: model for model in found}
+        gone = [i for i in requested_ids if i not in found_by_id and i in self._entries]
+        changed = [m for m in found_by_id.values() if self._model(m.id) != m]
+        if changed or gone:  # our own write, echoed by NOTIFY, changes nothing the second time
+            self._apply(gone, changed)
 
     def set_snapshot(self, snapshot: GpuSnapshot) -> None:
         self._snapshot = snapshot
-        self._rebuild()
+        self._recompute_capacity()
 
     def set_margins(self, margins: Margins) -> None:
         if margins != self._margins:
             self._margins = margins
-            self._rebuild()
+            self._recompute_capacity()
 
     def set_reservations(self, reservations: Iterable[Reservation]) -> None:
         self._reservations = tuple(reservations)
-        self._rebuild()
+        self._recompute_capacity()
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         """Call `listener` after every change of the view."""
@@ -161,12 +160,22 @@ class CatalogView:
     # -- outputs -------------------------------------------------------------------------
 
     @property
-    def models(self) -> list[CatalogModel]:
-        return [entry.model for entry in self._ordered]
+    def usable(self) -> list[UsableDevice]:
+        """Healthy devices with their usable memory, least usable first."""
+        return self.capacity.devices
 
     @property
-    def reservations(self) -> tuple[Reservation, ...]:
-        return self._reservations
+    def model_count(self) -> int:
+        return len(self._ids)
+
+    @property
+    def active_count(self) -> int:
+        return bisect.bisect_right(self._enabled, (self.capacity.threshold, math.inf))
+
+    def models(self) -> Iterator[CatalogModel]:
+        """Every model, in id order."""
+        entries = self._entries
+        return (entries[model_id].model for model_id in self._ids)
 
     def model_by_name(self, name: str) -> CatalogModel | None:
         entry = self._by_name.get(name)
@@ -174,7 +183,7 @@ class CatalogView:
 
     def assessment(self, model_id: int) -> Assessment | None:
         entry = self._entries.get(model_id)
-        return None if entry is None else entry.assessment
+        return None if entry is None else self.capacity.assess(entry.model)
 
     def page(self, query: ListQuery) -> CachedBody:
         cached = self._pages.get(query)
@@ -195,70 +204,114 @@ class CatalogView:
             entry = self._entries.get(model_id)
             if entry is None:
                 return None
-            body = entry.json.encode()
-            cached = self._singles[model_id] = CachedBody(body, _etag(body))
+            body = self._render(entry).encode()
+            cached = _remember(self._singles, model_id, CachedBody(body, _etag(body)))
         return cached
 
     # -- internals -----------------------------------------------------------------------
 
-    def _matching(self, query: ListQuery) -> list[_Entry]:
-        if query.name is not None:
-            entry = self._by_name.get(query.name)
-            candidates = [] if entry is None else [entry]
+    def _model(self, model_id: int) -> CatalogModel | None:
+        entry = self._entries.get(model_id)
+        return None if entry is None else entry.model
+
+    def _render(self, entry: _Entry) -> str:
+        return entry.render(self.capacity.assess(entry.model))
+
+    def _apply(self, gone: Iterable[int], changed: Iterable[CatalogModel]) -> None:
+        capacity = self.capacity
+        for model_id in gone:
+            self._remove(model_id)
+        for model in changed:
+            old = self._model(model.id)
+            if old is not None:
+                self._remove(model.id)
+                if capacity.is_active(old) != capacity.is_active(model):
+                    _log_flip(model, capacity.assess(model))
+            self._insert(_Entry(model))
+        self._changed()
+
+    def _insert(self, entry: _Entry) -> None:
+        model = entry.model
+        self._entries[model.id] = entry
+        self._by_name[model.name] = entry
+        if not self._ids or model.id > self._ids[-1]:
+            self._ids.append(model.id)  # new models have the highest ids
         else:
-            candidates = self._ordered
-        if query.active is None:
-            return candidates
-        return [
-            e
-            for e in candidates
-            if e.assessment is not None and e.assessment.active is query.active
-        ]
+            bisect.insort(self._ids, model.id)
+        if model.enabled:
+            bisect.insort(self._enabled, (model.vram, model.id))
 
-    def _render_page(self, query: ListQuery) -> CachedBody:
-        matching = self._matching(query)
-        total = len(matching)
-        page = matching[query.skip : query.skip + query.limit]
-        body = (
-            '{"data":['
-            + ",".join(entry.json for entry in page)
-            + f'],"pagination":{{"total_items":{total},'
-            f'"total_pages":{math.ceil(total / query.limit)},'
-            f'"current_page":{query.skip // query.limit + 1},"per_page":{query.limit}}},'
-            f'"capacity":{self._capacity_json}}}'
-        ).encode()
-        return CachedBody(body, _etag(body))
+    def _remove(self, model_id: int) -> None:
+        entry = self._entries.pop(model_id)
+        model = entry.model
+        if self._by_name.get(model.name) is entry:
+            del self._by_name[model.name]
+        del self._ids[bisect.bisect_left(self._ids, model_id)]
+        if model.enabled:
+            del self._enabled[bisect.bisect_left(self._enabled, (model.vram, model.id))]
 
-    def _rebuild(self, *, log_flips: bool = True) -> None:
+    def _recompute_capacity(self, *, log_flips: bool = True) -> None:
         snapshot = self._snapshot
-        self._ordered = sorted(self._entries.values(), key=lambda e: e.model.id)
-        self._by_name = {e.model.name: e for e in self._ordered}
         self.pending_by_reservation = pending_by_reservation(self._reservations, snapshot)
         self.pending_by_device = pending_by_device(self._reservations, self.pending_by_reservation)
-        self.usable = usable_devices(snapshot, self._margins, self.pending_by_device)
-        assessments = assess_all(
-            (e.model for e in self._ordered), snapshot, self._margins, self.pending_by_device
-        )
-        active = 0
-        for entry in self._ordered:
-            new = assessments[entry.model.id]
-            old = entry.assessment
-            if new != old:
-                if log_flips and old is not None and old.active != new.active:
-                    _log_flip(entry.model, new)
-                entry.render(new)
-            active += new.active
-        self.active_count = active
+        before = self.capacity.threshold
+        self.capacity = Capacity(snapshot, self._margins, self.pending_by_device)
+        if log_flips:
+            self._log_flips_between(before, self.capacity.threshold)
         self._capacity_json = (
             f'{{"state":"{snapshot.state.value}","as_of":{_iso(snapshot.as_of)},'
             f'"backend":{_json(snapshot.backend)}}}'
         )
+        self._changed()
+
+    def _log_flips_between(self, before: float, after: float) -> None:
+        """Log each enabled model whose vram lies between the old and the new threshold."""
+        if before == after:
+            return
+        low, high = min(before, after), max(before, after)
+        start = bisect.bisect_right(self._enabled, (low, math.inf))
+        stop = bisect.bisect_right(self._enabled, (high, math.inf))
+        for _vram, model_id in self._enabled[start:stop]:
+            model = self._entries[model_id].model
+            _log_flip(model, self.capacity.assess(model))
+
+    def _changed(self) -> None:
         self._pages = {}
         self._pages_by_raw_query = {}
         self._singles = {}
         self.generation += 1
         for listener in self._listeners:
             listener()
+
+    def _matching_ids(self, query: ListQuery) -> list[int]:
+        if query.name is not None:
+            entry = self._by_name.get(query.name)
+            candidates = [] if entry is None else [entry.model.id]
+        else:
+            candidates = self._ids
+        if query.active is None:
+            return candidates
+        is_active, entries = self.capacity.is_active, self._entries
+        return [i for i in candidates if is_active(entries[i].model) is query.active]
+
+    def _render_page(self, query: ListQuery) -> CachedBody:
+        if query.name is None and query.active is None:
+            total = len(self._ids)  # the common case: no scan, only the page is touched
+            page_ids = self._ids[query.skip : query.skip + query.limit]
+        else:
+            matching = self._matching_ids(query)
+            total = len(matching)
+            page_ids = matching[query.skip : query.skip + query.limit]
+        entries = self._entries
+        body = (
+            '{"data":['
+            + ",".join(self._render(entries[i]) for i in page_ids)
+            + f'],"pagination":{{"total_items":{total},'
+            f'"total_pages":{math.ceil(total / query.limit)},'
+            f'"current_page":{query.skip // query.limit + 1},"per_page":{query.limit}}},'
+            f'"capacity":{self._capacity_json}}}'
+        ).encode()
+        return CachedBody(body, _etag(body))
 
 
 def _log_flip(model: CatalogModel, assessment: Assessment) -> None:

@@ -125,11 +125,18 @@ LogLines = Callable[[], list[dict[str, Any]]]
 
 
 @pytest.fixture
-def json_log() -> Iterator[LogLines]:
-    """Send the process's log to a buffer as JSON lines; call the result to read them parsed."""
+def json_lines() -> Iterator[LogLines]:
+    """Send the process's log to a buffer as JSON; each call returns the lines since the last."""
     buffer = io.StringIO()
     configure_logging(LogFormat.JSON, "debug", stream=buffer)
-    yield lambda: [json.loads(line) for line in buffer.getvalue().splitlines()]
+
+    def read() -> list[dict[str, Any]]:
+        out = buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+        return [json.loads(line) for line in out.splitlines()]
+
+    yield read
     logging.getLogger().handlers.clear()
 
 

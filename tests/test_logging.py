@@ -8,28 +8,10 @@ import json
 import logging
 from typing import Any
 
-import pytest
-
 from registry.config import LogFormat
 from registry.logs import configure_logging
 from tests.conftest import AppClient
 from tests.waiting import eventually
-
-
-@pytest.fixture
-def json_lines() -> Any:
-    """Route every log line to a buffer; each call returns the JSON lines since the last."""
-    buffer = io.StringIO()
-    configure_logging(LogFormat.JSON, "info", stream=buffer)
-
-    def read() -> list[dict[str, Any]]:
-        out = buffer.getvalue()
-        buffer.seek(0)
-        buffer.truncate()
-        return [json.loads(line) for line in out.splitlines()]
-
-    yield read
-    logging.getLogger().handlers.clear()
 
 
 def _requests(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -204,7 +204,7 @@ async def test_expiry_needs_no_request(start_app: AppClient, one_gpu: Callable[.
 
 
 async def test_expiry_is_logged_once_with_holder_model_and_age(
-    start_app: AppClient, one_gpu: Callable[..., Path], json_log: LogLines
+    start_app: AppClient, one_gpu: Callable[..., Path], json_lines: LogLines
 ) -> None:
     clock = ManualClock()
     client = await start_app(scheduler_token=SCHEDULER, clock=clock)
@@ -215,7 +215,7 @@ async def test_expiry_is_logged_once_with_holder_model_and_age(
     await eventually(lambda: asyncio.sleep(0, book.open()), lambda open_: not open_)
     book.wake()
     await asyncio.sleep(0)
-    lines = [line for line in json_log() if line["event"] == "reservation expired"]
+    lines = [line for line in json_lines() if line["event"] == "reservation expired"]
     assert len(lines) == 1
     assert (lines[0]["holder"], lines[0]["model"], lines[0]["age_s"]) == (
         "crashed-7",

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import pytest
 
 from registry import keys
 from registry.admission.ledger import LedgerError
+from registry.admission.reservation import Reservation
 from registry.cli import main
 from tests.conftest import AppClient
 from tests.daemon import Daemon, NotifyListener
@@ -105,14 +108,16 @@ async def test_a_second_daemon_on_the_same_state_directory_is_refused(
     assert "Traceback" not in second.log()
 
 
-async def test_an_unreadable_reservations_file_stops_start_up_with_the_reason(
+async def test_an_unreadable_journal_stops_start_up_with_the_reason(
     daemons: Callable[..., Daemon], tmp_path: Path
 ) -> None:
     (tmp_path / "state").mkdir()
-    (tmp_path / "state" / "reservations.json").write_text('{"format": 1, "reservations": [{')
+    (tmp_path / "state" / "reservations.jsonl").write_text(
+        '{"format":1}\n{"put": 5}\n{"end":"x"}\n'
+    )
     daemon = daemons()
     assert daemon.wait_exit(timeout_s=30) == 1
-    assert "reservations.json is not a reservations file" in daemon.log()
+    assert "reservations.jsonl line 2 is not a journal line" in daemon.log()
     assert "Traceback" not in daemon.log()
 
 
@@ -159,39 +164,110 @@ async def test_a_reservation_that_cannot_be_recorded_is_not_granted(
     start_app: AppClient, gpu_file: Callable[..., Path], tmp_path: Path
 ) -> None:
     gpu_file(("GPU-sim-0", 81920, 81920))
-    state = tmp_path / "readonly-state"
+    state = tmp_path / "failing-disk"
     client = await start_app(scheduler_token=TOKEN, state_dir=state)
     kept = await client.post("/reservations", json={"vram_mib": 1000}, headers=AUTH)
     assert kept.status == 201
-    ledger_path = client.app[keys.BOOK]._ledger.path
-    # A directory where the file's temporary copy goes makes every write fail.
-    blocker = ledger_path.with_name(ledger_path.name + ".tmp")
-    blocker.mkdir()
-    refused = await client.post("/reservations", json={"vram_mib": 2000}, headers=AUTH)
-    assert refused.status == 503
-    assert "could not be recorded" in (await refused.json())["detail"]
-    listed = await (await client.get("/reservations")).json()
-    assert [r["id"] for r in listed["data"]] == [(await kept.json())["id"]]
-    before = await (await client.get(kept.headers["Location"])).json()
-    renew = await client.patch(kept.headers["Location"], json={"ttl_s": 3600}, headers=AUTH)
-    assert renew.status == 503
-    assert await (await client.get(kept.headers["Location"])).json() == before
-    blocker.rmdir()
-    assert (await client.post("/reservations", json={"vram_mib": 2000}, headers=AUTH)).status == 201
-    on_disk = json.loads(ledger_path.read_text())
-    assert len(on_disk["reservations"]) == 2
+    ledger = client.app[keys.BOOK]._ledger
+    writable = os.dup(ledger._fd)
+    # The journal's descriptor now refuses writes, as a failing disk would.
+    read_only = os.open(ledger.path, os.O_RDONLY)
+    os.dup2(read_only, ledger._fd)
+    os.close(read_only)
+    try:
+        refused = await client.post("/reservations", json={"vram_mib": 2000}, headers=AUTH)
+        assert refused.status == 503
+        assert "could not be recorded" in (await refused.json())["detail"]
+        listed = await (await client.get("/reservations")).json()
+        assert [r["id"] for r in listed["data"]] == [(await kept.json())["id"]]
+        assert (await client.get("/gpus")).status == 200
+        assert (await (await client.get("/gpus")).json())["devices"][0]["pending_mib"] == 1000
+        before = await (await client.get(kept.headers["Location"])).json()
+        renew = await client.patch(kept.headers["Location"], json={"ttl_s": 3600}, headers=AUTH)
+        assert renew.status == 503
+        assert await (await client.get(kept.headers["Location"])).json() == before
+    finally:
+        os.dup2(writable, ledger._fd)
+        os.close(writable)
+    granted = await client.post("/reservations", json={"vram_mib": 2000}, headers=AUTH)
+    assert granted.status == 201
+    # On disk exactly what was granted: the refused ones left nothing behind.
+    ledger.close()
+    from registry.admission.ledger import ReservationLedger
+
+    reread = ReservationLedger(state)
+    ids = {r.id for r in reread.open(list)}
+    reread.close()
+    assert ids == {(await kept.json())["id"], (await granted.json())["id"]}
+
+
+def test_the_journal_stays_short_and_replays_to_the_same_book(tmp_path: Path) -> None:
+    from registry.admission.ledger import ReservationLedger
+
+    async def scenario() -> list[Reservation]:
+        book: dict[str, Reservation] = {}
+        ledger = ReservationLedger(tmp_path, compact_after_lines=20)
+        ledger.open(lambda: list(book.values()))
+        for i in range(200):
+            reservation = _reservation(f"r{i}")
+            book[reservation.id] = reservation
+            ledger.put(reservation)
+            if i % 3:
+                del book[reservation.id]
+                ledger.end(reservation.id)
+            await ledger.flush()
+        ledger.close()
+        return sorted(book.values(), key=lambda r: r.id)
+
+    expected = asyncio.run(scenario())
+    # Open reservations, plus at most the 20 lines written since the last rewrite.
+    assert len((tmp_path / "reservations.jsonl").read_text().splitlines()) <= 1 + len(expected) + 20
+    again = ReservationLedger(tmp_path)
+    assert sorted(again.open(list), key=lambda r: r.id) == expected
+    again.close()
+
+
+def test_a_torn_last_line_is_dropped(tmp_path: Path) -> None:
+    from registry.admission.ledger import ReservationLedger
+
+    kept = _reservation("kept")
+    journal = tmp_path / "reservations.jsonl"
+    journal.write_text(
+        '{"format":1}\n'
+        + json.dumps({"put": kept.to_record()})
+        + "\n"
+        + '{"put":{"id":"torn","vram_'
+    )
+    ledger = ReservationLedger(tmp_path)
+    assert ledger.open(list) == [kept]
+    ledger.close()
+
+
+def _reservation(reservation_id: str) -> Reservation:
+    now = datetime(2026, 11, 28, tzinfo=UTC)
+    return Reservation(
+        id=reservation_id,
+        vram_mib=100,
+        gpu_uuid="GPU-0",
+        gpu_index=0,
+        created_at=now,
+        expires_at=now + timedelta(seconds=60),
+        holder="h",
+    )
 
 
 def test_ledger_errors_name_the_file(tmp_path: Path) -> None:
     from registry.admission.ledger import ReservationLedger
 
-    (tmp_path / "reservations.json").write_text('{"format": 99, "reservations": []}')
+    (tmp_path / "reservations.jsonl").write_text('{"format": 99}\n')
     with pytest.raises(LedgerError, match="format 99"):
-        ReservationLedger(tmp_path).open()
+        ReservationLedger(tmp_path).open(list)
     # The failed open let go of the state directory.
-    (tmp_path / "reservations.json").unlink()
+    (tmp_path / "reservations.jsonl").unlink()
     ledger = ReservationLedger(tmp_path)
-    assert ledger.open() == []
+    assert ledger.open(list) == []
+    with pytest.raises(LedgerError, match="another model-registry daemon"):
+        ReservationLedger(tmp_path).open(list)
     ledger.close()
 
 

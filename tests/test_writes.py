@@ -194,7 +194,7 @@ async def test_writes_are_refused_without_a_configured_token(start_app: AppClien
     assert "MODEL_REGISTRY_ADMIN_TOKEN" in (await response.json())["detail"]
 
 
-async def test_tokens_never_reach_the_log(start_app: AppClient, json_log: LogLines) -> None:
+async def test_tokens_never_reach_the_log(start_app: AppClient, json_lines: LogLines) -> None:
     client = await start_app(gpu_backend="none", admin_token=TOKEN, access_log="all")
     await client.post("/models", json={"name": "logged", "vram": 1}, headers=AUTH)
     await client.post(
@@ -202,7 +202,7 @@ async def test_tokens_never_reach_the_log(start_app: AppClient, json_log: LogLin
         json={"name": "x", "vram": 1},
         headers={"Authorization": "Bearer guessed-token"},
     )
-    log = json.dumps(json_log())
+    log = json.dumps(json_lines())
     assert '"status": 201' in log and '"status": 401' in log
     assert TOKEN not in log and "guessed-token" not in log
 

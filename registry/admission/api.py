@@ -115,9 +115,5 @@ async def release_reservation(request: web.Request) -> web.StreamResponse:
     book = _book(request)
     if book.release(request.match_info["id"]) is None:
         raise http_error(web.HTTPNotFound, "Not Found")
-    try:
-        await book.persist()
-    except OSError as exc:
-        # Released here already; on disk it stays until its expiry, which errs on the safe side.
-        log.error("could not record a release on disk", error=str(exc))
+    book.persist_soon()
     return web.Response(status=204)

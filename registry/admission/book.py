@@ -81,6 +81,7 @@ class ReservationBook:
         self.max_sleep_s = max_sleep_s
         self._open: dict[str, Reservation] = {}
         self._wake = asyncio.Event()
+        self._background_save: asyncio.Task[None] | None = None
         self.counters = BookCounters()
 
     # -- reading -------------------------------------------------------------------------
@@ -168,6 +169,7 @@ class ReservationBook:
             pid_baseline_mib=baseline,
         )
         self._open[reservation.id] = reservation
+        self._ledger.put(reservation)
         self.counters.created += 1
         self._publish()
         return reservation
@@ -188,33 +190,29 @@ class ReservationBook:
             baseline = (device.process_used_mib(pid) if device else None) or 0
             reservation = reservation.with_pid(pid, baseline)
         self._open[reservation_id] = reservation
+        self._ledger.put(reservation)
         self._publish()
         return reservation
 
     def restore(self, reservation: Reservation) -> None:
         """Put back a reservation as it was (a change that could not be recorded)."""
         self._open[reservation.id] = reservation
+        self._ledger.put(reservation)
         self._publish()
 
     def discard(self, reservation_id: str) -> None:
         """Drop a booking that was never acknowledged."""
         if self._open.pop(reservation_id, None) is not None:
+            self._ledger.end(reservation_id)
             self.counters.created -= 1
             self._publish()
 
     def release(self, reservation_id: str) -> Reservation | None:
         reservation = self._open.pop(reservation_id, None)
         if reservation is not None:
+            self._ledger.end(reservation_id)
             self.counters.released += 1
             self._publish()
-            log.debug(
-                "reservation released",
-                reservation=reservation.id,
-                holder=reservation.holder,
-                model=reservation.model,
-                vram_mib=reservation.vram_mib,
-                held_s=self._age_s(reservation),
-            )
         return reservation
 
     def expire_due(self) -> list[Reservation]:
@@ -222,6 +220,7 @@ class ReservationBook:
         expired = [r for r in self._open.values() if r.expires_at <= now]
         for reservation in expired:
             del self._open[reservation.id]
+            self._ledger.end(reservation.id)
             self.counters.expired += 1
             log.warning(
                 "reservation expired",
@@ -238,7 +237,19 @@ class ReservationBook:
 
     async def persist(self) -> None:
         """Return once the book as it is now is on disk."""
-        await self._ledger.save(self.open)
+        await self._ledger.flush()
+
+    def persist_soon(self) -> None:
+        """Write the book in the background, for changes that may be lost in a crash without
+        harm: a release or an expiry that is forgotten only holds memory until its expiry."""
+        if self._background_save is None or self._background_save.done():
+            self._background_save = asyncio.create_task(self._save_logged())
+
+    async def _save_logged(self) -> None:
+        try:
+            await self.persist()
+        except OSError as exc:
+            log.error("could not record ended reservations on disk", error=str(exc))
 
     def wake(self) -> None:
         """Check expiries now (tests advance their clock, then call this)."""
@@ -249,10 +260,7 @@ class ReservationBook:
         while True:
             self._wake.clear()
             if self.expire_due():
-                try:
-                    await self.persist()
-                except OSError as exc:
-                    log.error("could not record expired reservations", error=str(exc))
+                self.persist_soon()
             upcoming = min((r.expires_at for r in self._open.values()), default=None)
             sleep_s = self.max_sleep_s
             if upcoming is not None:

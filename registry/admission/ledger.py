@@ -1,8 +1,11 @@
-"""The reservations on disk: one JSON file in the state directory, replaced atomically.
+"""The reservations on disk: an append-only journal in the state directory.
 
-A reservation is acknowledged only once it is on disk (written, fsynced, renamed into place),
-so a daemon killed at any moment restarts with every promise it made. Concurrent requests share
-one write (group commit). A lock file keeps a second daemon off the same state directory.
+Every change is one JSON line: `{"put": {...}}` (a reservation as it now is) or `{"end": id}`.
+A grant is acknowledged only once its line is on disk (written and fdatasync'ed), so a daemon
+killed at any moment restarts with every promise it made. Requests that arrive while a write is
+in flight share the next one (group commit). At start-up, and whenever the journal has grown
+long, it is rewritten as one line per open reservation, atomically. A lock file keeps a second
+daemon off the same state directory.
 """
 
 from __future__ import annotations
@@ -19,14 +22,17 @@ from typing import IO
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
 from registry.admission.reservation import Reservation
+from registry.logs import get_logger
 
-FILE_NAME = "reservations.json"
+log = get_logger("registry.admission.ledger")
+
+FILE_NAME = "reservations.jsonl"
 LOCK_NAME = "daemon.lock"
-_FORMAT = 1
+_HEADER = b'{"format":1}\n'
 
 
 class LedgerError(Exception):
-    """The reservations file cannot be used; the message says which file and what to do."""
+    """The journal cannot be used; the message says which file and what to do."""
 
 
 class _Record(BaseModel):
@@ -44,18 +50,29 @@ class _Record(BaseModel):
     pid_baseline_mib: int = 0
 
 
-class _File(BaseModel):
+class _Line(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    format: int
-    reservations: list[_Record]
+    format: int | None = None
+    put: _Record | None = None
+    end: str | None = None
 
 
-def _write_atomically(path: Path, payload: bytes) -> None:
+def _line(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode() + b"\n"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _replace_atomically(path: Path, payload: bytes) -> None:
     temporary = path.with_name(path.name + ".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, payload)
+        _write_all(fd, payload)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -68,17 +85,39 @@ def _write_atomically(path: Path, payload: bytes) -> None:
 
 
 class ReservationLedger:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, compact_after_lines: int = 10_000) -> None:
         self.path = state_dir / FILE_NAME
         self._lock_path = state_dir / LOCK_NAME
         self._lock_file: IO[str] | None = None
+        self._fd: int | None = None
+        self._compact_after = compact_after_lines
+        self._current: Callable[[], list[Reservation]] = list
+        self._pending: list[bytes] = []  # lines recorded, not yet written
+        self._recorded = 0  # lines recorded so far
+        self._durable = 0  # lines known to be on disk
+        self._lines_in_file = 0
         self._write_lock = asyncio.Lock()
-        self._requested = 0  # saves asked for
-        self._written = 0  # saves covered by the last completed write
 
-    def open(self) -> list[Reservation]:
-        """Take the state directory for this daemon and read the reservations it holds."""
+    # -- start and stop -------------------------------------------------------------------
+
+    def open(self, current: Callable[[], list[Reservation]]) -> list[Reservation]:
+        """Take the state directory, read what it holds and start a fresh journal.
+
+        `current` returns the open reservations as the book holds them; it is what a
+        rewrite of the journal writes.
+        """
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._take_lock()
+        try:
+            reservations = self._replay()
+            self._rewrite(reservations)
+        except BaseException:
+            self.close()
+            raise
+        self._current = current
+        return reservations
+
+    def _take_lock(self) -> None:
         lock_file = self._lock_path.open("a+")
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -94,56 +133,104 @@ class ReservationLedger:
         lock_file.write(f"{os.getpid()}\n")
         lock_file.flush()
         self._lock_file = lock_file
-        try:
-            return self._read()
-        except LedgerError:
-            self.close()
-            raise
 
-    def _read(self) -> list[Reservation]:
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._lock_file is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    # -- recording ------------------------------------------------------------------------
+
+    def put(self, reservation: Reservation) -> None:
+        """Record a reservation as it now is (new, renewed, or given a pid)."""
+        self._record(_line({"put": reservation.to_record()}))
+
+    def end(self, reservation_id: str) -> None:
+        """Record that a reservation ended (released, expired or never granted)."""
+        self._record(_line({"end": reservation_id}))
+
+    def _record(self, line: bytes) -> None:
+        self._pending.append(line)
+        self._recorded += 1
+
+    async def flush(self) -> None:
+        """Return once everything recorded so far is on disk."""
+        wanted = self._recorded
+        if self._durable >= wanted:
+            return
+        async with self._write_lock:
+            if self._durable >= wanted:
+                return  # a write that started after we recorded covered us
+            lines, self._pending = self._pending, []
+            covers = self._recorded
+            if self._lines_in_file + len(lines) > self._compact_after:
+                snapshot = self._current()
+                write = asyncio.to_thread(self._rewrite, snapshot)
+            else:
+                write = asyncio.to_thread(self._append, b"".join(lines), len(lines))
+            try:
+                # Shielded: a cancelled caller must not abandon a write half-reported.
+                await asyncio.shield(write)
+            except OSError:
+                self._pending[:0] = lines  # written again by the next flush
+                raise
+            self._durable = covers
+
+    def _append(self, data: bytes, count: int) -> None:
+        assert self._fd is not None
+        before = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            _write_all(self._fd, data)
+            os.fdatasync(self._fd)
+        except OSError:
+            # No torn line may stay in the middle of the journal.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, before)
+            raise
+        self._lines_in_file += count
+
+    def _rewrite(self, reservations: list[Reservation]) -> None:
+        """Replace the journal by one line per open reservation, atomically."""
+        payload = _HEADER + b"".join(_line({"put": r.to_record()}) for r in reservations)
+        _replace_atomically(self.path, payload)
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._lines_in_file = len(reservations)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _replay(self) -> list[Reservation]:
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
             return []
         except OSError as exc:
             raise LedgerError(f"cannot read {self.path}: {exc.strerror or exc}") from exc
-        try:
-            parsed = _File.model_validate_json(raw)
-        except ValidationError as exc:
-            raise LedgerError(
-                f"{self.path} is not a reservations file this daemon can read "
-                f"({exc.error_count()} problem(s), first: {exc.errors()[0]['msg']}); it holds "
-                "promises made to schedulers: move it aside only once no load depends on them"
-            ) from None
-        if parsed.format != _FORMAT:
-            raise LedgerError(
-                f"{self.path} has format {parsed.format}; this daemon reads {_FORMAT}"
-            )
-        return [Reservation(**record.model_dump()) for record in parsed.reservations]
-
-    async def save(self, current: Callable[[], list[Reservation]]) -> None:
-        """Return once the reservations as they are now are on disk.
-
-        `current` is read when the write starts, so callers that arrive while a write is in
-        flight share the next one.
-        """
-        self._requested += 1
-        wanted = self._requested
-        async with self._write_lock:
-            if self._written >= wanted:
-                return
-            covers = self._requested
-            payload = json.dumps(
-                {"format": _FORMAT, "reservations": [r.to_record() for r in current()]},
-                separators=(",", ":"),
-            ).encode()
-            # Shielded: a cancelled caller must not leave a write half-reported.
-            await asyncio.shield(asyncio.to_thread(_write_atomically, self.path, payload))
-            self._written = covers
-
-    def close(self) -> None:
-        if self._lock_file is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-            self._lock_file.close()
-            self._lock_file = None
+        lines = raw.split(b"\n")
+        complete, torn = lines[:-1], lines[-1]
+        if torn:
+            # A write cut short by a crash was never acknowledged: drop it.
+            log.warning("dropping an unfinished last line of the journal", file=str(self.path))
+        held: dict[str, Reservation] = {}
+        for number, line in enumerate(complete, start=1):
+            try:
+                parsed = _Line.model_validate_json(line)
+            except ValidationError as exc:
+                raise LedgerError(
+                    f"{self.path} line {number} is not a journal line this daemon can read "
+                    f"({exc.errors()[0]['msg']}); the file holds promises made to schedulers: "
+                    "move it aside only once no load depends on them"
+                ) from None
+            if parsed.format is not None and parsed.format != 1:
+                raise LedgerError(f"{self.path} has format {parsed.format}; this daemon reads 1")
+            if parsed.put is not None:
+                held[parsed.put.id] = Reservation(**parsed.put.model_dump())
+            if parsed.end is not None:
+                held.pop(parsed.end, None)
+        return list(held.values())
