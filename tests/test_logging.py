@@ -161,3 +161,23 @@ async def test_gpu_changes_log_once_and_each_flipped_model_once(
 
 async def _logged(json_lines: Any, event: str) -> list[dict[str, Any]]:
     return [line for line in json_lines() if line["event"] == event]
+
+
+async def test_default_access_log_leaves_out_reservation_traffic_but_not_its_errors(
+    start_app: AppClient, json_lines: Any
+) -> None:
+    client = await start_app(scheduler_token="tok")
+    auth = {"Authorization": "Bearer tok"}
+    json_lines()
+    created = await client.post("/reservations", json={"vram_mib": 100}, headers=auth)
+    assert created.status == 201
+    assert (await client.delete(created.headers["Location"], headers=auth)).status == 204
+    assert (
+        await client.post("/reservations", json={"vram_mib": 10**6}, headers=auth)
+    ).status == 409
+    assert (await client.post("/models", json={"name": "x", "vram": 1}, headers=auth)).status == 403
+    logged = _requests(json_lines())
+    assert [(line["method"], line["path"], line["status"]) for line in logged] == [
+        ("POST", "/reservations", 409),
+        ("POST", "/models", 403),
+    ]
