@@ -10,13 +10,15 @@ from pydantic import ValidationError
 
 from registry import keys
 from registry.auth import Role, require
-from registry.bodies import validated_body
+from registry.bodies import read_limited, validated_body
 from registry.catalog import CatalogModel
+from registry.catalog_file import CatalogInvalid, parse_catalog
 from registry.database import UNAVAILABLE_ERRORS
 from registry.errors import JSON, http_error, unprocessable, validation_issues
 from registry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from registry.observe import Handler
 from registry.schemas import (
+    ApplyQuery,
     GpuDeviceOut,
     GpusOut,
     ListQuery,
@@ -27,6 +29,7 @@ from registry.store import DuplicateName
 from registry.view import CachedBody
 
 _BIGINT_MAX = 2**63 - 1
+CATALOG_MAX_BYTES = 16 * 1024 * 1024  # PUT /models only; every other body: 64 KiB
 _JSON_UTF8 = "application/json; charset=utf-8"
 
 routes = web.RouteTableDef()
@@ -166,6 +169,32 @@ async def patch_model(request: web.Request) -> web.StreamResponse:
     if model is None:
         raise http_error(web.HTTPNotFound, "Not Found")
     return _cached_json(request, _show_written(request, model))
+
+
+@routes.put("/models")
+@_admin_write
+async def apply_catalog(request: web.Request) -> web.StreamResponse:
+    """The whole catalog in one request: upsert by name, optionally prune, in one transaction."""
+    try:
+        options = ApplyQuery.model_validate(dict(request.query.items()))
+    except ValidationError as exc:
+        raise unprocessable(validation_issues(exc, "query")) from None
+    body = await read_limited(request, CATALOG_MAX_BYTES)
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        issue = {"type": "json_invalid", "loc": ["body"], "msg": f"Invalid JSON: {exc}"}
+        raise unprocessable([issue]) from None
+    try:
+        entries = parse_catalog(document)
+    except CatalogInvalid as exc:
+        raise unprocessable(exc.issues) from None
+    applied = await request.app[keys.DATABASE].store.apply(
+        entries, prune=options.prune, dry_run=options.dry_run
+    )
+    request.app[keys.VIEW].apply_changes(applied.changed_ids, applied.written)
+    answer = {**applied.plan.answer(), "dry_run": options.dry_run}
+    return web.json_response(answer)
 
 
 @routes.delete("/models/{id}")

@@ -1,13 +1,14 @@
-"""Request bodies: read within the size limit, validated strictly, 422 in FastAPI's shape."""
+"""Request bodies: read within a size limit, validated strictly, 422 in FastAPI's shape."""
 
 from __future__ import annotations
 
+import json
 from typing import TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from registry.errors import unprocessable, validation_issues
+from registry.errors import JSON, unprocessable, validation_issues
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -18,3 +19,23 @@ async def validated_body(request: web.Request, schema: type[M]) -> M:
         return schema.model_validate_json(body if body.strip() else b"null")
     except ValidationError as exc:
         raise unprocessable(validation_issues(exc, "body")) from None
+
+
+def _too_large(limit: int, size: int) -> web.HTTPRequestEntityTooLarge:
+    detail = f"request body over {limit // (1024 * 1024)} MiB"
+    return web.HTTPRequestEntityTooLarge(
+        max_size=limit, actual_size=size, text=json.dumps({"detail": detail}), content_type=JSON
+    )
+
+
+async def read_limited(request: web.Request, limit: int) -> bytes:
+    """The body, up to `limit` bytes (for the one route allowed more than the app's limit)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit, request.content_length)
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit, size)
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,6 +1,7 @@
 """Keeps the in-memory view in step with the catalog table, across every daemon sharing it.
 
-Writers NOTIFY model ids on one channel (a trigger does it, whoever writes). Each daemon LISTENs
+Writers NOTIFY model ids on one channel (a trigger does it, whoever writes; a bulk apply sends
+all its ids in one notification, or "*" for "reload everything"). Each daemon LISTENs
 on a dedicated connection, refreshes the ids it hears about, LISTENs again after a reconnect
 (reloading everything, since notifications sent meanwhile are lost), and reloads everything
 every `reload_interval_s` in case a notification went missing anyway.
@@ -17,12 +18,11 @@ import asyncpg
 
 from registry.database import UNAVAILABLE_ERRORS
 from registry.logs import get_logger
-from registry.store import CatalogStore
+from registry.store import CHANNEL, CatalogStore
 from registry.view import CatalogView
 
 log = get_logger("registry.catalog_sync")
 
-CHANNEL = "model_registry_catalog"
 _RECONNECT_MAX_S = 5.0
 
 
@@ -44,8 +44,9 @@ class CatalogSync:
         self._view.replace_catalog(await self._store.list_all())
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        # A row trigger sends one id; a bulk apply sends "1,2,3", or "*" when too many.
         try:
-            self._changed_ids.add(int(payload))
+            self._changed_ids.update(int(part) for part in payload.split(","))
         except ValueError:
             self._reload_all = True
         self._wake.set()

@@ -17,6 +17,15 @@ from registry import __version__
 from registry.admission import cli as reservations_cli
 from registry.admission.ledger import LedgerError
 from registry.catalog import CatalogModel
+from registry.catalog_file import (
+    CatalogEntry,
+    CatalogInvalid,
+    describe_issues,
+    export_json,
+    export_toml,
+    load_catalog_text,
+    parse_catalog,
+)
 from registry.config import ConfigError, Settings, load_settings
 from registry.database import DatabaseUnavailable, migrated_database
 from registry.logs import configure_logging, get_logger
@@ -64,6 +73,16 @@ def _parser() -> argparse.ArgumentParser:
     switch.add_argument("--disable", dest="enabled", action="store_const", const=False)
     remove = actions.add_parser("remove", parents=[common], help="remove a model")
     remove.add_argument("name_or_id")
+    apply = actions.add_parser(
+        "apply", parents=[common], help="make the catalog what a TOML or JSON file says"
+    )
+    apply.add_argument("file", help="catalog file (.toml or .json; - for standard input)")
+    apply.add_argument("--prune", action="store_true", help="also delete models not listed")
+    apply.add_argument("--dry-run", action="store_true", help="only print what would change")
+    export = actions.add_parser(
+        "export", parents=[common], help="print the catalog in a form `apply` takes back"
+    )
+    export.add_argument("--format", choices=["toml", "json"], default="toml")
 
     reservations_cli.add_parser(commands, common)
     return parser
@@ -71,6 +90,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    document = None
+    if args.command == "models" and args.action == "apply":
+        try:  # before touching the database: a bad file changes nothing, needs no server
+            document = read_catalog(args.file)
+        except CatalogInvalid as exc:
+            print(f"model-registry: invalid catalog {args.file}:", file=sys.stderr)
+            print(describe_issues(exc.issues), file=sys.stderr)
+            return 1
     try:
         overrides: dict[str, Any] = {}
         if args.command == "serve":
@@ -91,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return reservations_cli.run(args, settings)
         if args.command == "migrate":
             return asyncio.run(_with_dsn(settings, _migrate_only))
-        return asyncio.run(_with_dsn(settings, lambda dsn: _models(dsn, args)))
+        return asyncio.run(_with_dsn(settings, lambda dsn: _models(dsn, args, document)))
     except DatabaseTooNew as exc:
         log.error("refusing to start: database is newer than this code", error=str(exc))
         print(f"model-registry: {exc}", file=sys.stderr)
@@ -128,7 +155,17 @@ async def _migrate_only(dsn: str) -> int:
     return 0
 
 
-async def _models(dsn: str, args: argparse.Namespace) -> int:
+def read_catalog(path: str) -> list[CatalogEntry]:
+    """The validated entries of a catalog file, or CatalogInvalid naming every problem."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CatalogInvalid([{"loc": [path], "msg": f"cannot read: {problem}"}]) from None
+    return parse_catalog(load_catalog_text(text, path), location=path)
+
+
+async def _models(dsn: str, args: argparse.Namespace, document: list[CatalogEntry] | None) -> int:
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     try:
         store = CatalogStore(pool)
@@ -153,6 +190,15 @@ async def _models(dsn: str, args: argparse.Namespace) -> int:
             target = await _find(store, args.name_or_id)
             await store.delete(target.id)
             print(f"removed {target.name} (id {target.id})")
+        elif args.action == "apply":
+            assert document is not None
+            applied = await store.apply(document, prune=args.prune, dry_run=args.dry_run)
+            for line in applied.plan.lines():
+                print(line)
+            print(applied.plan.summary(applied=not args.dry_run))
+        elif args.action == "export":
+            models = await store.list_all()
+            print(export_json(models) if args.format == "json" else export_toml(models), end="")
         return 0
     finally:
         await pool.close()

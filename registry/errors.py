@@ -16,8 +16,8 @@ def _plain(value: Any) -> Any:
     """Make a pydantic error's input/ctx JSON-safe (they may hold exceptions or bytes)."""
     try:
         json.dumps(value)
-    except (TypeError, ValueError):
-        return str(value)
+    except (TypeError, ValueError, RecursionError):
+        return str(value)[:1000]
     return value
 
 

@@ -16,7 +16,10 @@ from registry.admission.schemas import (
     ReservationOut,
     ReservationPatch,
 )
+from registry.catalog_file import CatalogDocument
 from registry.schemas import (
+    ApplyQuery,
+    ApplyResult,
     ErrorOut,
     GpusOut,
     HealthOut,
@@ -43,7 +46,7 @@ def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
 _ERRORS = {
     "422": _json(ValidationErrorOut, "Invalid parameters"),
 }
-_VALIDATED = (ModelCreate, ModelPatch, ReservationCreate, ReservationPatch)
+_VALIDATED = (ModelCreate, ModelPatch, ReservationCreate, ReservationPatch, CatalogDocument)
 _NOT_FOUND = {"404": _json(ErrorOut, "No such model")}
 _WRITE_ERRORS = {
     "400": _json(ErrorOut, "Malformed request"),
@@ -167,6 +170,8 @@ def openapi_document() -> dict[str, Any]:
                 ReservationOut,
                 ReservationList,
                 RefusalOut,
+                CatalogDocument,
+                ApplyResult,
             )
         ],
         ref_template=_REF,
@@ -199,6 +204,19 @@ def openapi_document() -> dict[str, Any]:
                         "409": _json(ErrorOut, "Name taken"),
                         **_ERRORS,
                         **_WRITE_ERRORS,
+                    },
+                },
+                "put": {
+                    "summary": "Apply a whole catalog: upsert by name, optionally prune",
+                    "operationId": "apply_catalog",
+                    "security": secured,
+                    "parameters": _query_parameters(ApplyQuery),
+                    "requestBody": _body(CatalogDocument),
+                    "responses": {
+                        "200": _json(ApplyResult, "What changed (or would, on a dry run)"),
+                        **_ERRORS,
+                        **_WRITE_ERRORS,
+                        "413": _json(ErrorOut, "Request body over 16 MiB"),
                     },
                 },
             },

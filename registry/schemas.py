@@ -48,6 +48,23 @@ class ListQuery(BaseModel):
     )
 
 
+class ApplyQuery(BaseModel):
+    """Query parameters of PUT /models."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    prune: bool = Field(default=False, description="Also delete models the document omits.")
+    dry_run: bool = Field(default=False, description="Only say what would change.")
+
+
+class ApplyResult(BaseModel):
+    created: list[str] = Field(description="Names created, in the document's order.")
+    updated: list[str]
+    deleted: list[str]
+    unchanged: int
+    dry_run: bool
+
+
 class ModelCreate(BaseModel):
     # Strict: a JSON body says what its schema says (0 is not false, "5" is not 5).
     model_config = ConfigDict(extra="forbid", strict=True)

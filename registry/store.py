@@ -4,14 +4,37 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import asyncpg
 
 from registry.catalog import DEFAULT_CATALOG, CatalogModel
+from registry.catalog_file import CatalogEntry
+from registry.catalog_plan import Plan, plan_apply
 
 _COLUMNS = "id, name, vram, enabled, created_at, updated_at"
 _SEED_LOCK_KEY = 0x6D6F64656C736564  # "modelsed"
 _SEEDED_KEY = "default_catalog_seeded"
+CHANNEL = "model_registry_catalog"
+# NOTIFY payloads must stay under 8000 bytes; a larger change is announced as "*" (reload all).
+_MAX_PAYLOAD = 7900
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    plan: Plan
+    written: list[CatalogModel]  # created and updated rows, as they now are
+    deleted_ids: list[int]
+
+    @property
+    def changed_ids(self) -> list[int]:
+        return [*self.deleted_ids, *(m.id for m in self.written)]
+
+
+def change_payload(ids: list[int]) -> str:
+    """The NOTIFY payload for a change of these models: their ids, or "*" for many."""
+    payload = ",".join(map(str, ids))
+    return payload if len(payload) <= _MAX_PAYLOAD else "*"
 
 
 class DuplicateName(Exception):
@@ -88,6 +111,54 @@ class CatalogStore:
             "DELETE FROM models WHERE id = $1 RETURNING id", model_id
         )
         return deleted is not None
+
+    async def apply(self, entries: list[CatalogEntry], *, prune: bool, dry_run: bool) -> Applied:
+        """Make the catalog what `entries` say, by name, in one transaction, announced once."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            # Writers wait, readers do not: the plan stays true until the commit.
+            await conn.execute("LOCK TABLE models IN SHARE ROW EXCLUSIVE MODE")
+            rows = await conn.fetch(f"SELECT {_COLUMNS} FROM models")
+            plan = plan_apply((CatalogModel.from_row(r) for r in rows), entries, prune)
+            if dry_run or plan.empty:
+                return Applied(plan, [], [])
+            await conn.execute("SET LOCAL model_registry.bulk_apply = 'on'")
+            deleted = await conn.fetch(
+                "DELETE FROM models WHERE id = ANY($1::bigint[]) RETURNING id",
+                [m.id for m in plan.delete],
+            )
+            updated = await conn.fetch(
+                f"""
+                UPDATE models AS m SET vram = u.vram, enabled = u.enabled
+                  FROM unnest($1::bigint[], $2::int[], $3::bool[]) AS u(id, vram, enabled)
+                 WHERE m.id = u.id
+             RETURNING {", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(","))}
+                """,
+                [u.before.id for u in plan.update],
+                [u.vram for u in plan.update],
+                [u.enabled for u in plan.update],
+            )
+            created = await conn.fetch(
+                f"""
+                INSERT INTO models (name, vram, enabled)
+                SELECT name, vram, enabled
+                  FROM unnest($1::text[], $2::int[], $3::bool[])
+                       WITH ORDINALITY AS e(name, vram, enabled, position)
+                 ORDER BY position
+             RETURNING {_COLUMNS}
+                """,
+                [e.name for e in plan.create],
+                [e.vram for e in plan.create],
+                [True if e.enabled is None else e.enabled for e in plan.create],
+            )
+            applied = Applied(
+                plan,
+                [CatalogModel.from_row(r) for r in (*updated, *created)],
+                [r["id"] for r in deleted],
+            )
+            await conn.execute(
+                "SELECT pg_notify($1, $2)", CHANNEL, change_payload(applied.changed_ids)
+            )
+            return applied
 
     async def seed_default_catalog(self) -> bool:
         """Insert the default catalog into a new, empty database, once ever.

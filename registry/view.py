@@ -30,6 +30,7 @@ from registry.schemas import ListQuery
 log = get_logger("registry.view")
 
 _MAX_CACHED_PAGES = 4096
+_BULK_CHANGE = 256  # more changes than this at once: rebuild the indexes instead
 K = TypeVar("K")
 
 
@@ -217,18 +218,33 @@ class CatalogView:
     def _render(self, entry: _Entry) -> str:
         return entry.render(self.capacity.assess(entry.model))
 
-    def _apply(self, gone: Iterable[int], changed: Iterable[CatalogModel]) -> None:
+    def _apply(self, gone: list[int], changed: list[CatalogModel]) -> None:
         capacity = self.capacity
-        for model_id in gone:
-            self._remove(model_id)
         for model in changed:
             old = self._model(model.id)
-            if old is not None:
-                self._remove(model.id)
-                if capacity.is_active(old) != capacity.is_active(model):
-                    _log_flip(model, capacity.assess(model))
-            self._insert(_Entry(model))
+            if old is not None and capacity.is_active(old) != capacity.is_active(model):
+                _log_flip(model, capacity.assess(model))
+        if len(gone) + len(changed) > _BULK_CHANGE:
+            self._apply_in_bulk(gone, changed)
+        else:
+            for model_id in gone:
+                self._remove(model_id)
+            for model in changed:
+                if model.id in self._entries:
+                    self._remove(model.id)
+                self._insert(_Entry(model))
         self._changed()
+
+    def _apply_in_bulk(self, gone: list[int], changed: list[CatalogModel]) -> None:
+        """Many changes at once (a whole catalog): sort once instead of inserting one by one."""
+        entries = self._entries
+        for model_id in gone:
+            del entries[model_id]
+        for model in changed:
+            entries[model.id] = _Entry(model)
+        self._ids = sorted(entries)
+        self._by_name = {entries[i].model.name: entries[i] for i in self._ids}
+        self._enabled = sorted((e.model.vram, i) for i, e in entries.items() if e.model.enabled)
 
     def _insert(self, entry: _Entry) -> None:
         model = entry.model

@@ -214,7 +214,7 @@ async def test_non_integer_model_id_is_422(start_app: AppClient) -> None:
     [
         ("GET", "/nothing-here", 404),
         ("GET", "/models/1/extra", 404),
-        ("PUT", "/models", 405),
+        ("PATCH", "/models", 405),
         ("DELETE", "/healthz", 405),
         ("POST", "/gpus", 405),
     ],
