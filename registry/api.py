@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -15,46 +14,18 @@ from registry.catalog import CatalogModel
 from registry.catalog_file import CatalogInvalid, parse_catalog
 from registry.database import UNAVAILABLE_ERRORS
 from registry.errors import JSON, http_error, unprocessable, validation_issues
+from registry.gpus_report import gpus_body
 from registry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from registry.observe import Handler
-from registry.schemas import (
-    ApplyQuery,
-    GpuDeviceOut,
-    GpusOut,
-    ListQuery,
-    ModelCreate,
-    ModelPatch,
-)
+from registry.schemas import ApplyQuery, ListQuery, ModelCreate, ModelPatch
 from registry.store import DuplicateName
 from registry.view import CachedBody
+from registry.watch.conditional import cached_json, json_answer, watched_json
 
 _BIGINT_MAX = 2**63 - 1
 CATALOG_MAX_BYTES = 16 * 1024 * 1024  # PUT /models only; every other body: 64 KiB
-_JSON_UTF8 = "application/json; charset=utf-8"
 
 routes = web.RouteTableDef()
-
-
-def _dumps(value: Any) -> str:
-    # datetime.isoformat keeps "+00:00", as in the /models listing.
-    return json.dumps(value, default=lambda v: v.isoformat())
-
-
-def _cached_json(request: web.Request, cached: CachedBody, status: int = 200) -> web.Response:
-    if_none_match = request.headers.get("If-None-Match")
-    if if_none_match is not None and _etag_matches(if_none_match, cached.etag):
-        return web.Response(status=304, headers={"ETag": cached.etag})
-    # Headers given whole: aiohttp's content_type= argument costs a parse per response.
-    return web.Response(
-        status=status, body=cached.body, headers={"Content-Type": _JSON_UTF8, "ETag": cached.etag}
-    )
-
-
-def _etag_matches(header: str, etag: str) -> bool:
-    if header.strip() == "*":
-        return True
-    candidates = (part.strip().removeprefix("W/") for part in header.split(","))
-    return etag in candidates
 
 
 @routes.get("/models")
@@ -65,14 +36,23 @@ async def list_models(request: web.Request) -> web.Response:
     cached = view.page_for_raw_query(raw_query)
     if cached is None:
         # A repeated parameter counts with its last value, as in the original system.
-        params = dict(request.query.items())
         try:
-            query = ListQuery.model_validate(params)
+            query = ListQuery.model_validate(dict(request.query.items()))
         except ValidationError as exc:
             raise unprocessable(validation_issues(exc, "query")) from None
         cached = view.page(query)
         view.remember_raw_query(raw_query, cached)
-    return _cached_json(request, cached)
+    if "If-None-Match" not in request.headers:
+        return json_answer(cached)  # the hot path
+
+    def current() -> CachedBody:
+        page = view.page_for_raw_query(raw_query)
+        if page is None:
+            page = view.page(ListQuery.model_validate(dict(request.query.items())))
+            view.remember_raw_query(raw_query, page)
+        return page
+
+    return await watched_json(request, current, request.app[keys.FEED])
 
 
 def _model_id(request: web.Request) -> int:
@@ -97,10 +77,8 @@ def _model_id(request: web.Request) -> int:
 
 @routes.get("/models/{id}")
 async def get_model(request: web.Request) -> web.Response:
-    cached = request.app[keys.VIEW].single(_model_id(request))
-    if cached is None:
-        raise http_error(web.HTTPNotFound, "Not Found")
-    return _cached_json(request, cached)
+    model_id, view = _model_id(request), request.app[keys.VIEW]
+    return await watched_json(request, lambda: view.single(model_id), request.app[keys.FEED])
 
 
 # -- writes -------------------------------------------------------------------------------
@@ -140,7 +118,7 @@ async def create_model(request: web.Request) -> web.StreamResponse:
     except DuplicateName as exc:
         raise http_error(web.HTTPConflict, str(exc)) from None
     cached = _show_written(request, model)
-    response = _cached_json(request, cached, status=201)
+    response = cached_json(request, cached, status=201)
     response.headers["Location"] = f"/models/{model.id}"
     return response
 
@@ -168,7 +146,7 @@ async def patch_model(request: web.Request) -> web.StreamResponse:
         raise http_error(web.HTTPConflict, str(exc)) from None
     if model is None:
         raise http_error(web.HTTPNotFound, "Not Found")
-    return _cached_json(request, _show_written(request, model))
+    return cached_json(request, _show_written(request, model))
 
 
 @routes.put("/models")
@@ -212,45 +190,10 @@ async def delete_model(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/gpus")
 async def gpus(request: web.Request) -> web.Response:
-    view = request.app[keys.VIEW]
-    snapshot = view.snapshot
-    poller = request.app.get(keys.POLLER)
-    usable = {u.device.uuid: u.usable_mib for u in view.usable}
-    devices = [
-        GpuDeviceOut(
-            uuid=d.uuid,
-            index=d.index,
-            name=d.name,
-            total_mib=d.total_mib,
-            free_mib=d.free_mib,
-            used_mib=None if d.used_bytes is None else d.used_bytes // (1024 * 1024),
-            reserved_mib=None if d.reserved_bytes is None else d.reserved_bytes // (1024 * 1024),
-            healthy=d.healthy,
-            usable_mib=usable.get(d.uuid),
-            pending_mib=view.pending_by_device.get(d.uuid, 0),
-            error=d.error,
-            parent_uuid=d.parent_uuid,
-        )
-        for d in snapshot.devices
-    ]
-    body = GpusOut(
-        backend=snapshot.backend,
-        state=snapshot.state.value,
-        as_of=snapshot.as_of,
-        last_poll_at=poller.last_success_wall if poller else None,
-        poll_interval_s=poller.interval_s if poller else 0.0,
-        last_error=snapshot.error,
-        margin_mib=view.margins.mib,
-        margin_percent=view.margins.percent,
-        devices=devices,
+    app = request.app
+    return await watched_json(
+        request, lambda: gpus_body(app[keys.VIEW], app.get(keys.POLLER)), app[keys.FEED]
     )
-    # Fields NVML does not report are left out, not shown as zero or null.
-    payload = body.model_dump()
-    for device in payload["devices"]:
-        for field in ("used_mib", "reserved_mib", "error", "parent_uuid"):
-            if device[field] is None:
-                del device[field]
-    return web.json_response(payload, dumps=_dumps)
 
 
 @routes.get("/healthz")

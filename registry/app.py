@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
@@ -19,10 +20,13 @@ from registry.capacity import Margins
 from registry.catalog_sync import CatalogSync
 from registry.config import GpuBackendName, Settings
 from registry.database import Database, create_pool, migrated_database
+from registry.gpus_report import gpus_body
 from registry.logs import get_logger
 from registry.metrics import Metrics
 from registry.observe import Observer
 from registry.view import CatalogView
+from registry.watch.events import routes as watch_routes
+from registry.watch.feed import ChangeFeed
 
 log = get_logger("registry.app")
 
@@ -161,6 +165,14 @@ def _initial_snapshot(settings: Settings) -> GpuSnapshot:
 
 async def _mark_stopping(app: web.Application) -> None:
     app[keys.STOP].set()
+    app[keys.FEED].close()  # waiting GETs answer and event streams end now, not at the timeout
+
+
+def _reservations_json(app: web.Application) -> str:
+    book = app.get(keys.BOOK)
+    if book is None:
+        return "[]"
+    return json.dumps([book.describe(r) for r in book.open()])
 
 
 def create_app(
@@ -175,6 +187,11 @@ def create_app(
     app[keys.CLOCK] = clock
     view = CatalogView(_initial_snapshot(settings), margins_from(settings))
     app[keys.VIEW] = view
+    app[keys.FEED] = ChangeFeed(
+        view,
+        gpus_body=lambda: gpus_body(view, app.get(keys.POLLER)),
+        reservations_json=lambda: _reservations_json(app),
+    )
     metrics.view = view
     if gpu_backend is not None:
         app[keys.GPU_BACKEND_OVERRIDE] = gpu_backend
@@ -186,5 +203,5 @@ def create_app(
         settings.slow_request_ms,
         busy_routes=frozenset({"/reservations", "/reservations/{id}"}),
     )
-    observer.add_routes(app, routes, admission_routes)
+    observer.add_routes(app, routes, admission_routes, watch_routes)
     return app

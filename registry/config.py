@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     slow_request_ms: float = Field(default=250.0, ge=0)
     shutdown_timeout: float = Field(default=5.0, ge=0, le=60.0)
     catalog_reload_interval: float = Field(default=30.0, ge=1.0, le=3600.0)
+    events_keepalive: float = Field(
+        default=15.0, ge=0.05, le=300.0, description="Seconds between /events keep-alive comments."
+    )
     dcgm_metrics: bool = False
 
     @field_validator("log_level")

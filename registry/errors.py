@@ -21,12 +21,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def validation_issues(error: ValidationError, location: str) -> list[dict[str, Any]]:
+def validation_issues(error: ValidationError, *location: str) -> list[dict[str, Any]]:
+    """The errors in FastAPI's shape, each `loc` starting with `location` ("body", ...)."""
     issues = []
     for item in error.errors(include_url=False):
         issue: dict[str, Any] = {
             "type": item["type"],
-            "loc": [location, *item["loc"]],
+            "loc": [*location, *item["loc"]],
             "msg": item["msg"],
             "input": _plain(item.get("input")),
         }

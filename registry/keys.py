@@ -13,6 +13,7 @@ from registry.config import Settings
 from registry.database import Database
 from registry.metrics import Metrics
 from registry.view import CatalogView
+from registry.watch.feed import ChangeFeed
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -22,6 +23,9 @@ CATALOG_SYNC = web.AppKey("catalog_sync", CatalogSync)
 POLLER = web.AppKey("poller", GpuPoller)
 BOOK = web.AppKey("book", ReservationBook)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
+FEED = web.AppKey("feed", ChangeFeed)
+# Seconds a request spent waiting by design (a blocking GET, an event stream): not slowness.
+WAITED_S = web.RequestKey("waited_s", float)
 STOP = web.AppKey("stop", asyncio.Event)
 FATAL = web.AppKey("fatal", asyncio.Event)
 GPU_BACKEND_OVERRIDE = web.AppKey("gpu_backend_override", GpuBackend)

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from registry.config import AccessLog
 from registry.errors import JSON, error_response
+from registry.keys import WAITED_S
 from registry.logs import get_logger, request_id_var
 from registry.metrics import Metrics
 
@@ -85,12 +86,13 @@ class Observer:
                 response = error_response(500, "Internal Server Error")
             response.headers["X-Request-Id"] = request_id
             elapsed = time.perf_counter() - started
+            busy = elapsed - request.get(WAITED_S, 0.0)  # waiting by design is not slowness
             status = response.status
             method = request.method
             metrics.observe_request(route, method, status, elapsed)
             if access is AccessLog.ALL or (
                 access is AccessLog.DEFAULT
-                and (status >= 400 or elapsed > slow_s or method not in quiet_methods)
+                and (status >= 400 or busy > slow_s or method not in quiet_methods)
             ):
                 access_log.info(
                     "request",

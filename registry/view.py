@@ -12,6 +12,7 @@ import bisect
 import hashlib
 import json
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -48,7 +49,8 @@ def _remember(cache: dict[K, CachedBody], key: K, value: CachedBody) -> CachedBo
     return value
 
 
-def _etag(body: bytes) -> str:
+def body_etag(body: bytes) -> str:
+    """A strong ETag for these exact bytes."""
     return '"' + hashlib.blake2b(body, digest_size=10).hexdigest() + '"'
 
 
@@ -107,7 +109,9 @@ class CatalogView:
         self._pages_by_raw_query: dict[str, CachedBody] = {}
         self._singles: dict[int, CachedBody] = {}
         self.loaded = False
-        self.generation = 0
+        # Counted from the start time in microseconds, so a generation a client saw before a
+        # restart is never mistaken for the current one (event ids, Last-Event-ID).
+        self.generation = time.time_ns() // 1000
         self._recompute_capacity(log_flips=False)
 
     # -- inputs --------------------------------------------------------------------------
@@ -161,6 +165,11 @@ class CatalogView:
     # -- outputs -------------------------------------------------------------------------
 
     @property
+    def capacity_json(self) -> str:
+        """The listing's `capacity` object: GPU state, as_of, backend."""
+        return self._capacity_json
+
+    @property
     def usable(self) -> list[UsableDevice]:
         """Healthy devices with their usable memory, least usable first."""
         return self.capacity.devices
@@ -177,6 +186,13 @@ class CatalogView:
         """Every model, in id order."""
         entries = self._entries
         return (entries[model_id].model for model_id in self._ids)
+
+    def model_objects(self) -> Iterator[tuple[int, str, str]]:
+        """(id, name, JSON object) of every model as the listing shows it now, in id order."""
+        entries = self._entries
+        for model_id in self._ids:
+            entry = entries[model_id]
+            yield model_id, entry.model.name, self._render(entry)
 
     def model_by_name(self, name: str) -> CatalogModel | None:
         entry = self._by_name.get(name)
@@ -206,7 +222,7 @@ class CatalogView:
             if entry is None:
                 return None
             body = self._render(entry).encode()
-            cached = _remember(self._singles, model_id, CachedBody(body, _etag(body)))
+            cached = _remember(self._singles, model_id, CachedBody(body, body_etag(body)))
         return cached
 
     # -- internals -----------------------------------------------------------------------
@@ -327,7 +343,7 @@ class CatalogView:
             f'"current_page":{query.skip // query.limit + 1},"per_page":{query.limit}}},'
             f'"capacity":{self._capacity_json}}}'
         ).encode()
-        return CachedBody(body, _etag(body))
+        return CachedBody(body, body_etag(body))
 
 
 def _log_flip(model: CatalogModel, assessment: Assessment) -> None:

@@ -1,0 +1,64 @@
+"""The body of GET /gpus: devices as the poller last read them, with the books applied."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from gpu import MIB, GpuPoller
+from registry.schemas import GpuDeviceOut, GpusOut
+from registry.view import CachedBody, CatalogView, body_etag
+
+
+def gpus_document(view: CatalogView, poller: GpuPoller | None) -> dict[str, Any]:
+    snapshot = view.snapshot
+    usable = {u.device.uuid: u.usable_mib for u in view.usable}
+    devices = [
+        GpuDeviceOut(
+            uuid=d.uuid,
+            index=d.index,
+            name=d.name,
+            total_mib=d.total_mib,
+            free_mib=d.free_mib,
+            used_mib=None if d.used_bytes is None else d.used_bytes // MIB,
+            reserved_mib=None if d.reserved_bytes is None else d.reserved_bytes // MIB,
+            healthy=d.healthy,
+            usable_mib=usable.get(d.uuid),
+            pending_mib=view.pending_by_device.get(d.uuid, 0),
+            error=d.error,
+            parent_uuid=d.parent_uuid,
+        )
+        for d in snapshot.devices
+    ]
+    body = GpusOut(
+        backend=snapshot.backend,
+        state=snapshot.state.value,
+        as_of=snapshot.as_of,
+        last_poll_at=poller.last_success_wall if poller else None,
+        poll_interval_s=poller.interval_s if poller else 0.0,
+        last_error=snapshot.error,
+        margin_mib=view.margins.mib,
+        margin_percent=view.margins.percent,
+        devices=devices,
+    )
+    # Fields NVML does not report are left out, not shown as zero or null.
+    payload = body.model_dump()
+    for device in payload["devices"]:
+        for field in ("used_mib", "reserved_mib", "error", "parent_uuid"):
+            if device[field] is None:
+                del device[field]
+    return payload
+
+
+def gpus_body(view: CatalogView, poller: GpuPoller | None) -> CachedBody:
+    """The body and a weak ETag: `last_poll_at` moves at every poll, so it is left out of the
+    ETag, which changes only when something a client acts on does."""
+    document = gpus_document(view, poller)
+    body = _dumps(document).encode()
+    meaningful = {key: value for key, value in document.items() if key != "last_poll_at"}
+    return CachedBody(body, "W/" + body_etag(_dumps(meaningful).encode()))
+
+
+def _dumps(value: Any) -> str:
+    # datetime.isoformat keeps "+00:00", as in the /models listing.
+    return json.dumps(value, default=lambda v: v.isoformat())

@@ -1,0 +1,1 @@
+"""Watching: blocking GETs (If-None-Match + Prefer: wait) and the /events stream."""

@@ -1,0 +1,116 @@
+"""GET /events: the registry as Server-Sent Events (aiohttp-sse).
+
+On connect: event `snapshot` (every model object, capacity, the /gpus body, the reservations).
+Then, per generation that changed them: `models` (only the objects that changed, and the ids
+deleted), `gpus`, `reservations`. Every event's id is the generation it brings the client to;
+a client that reconnects with `Last-Event-ID` equal to the current generation is already up to
+date, any other gets a fresh snapshot (state, not history). `?name=a,b` limits model objects to
+those names. A comment every 15 s (MODEL_REGISTRY_EVENTS_KEEPALIVE) keeps proxies from closing
+an idle stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse, sse_response
+from pydantic import TypeAdapter, ValidationError
+
+from registry import keys
+from registry.errors import http_error, unprocessable, validation_issues
+from registry.schemas import ModelName
+from registry.watch.feed import Batch, Subscription
+
+routes = web.RouteTableDef()
+
+_NAMES = TypeAdapter(list[ModelName])
+
+
+def _name_filter(request: web.Request) -> frozenset[str] | None:
+    raw = request.query.get("name")
+    if raw is None:
+        return None
+    try:
+        names = _NAMES.validate_python([part.strip() for part in raw.split(",") if part.strip()])
+    except ValidationError as exc:
+        # loc: ["query", "name", position in the list]
+        raise unprocessable(validation_issues(exc, "query", "name")) from None
+    return frozenset(names)
+
+
+def _snapshot(request: web.Request, names: frozenset[str] | None) -> tuple[int, str]:
+    app = request.app
+    view = app[keys.VIEW]
+    models = ",".join(
+        obj for _id, name, obj in view.model_objects() if names is None or name in names
+    )
+    feed = app[keys.FEED]
+    gpus = feed.gpus_body().body.decode()
+    reservations = feed.reservations_json()
+    data = (
+        f'{{"generation":{view.generation},"models":[{models}],'
+        f'"capacity":{view.capacity_json},"gpus":{gpus},"reservations":{reservations}}}'
+    )
+    return view.generation, data
+
+
+def _batch_events(batch: Batch, names: frozenset[str] | None) -> list[tuple[str, str]]:
+    events = []
+    changed = [obj for name, obj in batch.models.values() if names is None or name in names]
+    deleted = [str(i) for i, name in batch.deleted.items() if names is None or name in names]
+    if changed or deleted:
+        models, gone = ",".join(changed), ",".join(deleted)
+        events.append(("models", f'{{"models":[{models}],"deleted":[{gone}]}}'))
+    if batch.gpus is not None:
+        events.append(("gpus", batch.gpus))
+    if batch.reservations is not None:
+        events.append(("reservations", f'{{"reservations":{batch.reservations}}}'))
+    return events
+
+
+async def _stream(
+    request: web.Request,
+    sse: EventSourceResponse,
+    subscription: Subscription,
+    names: frozenset[str] | None,
+) -> None:
+    generation = request.app[keys.VIEW].generation
+    if sse.last_event_id != str(generation):
+        generation, data = _snapshot(request, names)
+        await sse.send(data, id=str(generation), event="snapshot")
+    while (batch := await subscription.queue.get()) is not None:
+        if subscription.overflowed:  # fell too far behind: relist instead of replaying
+            subscription.overflowed = False
+            while not subscription.queue.empty():
+                if subscription.queue.get_nowait() is None:
+                    return
+            generation, data = _snapshot(request, names)
+            await sse.send(data, id=str(generation), event="snapshot")
+            continue
+        if batch.generation <= generation:
+            continue  # already in the snapshot this stream started with
+        generation = batch.generation
+        for event, data in _batch_events(batch, names):
+            await sse.send(data, id=str(generation), event=event)
+
+
+@routes.get("/events")
+async def events(request: web.Request) -> web.StreamResponse:
+    names = _name_filter(request)
+    feed = request.app[keys.FEED]
+    if feed.closed:
+        raise http_error(web.HTTPServiceUnavailable, "the daemon is stopping")
+    started = time.perf_counter()
+    subscription = feed.subscribe()
+    try:
+        keepalive_s = request.app[keys.SETTINGS].events_keepalive
+        async with sse_response(request, ping_interval=keepalive_s) as sse:
+            # The client went away, or stopped reading for longer than aiohttp-sse allows.
+            with contextlib.suppress(ConnectionResetError, TimeoutError):
+                await _stream(request, sse, subscription, names)
+    finally:
+        feed.unsubscribe(subscription)
+        request[keys.WAITED_S] = time.perf_counter() - started
+    return sse

@@ -1,0 +1,148 @@
+"""Turns the view's changes into what watchers need: a wake-up per generation for blocking GETs,
+and per generation one batch of what changed (models, GPUs, reservations) for event streams.
+
+The batch is computed once per generation and shared by every stream. Model objects are
+compared only while a stream is open: without one, a GPU change costs no work per model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from registry.view import CachedBody, CatalogView
+
+STREAM_BACKLOG = 64  # batches a stream may fall behind before it gets a fresh snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What one generation changed; None where that part did not change."""
+
+    generation: int
+    models: dict[int, tuple[str, str]] = field(default_factory=dict)  # id -> (name, JSON)
+    deleted: dict[int, str] = field(default_factory=dict)  # id -> name
+    gpus: str | None = None
+    reservations: str | None = None
+
+
+class Subscription:
+    """One event stream's queue of batches; `None` in it means "the daemon is stopping"."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=STREAM_BACKLOG)
+        self.overflowed = False
+
+    def offer(self, batch: Batch | None) -> None:
+        try:
+            self.queue.put_nowait(batch)
+        except asyncio.QueueFull:
+            self.overflowed = True  # the stream catches up with a snapshot instead
+            if batch is None:
+                self.queue.get_nowait()
+                self.queue.put_nowait(None)
+
+
+class ChangeFeed:
+    def __init__(
+        self,
+        view: CatalogView,
+        gpus_body: Callable[[], CachedBody],
+        reservations_json: Callable[[], str],
+    ) -> None:
+        self._view = view
+        self.gpus_body = gpus_body
+        self.reservations_json = reservations_json
+        self._waiters: set[asyncio.Future[bool]] = set()
+        self._subscriptions: set[Subscription] = set()
+        self._models: dict[int, tuple[str, str]] | None = None  # as streams last saw them
+        self._gpus_etag = ""
+        self._reservations = ""
+        self._scheduled = False
+        self.closed = False
+        view.subscribe(self._on_change)
+
+    # -- blocking GETs --------------------------------------------------------------------
+
+    async def wait_for_change(self, timeout_s: float) -> bool:
+        """Wait for the next generation; False on timeout or when the daemon is stopping."""
+        if self.closed:
+            return False
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        # One future per waiter and a plain timer: a thousand waiting GETs wake with one loop
+        # over a set, without a shield or a cancellation scope each.
+        timer = loop.call_later(timeout_s, _settle, waiter, False)
+        self._waiters.add(waiter)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            self._waiters.discard(waiter)
+
+    # -- event streams --------------------------------------------------------------------
+
+    def subscribe(self) -> Subscription:
+        if self._models is None:  # the first stream: start comparing from here
+            self._models = self._current_models()
+            self._gpus_etag = self.gpus_body().etag
+            self._reservations = self.reservations_json()
+        subscription = Subscription()
+        self._subscriptions.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self._subscriptions.discard(subscription)
+        if not self._subscriptions:
+            self._models = None
+
+    def close(self) -> None:
+        """The daemon is stopping: every waiter and stream ends now."""
+        self.closed = True
+        self._wake_waiters(False)
+        for subscription in self._subscriptions:
+            subscription.offer(None)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _wake_waiters(self, changed: bool) -> None:
+        waiters, self._waiters = self._waiters, set()
+        for waiter in waiters:
+            _settle(waiter, changed)
+
+    def _on_change(self) -> None:
+        self._wake_waiters(True)
+        # Changes made in one turn of the event loop make one batch.
+        if self._subscriptions and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._publish)
+
+    def _current_models(self) -> dict[int, tuple[str, str]]:
+        return {model_id: (name, obj) for model_id, name, obj in self._view.model_objects()}
+
+    def _publish(self) -> None:
+        self._scheduled = False
+        if not self._subscriptions or self._models is None or self.closed:
+            return
+        models = self._current_models()
+        previous = self._models
+        changed = {i: pair for i, pair in models.items() if previous.get(i) != pair}
+        deleted = {i: name for i, (name, _obj) in previous.items() if i not in models}
+        self._models = models
+        gpus, reservations = self.gpus_body(), self.reservations_json()
+        batch = Batch(
+            self._view.generation,
+            changed,
+            deleted,
+            gpus.body.decode() if gpus.etag != self._gpus_etag else None,
+            reservations if reservations != self._reservations else None,
+        )
+        self._gpus_etag, self._reservations = gpus.etag, reservations
+        for subscription in self._subscriptions:
+            subscription.offer(batch)
+
+
+def _settle(waiter: asyncio.Future[bool], value: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(value)
