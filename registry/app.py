@@ -20,6 +20,10 @@ from registry.capacity import Margins
 from registry.catalog_sync import CatalogSync
 from registry.config import GpuBackendName, Settings
 from registry.database import Database, create_pool, migrated_database
+from registry.fleet.api import routes as fleet_routes
+from registry.fleet.identity import is_loopback
+from registry.fleet.publisher import FleetPublisher
+from registry.fleet.reader import FleetReader
 from registry.gpus_report import gpus_body
 from registry.logs import get_logger
 from registry.metrics import Metrics
@@ -155,6 +159,34 @@ async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
     await _stop_task(task)
 
 
+async def fleet_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Publish this host to the fleet table (holding its host id) and read the fleet from it."""
+    settings, database = app[keys.SETTINGS], app[keys.DATABASE]
+    url = settings.advertised_url()
+    if settings.database_url is not None and is_loopback(settings.host):
+        log.warning(
+            "listening on loopback only while sharing a database: other hosts cannot reach "
+            "this daemon at its advertised URL (set MODEL_REGISTRY_HOST)",
+            host=settings.host,
+            advertise_url=url,
+        )
+    publisher = FleetPublisher(
+        database.dsn,
+        settings.host_id,
+        url,
+        app[keys.VIEW],
+        reservations=lambda: _reservations(app),
+        heartbeat_interval_s=settings.heartbeat_interval,
+    )
+    await publisher.start()
+    log.info("in the fleet", host=settings.host_id, url=url)
+    app[keys.FLEET] = FleetReader(database.pool)
+    task = spawn(app, publisher.run(), "fleet-publisher")
+    yield
+    await _stop_task(task)
+    await publisher.stop()
+
+
 def _initial_snapshot(settings: Settings) -> GpuSnapshot:
     if settings.gpu_backend is GpuBackendName.NONE:
         return GpuSnapshot(backend="none", state=GpuState.DISABLED)
@@ -168,11 +200,9 @@ async def _mark_stopping(app: web.Application) -> None:
     app[keys.FEED].close()  # waiting GETs answer and event streams end now, not at the timeout
 
 
-def _reservations_json(app: web.Application) -> str:
+def _reservations(app: web.Application) -> list[dict[str, object]]:
     book = app.get(keys.BOOK)
-    if book is None:
-        return "[]"
-    return json.dumps([book.describe(r) for r in book.open()])
+    return [] if book is None else [book.describe(r) for r in book.open()]
 
 
 def create_app(
@@ -190,18 +220,18 @@ def create_app(
     app[keys.FEED] = ChangeFeed(
         view,
         gpus_body=lambda: gpus_body(view, app.get(keys.POLLER)),
-        reservations_json=lambda: _reservations_json(app),
+        reservations_json=lambda: json.dumps(_reservations(app)),
     )
     metrics.view = view
     if gpu_backend is not None:
         app[keys.GPU_BACKEND_OVERRIDE] = gpu_backend
     app.on_shutdown.append(_mark_stopping)
-    app.cleanup_ctx.extend([admission_ctx, database_ctx, gpu_ctx, catalog_ctx])
+    app.cleanup_ctx.extend([admission_ctx, database_ctx, gpu_ctx, catalog_ctx, fleet_ctx])
     observer = Observer(
         metrics,
         settings.access_log,
         settings.slow_request_ms,
         busy_routes=frozenset({"/reservations", "/reservations/{id}"}),
     )
-    observer.add_routes(app, routes, admission_routes, watch_routes)
+    observer.add_routes(app, routes, admission_routes, watch_routes, fleet_routes)
     return app

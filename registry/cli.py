@@ -28,6 +28,7 @@ from registry.catalog_file import (
 )
 from registry.config import ConfigError, Settings, load_settings
 from registry.database import DatabaseUnavailable, migrated_database
+from registry.fleet.identity import HostIdTaken
 from registry.logs import configure_logging, get_logger
 from registry.migrations import DatabaseTooNew
 from registry.store import CatalogStore, DuplicateName
@@ -123,8 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("refusing to start: database is newer than this code", error=str(exc))
         print(f"model-registry: {exc}", file=sys.stderr)
         return 3
-    except LedgerError as exc:
-        log.error("refusing to start: the reservations cannot be read", error=str(exc))
+    except (LedgerError, HostIdTaken) as exc:
+        log.error("refusing to start", error=str(exc))
         print(f"model-registry: {exc}", file=sys.stderr)
         return 1
     except (CliError, DuplicateName, reservations_cli.ClientError) as exc:

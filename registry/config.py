@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from contextvars import ContextVar
 from enum import StrEnum
 from pathlib import Path
@@ -74,6 +75,19 @@ class Settings(BaseSettings):
     slow_request_ms: float = Field(default=250.0, ge=0)
     shutdown_timeout: float = Field(default=5.0, ge=0, le=60.0)
     catalog_reload_interval: float = Field(default=30.0, ge=1.0, le=3600.0)
+    host_id: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        max_length=253,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="This host's name in the fleet; default: the host name.",
+    )
+    advertise_url: str | None = Field(
+        default=None, description="How other hosts reach this daemon; default http://<fqdn>:<port>."
+    )
+    heartbeat_interval: float = Field(
+        default=5.0, ge=0.05, le=300.0, description="Seconds between fleet heartbeats at most."
+    )
     events_keepalive: float = Field(
         default=15.0, ge=0.05, le=300.0, description="Seconds between /events keep-alive comments."
     )
@@ -116,6 +130,23 @@ class Settings(BaseSettings):
         if (path := _config_file.get()) is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
+
+    @field_validator("advertise_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value.strip().rstrip("/")
+
+    def advertised_url(self) -> str:
+        """The URL other hosts use for this daemon."""
+        if self.advertise_url is not None:
+            return self.advertise_url
+        host = socket.getfqdn()
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
 
     def database_dsn(self) -> str | None:
         """The configured PostgreSQL URL; None means the embedded server."""

@@ -11,6 +11,7 @@ from registry.admission.book import Clock, ReservationBook
 from registry.catalog_sync import CatalogSync
 from registry.config import Settings
 from registry.database import Database
+from registry.fleet.reader import FleetReader
 from registry.metrics import Metrics
 from registry.view import CatalogView
 from registry.watch.feed import ChangeFeed
@@ -24,6 +25,7 @@ POLLER = web.AppKey("poller", GpuPoller)
 BOOK = web.AppKey("book", ReservationBook)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 FEED = web.AppKey("feed", ChangeFeed)
+FLEET = web.AppKey("fleet", FleetReader)
 # Seconds a request spent waiting by design (a blocking GET, an event stream): not slowness.
 WAITED_S = web.RequestKey("waited_s", float)
 STOP = web.AppKey("stop", asyncio.Event)

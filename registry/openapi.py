@@ -17,6 +17,7 @@ from registry.admission.schemas import (
     ReservationPatch,
 )
 from registry.catalog_file import CatalogDocument
+from registry.fleet.schemas import FleetModelList, FleetModelsQuery, FleetOut, FleetQuery
 from registry.schemas import (
     ApplyQuery,
     ApplyResult,
@@ -172,6 +173,8 @@ def openapi_document() -> dict[str, Any]:
                 RefusalOut,
                 CatalogDocument,
                 ApplyResult,
+                FleetOut,
+                FleetModelList,
             )
         ],
         ref_template=_REF,
@@ -260,6 +263,47 @@ def openapi_document() -> dict[str, Any]:
                 }
             },
             **_reservation_paths(secured),
+            "/events": {
+                "get": {
+                    "summary": "Server-Sent Events: a snapshot, then what changes",
+                    "operationId": "events",
+                    "parameters": [
+                        {
+                            "name": "name",
+                            "in": "query",
+                            "required": False,
+                            "description": "Comma-separated model names to limit model events to.",
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "Events snapshot, models, gpus, reservations",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/fleet": {
+                "get": {
+                    "summary": "Every host of the fleet and its state",
+                    "operationId": "fleet",
+                    "parameters": _query_parameters(FleetQuery),
+                    "responses": {"200": _json(FleetOut, "The hosts"), **_ERRORS},
+                }
+            },
+            "/fleet/models": {
+                "get": {
+                    "summary": "Where each model fits now, across the fleet",
+                    "operationId": "fleet_models",
+                    "parameters": _query_parameters(FleetModelsQuery),
+                    "responses": {
+                        "200": _json(FleetModelList, "A page of models with their hosts"),
+                        **_ERRORS,
+                    },
+                }
+            },
             "/healthz": {
                 "get": {
                     "summary": "Liveness",

@@ -222,8 +222,10 @@ def start_app(
         clock: Clock = utc_now,
         **overrides: Any,
     ) -> TestClient[web.Request, web.Application]:
-        # Each daemon of a test gets its own state directory, as on separate hosts.
-        overrides.setdefault("state_dir", tmp_path / f"state{next(started)}")
+        # Each daemon of a test is a host of its own: its own state directory and host id.
+        number = next(started)
+        overrides.setdefault("state_dir", tmp_path / f"state{number}")
+        overrides.setdefault("host_id", f"test-host-{number}")
         app = create_app(settings or make_settings(**overrides), gpu_backend=backend, clock=clock)
         server = await aiohttp_server(app, **SERVER_OPTIONS)
         client: TestClient[web.Request, web.Application] = await aiohttp_client(server)

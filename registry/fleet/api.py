@@ -1,0 +1,127 @@
+"""GET /fleet (every host and its state) and GET /fleet/models (where each model fits now)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from registry import keys
+from registry.catalog import CatalogModel
+from registry.errors import unprocessable, validation_issues
+from registry.fleet.reader import Placements
+from registry.fleet.schemas import FleetModelsQuery, FleetQuery
+from registry.view import CachedBody, body_etag
+from registry.watch.conditional import cached_json
+
+routes = web.RouteTableDef()
+
+_MAX_CACHED = 1024
+Q = TypeVar("Q", bound=BaseModel)
+
+
+def _query(request: web.Request, schema: type[Q]) -> Q:
+    try:
+        return schema.model_validate(dict(request.query.items()))
+    except ValidationError as exc:
+        raise unprocessable(validation_issues(exc, "query")) from None
+
+
+def _fleet_state(stale: bool) -> str:
+    return "stale" if stale else "ok"
+
+
+@routes.get("/fleet")
+async def fleet_hosts(request: web.Request) -> web.StreamResponse:
+    query = _query(request, FleetQuery)
+    fleet = await request.app[keys.FLEET].hosts()
+    rows = [
+        f'{{"host":{json.dumps(h.host)},"url":{json.dumps(h.url)},"state":"{h.state}",'
+        f'"heartbeat_at":"{h.heartbeat_at.isoformat()}","gpu_state":{json.dumps(h.gpu_state)},'
+        f'"version":{json.dumps(h.version)},"devices":{h.devices_json},'
+        f'"reservations":{h.reservations_json}}}'
+        for h in fleet.hosts
+        if query.state is None or h.state == query.state
+    ]
+    body = f'{{"data":[{",".join(rows)}],"fleet_state":"{_fleet_state(fleet.stale)}"}}'.encode()
+    return cached_json(request, CachedBody(body, body_etag(body)))
+
+
+def _model_object(model: CatalogModel, fleet: Placements, hosts_limit: int) -> str:
+    total = fleet.hosts_fitting(model.vram)
+    active = model.enabled and total > 0
+    if active:
+        reason = None
+    elif not model.enabled:
+        reason = "disabled"
+    elif not fleet.host_best:
+        reason = "gpu_state_unknown"
+    else:
+        reason = "insufficient_vram"
+    hosts = [
+        {
+            "host": c.host,
+            "url": c.url,
+            "gpu": c.gpu,
+            "index": c.index,
+            "usable_mib": c.usable_mib,
+            "headroom_mib": c.usable_mib - model.vram,
+        }
+        for c in fleet.best_fits(model.vram, hosts_limit)
+    ]
+    return json.dumps(
+        {
+            "id": model.id,
+            "name": model.name,
+            "active": active,
+            "vram": model.vram,
+            "created_at": model.created_at.isoformat(),
+            "updated_at": None if model.updated_at is None else model.updated_at.isoformat(),
+            "enabled": model.enabled,
+            "reason": reason,
+            "hosts_total": total,
+            "hosts": hosts,
+        },
+        separators=(",", ":"),
+    )
+
+
+def _render(request: web.Request, query: FleetModelsQuery, fleet: Placements) -> CachedBody:
+    view = request.app[keys.VIEW]
+    if query.name is not None:
+        named = view.model_by_name(query.name)
+        models = [] if named is None else [named]
+    else:
+        models = list(view.models())
+    if query.active is not None:
+        models = [
+            m for m in models if (m.enabled and fleet.hosts_fitting(m.vram) > 0) is query.active
+        ]
+    total = len(models)
+    page = models[query.skip : query.skip + query.limit]
+    objects = ",".join(_model_object(m, fleet, query.hosts_limit) for m in page)
+    body = (
+        f'{{"data":[{objects}],"pagination":{{"total_items":{total},'
+        f'"total_pages":{math.ceil(total / query.limit)},'
+        f'"current_page":{query.skip // query.limit + 1},"per_page":{query.limit}}},'
+        f'"fleet_state":"{_fleet_state(fleet.stale)}"}}'
+    ).encode()
+    return CachedBody(body, body_etag(body))
+
+
+@routes.get("/fleet/models")
+async def fleet_models(request: web.Request) -> web.StreamResponse:
+    query = _query(request, FleetModelsQuery)
+    reader = request.app[keys.FLEET]
+    fleet = await reader.placements()
+    cache = reader.pages
+    key = (fleet.version, fleet.stale, request.app[keys.VIEW].generation, request.raw_path)
+    cached = cache.get(key)
+    if cached is None:
+        if len(cache) >= _MAX_CACHED:
+            cache.clear()
+        cached = cache[key] = _render(request, query, fleet)
+    return cached_json(request, cached)

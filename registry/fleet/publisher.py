@@ -1,0 +1,165 @@
+"""Publishes this host's state to the fleet table: on every change of its devices, GPU state or
+reservations (at most one write per 100 ms), a heartbeat at least every interval, and
+"offline" on a clean shutdown. Writes go through the connection that holds the host id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+from registry import __version__
+from registry.database import UNAVAILABLE_ERRORS
+from registry.fleet.identity import HostIdTaken, connect_as_host
+from registry.logs import get_logger
+from registry.view import CatalogView
+
+log = get_logger("registry.fleet")
+
+MIN_SPACING_S = 0.1
+_RECONNECT_MAX_S = 5.0
+
+_UPSERT = """
+INSERT INTO fleet_hosts AS f (host, url, version, gpu_state, devices, reservations,
+                              heartbeat_interval_s, started_at, heartbeat_at, stopped_at)
+VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7, now(), now(), NULL)
+ON CONFLICT (host) DO UPDATE
+   SET url = EXCLUDED.url, version = EXCLUDED.version, gpu_state = EXCLUDED.gpu_state,
+       devices = EXCLUDED.devices, reservations = EXCLUDED.reservations,
+       heartbeat_interval_s = EXCLUDED.heartbeat_interval_s,
+       started_at = CASE WHEN $8 THEN now() ELSE f.started_at END,
+       heartbeat_at = now(), stopped_at = NULL
+"""
+
+
+def host_devices(view: CatalogView) -> list[dict[str, Any]]:
+    """The devices as this host sees them, its margins and reservations applied."""
+    usable = {u.device.uuid: u.usable_mib for u in view.usable}
+    return [
+        {
+            "uuid": d.uuid,
+            "index": d.index,
+            "name": d.name,
+            "total_mib": d.total_mib,
+            "free_mib": d.free_mib,
+            "usable_mib": usable.get(d.uuid),
+            "pending_mib": view.pending_by_device.get(d.uuid, 0),
+            "healthy": d.healthy,
+        }
+        for d in view.snapshot.devices
+    ]
+
+
+class FleetPublisher:
+    def __init__(
+        self,
+        dsn: str,
+        host_id: str,
+        url: str,
+        view: CatalogView,
+        reservations: Callable[[], list[dict[str, Any]]],
+        *,
+        heartbeat_interval_s: float,
+    ) -> None:
+        self._dsn = dsn
+        self.host_id = host_id
+        self.url = url
+        self._view = view
+        self._reservations = reservations
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self._conn: asyncpg.Connection | None = None
+        self._changed = asyncio.Event()
+        self._first_write = True
+        self.writes = 0
+        view.subscribe(self._changed.set)
+
+    async def start(self) -> None:
+        """Take the host id (HostIdTaken if another daemon has it) and publish once."""
+        self._conn = await connect_as_host(self._dsn, self.host_id)
+        await self._write(self._row())
+
+    def _row(self) -> tuple[str, str]:
+        devices = json.dumps(host_devices(self._view))
+        reservations = json.dumps(self._reservations(), default=str)
+        return devices, reservations
+
+    async def _write(self, row: tuple[str, str]) -> None:
+        assert self._conn is not None
+        devices, reservations = row
+        await self._conn.execute(
+            _UPSERT,
+            self.host_id,
+            self.url,
+            __version__,
+            self._view.snapshot.state.value,
+            devices,
+            reservations,
+            self.heartbeat_interval_s,
+            self._first_write,
+            timeout=5,
+        )
+        self._first_write = False
+        self.writes += 1
+
+    async def run(self) -> None:
+        """Publish changes and heartbeats until cancelled; survive database outages."""
+        last_row: tuple[str, str] | None = None
+        last_write = time.monotonic()
+        delay = 0.1
+        while True:
+            with contextlib.suppress(TimeoutError):
+                timeout = max(0.0, last_write + self.heartbeat_interval_s - time.monotonic())
+                await asyncio.wait_for(self._changed.wait(), timeout)
+            # Coalesce: at most one write per MIN_SPACING_S, however busy the host is.
+            await asyncio.sleep(max(0.0, last_write + MIN_SPACING_S - time.monotonic()))
+            self._changed.clear()
+            row = self._row()
+            if row == last_row and time.monotonic() - last_write < self.heartbeat_interval_s:
+                continue
+            try:
+                if self._conn is None or self._conn.is_closed():
+                    await self._reconnect()
+                await self._write(row)
+            except (HostIdTaken, asyncpg.PostgresError, *UNAVAILABLE_ERRORS) as exc:
+                log.warning("fleet publication failed", error=str(exc), retry_in_s=delay)
+                await self._drop_connection()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RECONNECT_MAX_S)
+                self._changed.set()  # try again, with whatever is current then
+                continue
+            if delay > 0.1:
+                log.info("fleet publication resumed", host=self.host_id)
+            delay = 0.1
+            last_row, last_write = row, time.monotonic()
+
+    async def _reconnect(self) -> None:
+        await self._drop_connection()
+        self._conn = await connect_as_host(self._dsn, self.host_id)
+
+    async def _drop_connection(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.terminate()
+
+    async def stop(self) -> None:
+        """Mark the host offline and let go of the host id."""
+        if self._conn is None or self._conn.is_closed():
+            return
+        try:
+            await self._conn.execute(
+                "UPDATE fleet_hosts SET stopped_at = now() WHERE host = $1",
+                self.host_id,
+                timeout=2,
+            )
+        except (asyncpg.PostgresError, *UNAVAILABLE_ERRORS) as exc:
+            log.warning("could not mark this host offline", error=str(exc))
+        finally:
+            with contextlib.suppress(*UNAVAILABLE_ERRORS):
+                await asyncio.wait_for(self._conn.close(), 2)
+            self._conn = None

@@ -1,0 +1,242 @@
+"""Reads the fleet from PostgreSQL on demand, with a short cache.
+
+A daemon does no work when other hosts change: it reads the rows only when asked, at most
+every `ttl_s` while asked often, and answers are never older than `max_age_s` while the
+database answers. While it does not, the last state read is served, marked stale.
+
+Placement needs only the devices that can take a load now; the database flattens, filters and
+sorts them itself and sends them as a few arrays, which asyncpg decodes without Python objects
+per device. The hosts' full rows are read only for GET /fleet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Generic, TypeVar
+
+import asyncpg
+
+from registry.database import UNAVAILABLE_ERRORS
+from registry.logs import get_logger
+from registry.view import CachedBody
+
+log = get_logger("registry.fleet")
+
+_HOSTS = """
+SELECT host, url, version, gpu_state, devices::text AS devices,
+       reservations::text AS reservations, heartbeat_at,
+       CASE WHEN stopped_at IS NOT NULL THEN 'offline'
+            WHEN now() - heartbeat_at > 3 * heartbeat_interval_s * interval '1 second'
+                 THEN 'stale'
+            ELSE 'ok' END AS state
+  FROM fleet_hosts
+ ORDER BY host
+"""
+
+# Devices that can take a load now: healthy, on hosts that are up and whose GPU readings hold;
+# least usable first, and each host's most usable device (for "how many hosts fit").
+_CANDIDATES = """
+WITH d AS (
+    SELECT h.host, h.url, d.uuid, d.index, d.usable_mib
+      FROM fleet_hosts AS h,
+           jsonb_to_recordset(h.devices) AS d(uuid text, index int, usable_mib int, healthy bool)
+     WHERE h.stopped_at IS NULL
+       AND now() - h.heartbeat_at <= 3 * h.heartbeat_interval_s * interval '1 second'
+       AND h.gpu_state = 'ok' AND d.healthy AND d.usable_mib IS NOT NULL
+)
+SELECT coalesce(array_agg(usable_mib ORDER BY usable_mib, host, index), '{}') AS usable,
+       coalesce(array_agg(host ORDER BY usable_mib, host, index), '{}') AS hosts,
+       coalesce(array_agg(url ORDER BY usable_mib, host, index), '{}') AS urls,
+       coalesce(array_agg(uuid ORDER BY usable_mib, host, index), '{}') AS gpus,
+       coalesce(array_agg(index ORDER BY usable_mib, host, index), '{}') AS indexes,
+       (SELECT coalesce(array_agg(best ORDER BY best), '{}')
+          FROM (SELECT max(usable_mib) AS best FROM d GROUP BY host) AS per_host) AS host_best
+  FROM d
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class FleetHost:
+    host: str
+    url: str
+    version: str
+    state: str  # ok, stale, offline
+    gpu_state: str
+    heartbeat_at: datetime
+    devices_json: str
+    reservations_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    host: str
+    url: str
+    gpu: str
+    index: int
+    usable_mib: int
+
+
+@dataclass
+class Placements:
+    """Where loads can go now, as last read: parallel arrays, least usable first."""
+
+    usable: list[int] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)
+    gpus: list[str] = field(default_factory=list)
+    indexes: list[int] = field(default_factory=list)
+    host_best: list[int] = field(default_factory=list)  # each up host's most usable, sorted
+    version: int = 0
+    stale: bool = True
+
+    def hosts_fitting(self, vram: int) -> int:
+        """How many up hosts have a device that holds `vram` now."""
+        return len(self.host_best) - bisect.bisect_left(self.host_best, vram)
+
+    def best_fits(self, vram: int, limit: int) -> list[Candidate]:
+        """Per host, the device with the least usable memory that still holds `vram`; hosts in
+        that order (best fit first), at most `limit`."""
+        found: list[Candidate] = []
+        seen: set[str] = set()
+        for i in range(bisect.bisect_left(self.usable, vram), len(self.usable)):
+            host = self.hosts[i]
+            if host not in seen:
+                seen.add(host)
+                found.append(
+                    Candidate(host, self.urls[i], self.gpus[i], self.indexes[i], self.usable[i])
+                )
+                if len(found) == limit:
+                    break
+        return found
+
+
+@dataclass
+class Hosts:
+    hosts: list[FleetHost] = field(default_factory=list)
+    stale: bool = True
+
+
+T = TypeVar("T")
+
+
+class _CachedRead(Generic[T]):
+    """One query's result, re-read on demand: at most every `ttl_s`, never served older than
+    `max_age_s` unless the database fails, then retried at most once a second."""
+
+    def __init__(
+        self,
+        what: str,
+        read: Callable[[], Awaitable[T]],
+        empty: T,
+        mark_stale: Callable[[T], None],
+        *,
+        ttl_s: float,
+        max_age_s: float,
+    ) -> None:
+        self._what = what
+        self._read = read
+        self.value = empty
+        self._mark_stale = mark_stale
+        self.ttl_s = ttl_s
+        self.max_age_s = max_age_s
+        self._read_at = float("-inf")
+        self._retry_at = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+
+    async def current(self) -> T:
+        now = time.monotonic()
+        age = now - self._read_at
+        if age <= self.ttl_s or now < self._retry_at:
+            return self.value
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._refresh())
+        if age > self.max_age_s:
+            await asyncio.shield(self._task)  # too old to serve: wait for the read
+        return self.value
+
+    async def _refresh(self) -> None:
+        try:
+            async with asyncio.timeout(1.0):
+                value = await self._read()
+        except (asyncpg.PostgresError, *UNAVAILABLE_ERRORS) as exc:
+            if not self._failing:
+                log.warning(
+                    "fleet read failed; serving the last state", part=self._what, error=str(exc)
+                )
+            self._failing = True
+            self._retry_at = time.monotonic() + 1.0
+            self._mark_stale(self.value)
+            return
+        if self._failing:
+            log.info("fleet read works again", part=self._what)
+        self._failing = False
+        self.value, self._read_at = value, time.monotonic()
+
+
+class FleetReader:
+    def __init__(self, pool: asyncpg.Pool, *, ttl_s: float = 0.4, max_age_s: float = 0.8) -> None:
+        self._pool = pool
+        self._placements = _CachedRead(
+            "fleet", self._read_placements, Placements(), _stale, ttl_s=ttl_s, max_age_s=max_age_s
+        )
+        self._hosts = _CachedRead(
+            "fleet hosts", self._read_hosts, Hosts(), _stale, ttl_s=ttl_s, max_age_s=max_age_s
+        )
+        self._versions = 0
+        # Rendered /fleet/models pages, keyed by placements version, catalog generation, query.
+        self.pages: dict[tuple[int, bool, int, str], CachedBody] = {}
+
+    @property
+    def max_age_s(self) -> float:
+        return self._placements.max_age_s
+
+    async def placements(self) -> Placements:
+        return await self._placements.current()
+
+    async def hosts(self) -> Hosts:
+        return await self._hosts.current()
+
+    async def _read_placements(self) -> Placements:
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(_CANDIDATES)
+        self._versions += 1
+        return Placements(
+            row["usable"],
+            row["hosts"],
+            row["urls"],
+            row["gpus"],
+            row["indexes"],
+            row["host_best"],
+            version=self._versions,
+            stale=False,
+        )
+
+    async def _read_hosts(self) -> Hosts:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(_HOSTS)
+        return Hosts(
+            [
+                FleetHost(
+                    r["host"],
+                    r["url"],
+                    r["version"],
+                    r["state"],
+                    r["gpu_state"],
+                    r["heartbeat_at"],
+                    r["devices"],
+                    r["reservations"],
+                )
+                for r in rows
+            ],
+            stale=False,
+        )
+
+
+def _stale(value: Placements | Hosts) -> None:
+    value.stale = True

@@ -1,0 +1,228 @@
+"""The fleet: real daemons with their own host ids and simulated GPUs, on one PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from registry import keys
+from tests.conftest import AppClient
+from tests.daemon import Daemon
+from tests.db import StoppableServer
+from tests.waiting import eventually
+
+TOKEN = "fleet-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+HEARTBEAT_S = 0.2
+
+
+def _gpus(path: Path, *free: int, total: int = 81920) -> Path:
+    devices = [
+        {"uuid": f"GPU-{path.stem}-{i}", "total_mib": total, "free_mib": f}
+        for i, f in enumerate(free)
+    ]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"devices": devices}))
+    tmp.replace(path)
+    return path
+
+
+@pytest.fixture
+def hosts(tmp_path: Path, database_url: str) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def start(host_id: str, *free: int, **env: str) -> Daemon:
+        gpus = _gpus(tmp_path / f"{host_id}.json", *free)
+        daemon = Daemon(
+            {
+                "MODEL_REGISTRY_DATABASE_URL": database_url,
+                "MODEL_REGISTRY_HOST_ID": host_id,
+                "MODEL_REGISTRY_ADVERTISE_URL": f"http://{host_id}.example:8700",
+                "MODEL_REGISTRY_HEARTBEAT_INTERVAL": str(HEARTBEAT_S),
+                "MODEL_REGISTRY_GPU_BACKEND": "simulated",
+                "MODEL_REGISTRY_GPU_SIMULATED_FILE": str(gpus),
+                "MODEL_REGISTRY_POLL_INTERVAL": "0.1",
+                "MODEL_REGISTRY_ADMIN_TOKEN": TOKEN,
+                **env,
+            },
+            log_path=tmp_path / f"{host_id}-{len(started)}.log",
+        )
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+async def _get(daemon: Daemon, path: str) -> Any:
+    async with aiohttp.ClientSession() as http, http.get(daemon.url + path) as answer:
+        assert answer.status == 200, await answer.text()
+        return await answer.json()
+
+
+def _states(body: Any) -> dict[str, str]:
+    return {h["host"]: h["state"] for h in body["data"]}
+
+
+def _placements(body: Any) -> list[tuple[str, str, int]]:
+    [model] = body["data"]
+    return [(h["host"], h["gpu"], h["usable_mib"]) for h in model["hosts"]]
+
+
+async def test_a_fleet_of_three_publishes_and_places_models_best_fit_first(
+    hosts: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    a = hosts("host-a", 20000)
+    b = hosts("host-b", 60000)
+    c = hosts("host-c", 16000, 12000)
+    for daemon in (a, b, c):
+        await daemon.wait_ready()
+    body = await eventually(lambda: _get(a, "/fleet"), lambda b: len(b["data"]) == 3)
+    assert body["fleet_state"] == "ok"
+    assert _states(body) == {"host-a": "ok", "host-b": "ok", "host-c": "ok"}
+    host_c = next(h for h in body["data"] if h["host"] == "host-c")
+    assert host_c["url"] == "http://host-c.example:8700" and host_c["gpu_state"] == "ok"
+    assert [(d["uuid"], d["usable_mib"], d["pending_mib"]) for d in host_c["devices"]] == [
+        ("GPU-host-c-0", 16000, 0),
+        ("GPU-host-c-1", 12000, 0),
+    ]
+    assert host_c["reservations"] == []
+    assert {d["free_mib"] for d in host_c["devices"]} == {16000, 12000}
+
+    placed = await _get(b, "/fleet/models?name=large-v3")
+    model = placed["data"][0]
+    assert (model["active"], model["hosts_total"], model["reason"]) == (True, 3, None)
+    # Best fit first: the least usable memory that still holds 10,000 MiB.
+    assert _placements(placed) == [
+        ("host-c", "GPU-host-c-1", 12000),
+        ("host-a", "GPU-host-a-0", 20000),
+        ("host-b", "GPU-host-b-0", 60000),
+    ]
+    assert model["hosts"][0]["headroom_mib"] == 2000
+    assert model["hosts"][0]["url"] == "http://host-c.example:8700"
+    assert placed["pagination"] == {
+        "total_items": 1,
+        "total_pages": 1,
+        "current_page": 1,
+        "per_page": 100,
+    }
+
+    async with aiohttp.ClientSession() as http:
+        new = {"name": "llm-50g", "vram": 50000}
+        assert (await http.post(a.url + "/models", json=new, headers=AUTH)).status == 201
+    big = await eventually(
+        lambda: _get(c, "/fleet/models?name=llm-50g"), lambda b: len(b["data"]) == 1
+    )
+    assert _placements(big) == [("host-b", "GPU-host-b-0", 60000)]
+    only_one = await _get(c, "/fleet/models?hosts_limit=1&active=true")
+    assert only_one["pagination"]["total_items"] == 6
+    assert all(len(m["hosts"]) == 1 for m in only_one["data"])
+
+    # A change on one host shows on another within a second: GPU memory and reservations.
+    _gpus(tmp_path / "host-b.json", 40000)
+    body = await eventually(
+        lambda: _get(a, "/fleet/models?name=llm-50g"),
+        lambda b: b["data"][0]["hosts_total"] == 0,
+        timeout_s=1.5,
+    )
+    assert body["data"][0]["active"] is False
+    assert body["data"][0]["reason"] == "insufficient_vram"
+    async with aiohttp.ClientSession() as http:
+        reserve = {"vram_mib": 5000, "holder": "job-1", "gpu": "GPU-host-c-1"}
+        answer = await http.post(c.url + "/reservations", json=reserve, headers=AUTH)
+        assert answer.status == 201
+    # 7,000 MiB left on c's smaller device: c's best fit moves to its bigger one.
+    await eventually(
+        lambda: _get(a, "/fleet/models?name=large-v3"),
+        lambda b: _placements(b)[0] == ("host-c", "GPU-host-c-0", 16000),
+        timeout_s=1.5,
+    )
+    fleet = await _get(a, "/fleet")
+    host_c = next(h for h in fleet["data"] if h["host"] == "host-c")
+    assert [r["holder"] for r in host_c["reservations"]] == ["job-1"]
+    assert host_c["devices"][1]["pending_mib"] == 5000
+
+    # SIGKILL: stale within three heartbeats; SIGTERM: offline at once. Neither is a candidate.
+    c.signal(signal.SIGKILL)
+    b.signal(signal.SIGTERM)
+    body = await eventually(
+        lambda: _get(a, "/fleet"),
+        lambda b: _states(b) == {"host-a": "ok", "host-b": "offline", "host-c": "stale"},
+        timeout_s=3 * HEARTBEAT_S + 1.5,
+    )
+    assert await _get(a, "/fleet?state=stale") == {
+        "data": [h for h in body["data"] if h["host"] == "host-c"],
+        "fleet_state": "ok",
+    }
+    placed = await _get(a, "/fleet/models?name=large-v3")
+    assert _placements(placed) == [("host-a", "GPU-host-a-0", 20000)]
+
+
+async def test_a_second_daemon_with_the_same_host_id_is_refused(
+    hosts: Callable[..., Daemon],
+) -> None:
+    first = hosts("twin", 20000)
+    await first.wait_ready()
+    second = hosts("twin", 20000)
+    assert await asyncio.to_thread(second.wait_exit, 30) == 1
+    log = second.log()
+    assert "another model-registry daemon with host id 'twin'" in log
+    assert "Traceback" not in log
+    # A killed daemon does not block its successor.
+    first.signal(signal.SIGKILL)
+    first.wait_exit()
+    third = hosts("twin", 20000)
+    await third.wait_ready()
+    assert "listening on loopback only while sharing a database" in third.log()
+
+
+async def test_the_fleet_answers_from_memory_while_the_database_is_down(
+    start_app: AppClient, own_server: StoppableServer
+) -> None:
+    client = await start_app(database_url=own_server.start(), heartbeat_interval=HEARTBEAT_S)
+    body = await (await client.get("/fleet")).json()
+    assert [h["host"] for h in body["data"]] == ["test-host-0"] and body["fleet_state"] == "ok"
+    before = await (await client.get("/fleet/models?name=tiny")).json()
+    assert before["data"][0]["hosts_total"] == 1
+
+    await asyncio.to_thread(own_server.stop)
+    await asyncio.sleep(client.app[keys.FLEET].max_age_s)
+    during = await client.get("/fleet")
+    assert during.status == 200
+    body = await during.json()
+    assert body["fleet_state"] == "stale" and [h["host"] for h in body["data"]] == ["test-host-0"]
+    models = await (await client.get("/fleet/models?name=tiny")).json()
+    assert models["fleet_state"] == "stale" and models["data"][0]["hosts_total"] == 1
+
+    await asyncio.to_thread(own_server.start)
+    await eventually(
+        lambda: _json(client, "/fleet"), lambda b: b["fleet_state"] == "ok", timeout_s=10
+    )
+
+
+async def _json(client: Any, path: str) -> Any:
+    return await (await client.get(path)).json()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/fleet?state=gone",
+        "/fleet/models?hosts_limit=0",
+        "/fleet/models?limit=0",
+        "/fleet/models?active=maybe",
+    ],
+)
+async def test_bad_fleet_queries_are_422(start_app: AppClient, path: str) -> None:
+    client = await start_app()
+    answer = await client.get(path)
+    assert answer.status == 422
+    assert (await answer.json())["detail"][0]["loc"][0] == "query"
