@@ -43,6 +43,7 @@ class NvmlBackend:
         self._needs_reinit = False
         self._use_v2: bool | None = None  # None: not tried yet
         self._uuid_by_index: dict[int, str] = {}
+        self._process_names: dict[int, str | None] = {}  # pid -> name, while it runs
 
     def _errors(self, *names: str) -> tuple[type[BaseException], ...]:
         return tuple(getattr(self._nvml, name) for name in names if hasattr(self._nvml, name))
@@ -68,6 +69,9 @@ class NvmlBackend:
         devices: list[GpuDevice] = []
         for index in range(count):
             devices.extend(self._read_gpu(index))
+        running = {p.pid for d in devices for p in d.processes}
+        for pid in self._process_names.keys() - running:
+            del self._process_names[pid]
         return devices
 
     def _read_gpu(self, index: int) -> list[GpuDevice]:
@@ -164,7 +168,19 @@ class NvmlBackend:
                 used = None if raw is None else int(raw)
                 known = used_by_pid.get(pid)
                 used_by_pid[pid] = used if known is None else max(known, used or 0)
-        return tuple(GpuProcess(pid, used) for pid, used in sorted(used_by_pid.items()))
+        return tuple(
+            GpuProcess(pid, used, self._process_name(pid))
+            for pid, used in sorted(used_by_pid.items())
+        )
+
+    def _process_name(self, pid: int) -> str | None:
+        """The driver's name for the process, else the kernel's; asked once per process."""
+        if pid not in self._process_names:
+            name = None
+            with contextlib.suppress(self._nvml.NVMLError, AttributeError):
+                name = _text(self._nvml.nvmlSystemGetProcessName(pid)) or None
+            self._process_names[pid] = name or proc_name(pid)
+        return self._process_names[pid]
 
     def _memory(self, handle: Any) -> tuple[Any, bool]:
         nvml = self._nvml
@@ -194,3 +210,12 @@ class NvmlBackend:
 def _optional_int(memory: Any, field: str) -> int | None:
     value = getattr(memory, field, None)
     return None if value is None else int(value)
+
+
+def proc_name(pid: int) -> str | None:
+    """The command name the kernel has for `pid`; None when it is not in this PID namespace."""
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as comm:
+            return comm.read().strip() or None
+    except OSError:
+        return None

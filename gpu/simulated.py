@@ -16,6 +16,7 @@ class _SimulatedProcess(BaseModel):
 
     pid: int = Field(ge=1)
     used_mib: int | None = Field(default=None, ge=0)
+    name: str | None = None
 
 
 class _SimulatedDevice(BaseModel):
@@ -79,7 +80,7 @@ class SimulatedBackend:
                 healthy=device.healthy,
                 error=None if device.healthy else "marked unhealthy in the simulated file",
                 processes=tuple(
-                    GpuProcess(p.pid, _optional_bytes(p.used_mib)) for p in device.processes
+                    GpuProcess(p.pid, _optional_bytes(p.used_mib), p.name) for p in device.processes
                 ),
             )
             for position, device in enumerate(parsed.devices)

@@ -25,6 +25,7 @@ class GpuProcess:
 
     pid: int
     used_bytes: int | None = None
+    name: str | None = None  # None: neither the driver nor /proc would say
 
 
 @dataclass(frozen=True, slots=True)

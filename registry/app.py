@@ -28,6 +28,8 @@ from registry.gpus_report import gpus_body
 from registry.logs import get_logger
 from registry.metrics import Metrics
 from registry.observe import Observer
+from registry.status_page.page import routes as status_routes
+from registry.status_page.page import setup_templates
 from registry.view import CatalogView
 from registry.watch.events import routes as watch_routes
 from registry.watch.feed import ChangeFeed
@@ -233,5 +235,6 @@ def create_app(
         settings.slow_request_ms,
         busy_routes=frozenset({"/reservations", "/reservations/{id}"}),
     )
-    observer.add_routes(app, routes, admission_routes, watch_routes, fleet_routes)
+    observer.add_routes(app, routes, admission_routes, watch_routes, fleet_routes, status_routes)
+    setup_templates(app)
     return app

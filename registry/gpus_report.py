@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from gpu import MIB, GpuPoller
-from registry.schemas import GpuDeviceOut, GpusOut
+from registry.schemas import GpuDeviceOut, GpuProcessOut, GpusOut
 from registry.view import CachedBody, CatalogView, body_etag
 
 
@@ -27,6 +27,14 @@ def gpus_document(view: CatalogView, poller: GpuPoller | None) -> dict[str, Any]
             pending_mib=view.pending_by_device.get(d.uuid, 0),
             error=d.error,
             parent_uuid=d.parent_uuid,
+            processes=[
+                GpuProcessOut(
+                    pid=p.pid,
+                    name=p.name,
+                    used_mib=None if p.used_bytes is None else p.used_bytes // MIB,
+                )
+                for p in d.processes
+            ],
         )
         for d in snapshot.devices
     ]

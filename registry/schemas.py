@@ -140,6 +140,14 @@ class ModelList(BaseModel):
     capacity: CapacityOut
 
 
+class GpuProcessOut(BaseModel):
+    pid: int = Field(description="As the host sees it (NVML reports host pids).")
+    name: str | None = Field(
+        description="From the driver, else /proc; null for a process in another PID namespace."
+    )
+    used_mib: int | None = Field(description="null where the driver does not say.")
+
+
 class GpuDeviceOut(BaseModel):
     uuid: str
     index: int
@@ -155,6 +163,9 @@ class GpuDeviceOut(BaseModel):
         description="Free memory after the margin and the pending reservations; null if unhealthy."
     )
     pending_mib: int = Field(description="What open reservations still hold on this device.")
+    processes: list[GpuProcessOut] = Field(
+        default_factory=list, description="Who holds memory on the device."
+    )
     error: str | None = None
     parent_uuid: str | None = None
 

@@ -40,7 +40,8 @@ def with_database(dsn: str, database: str) -> str:
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Settings must come from the test, not from the developer's shell or systemd."""
     for name in list(os.environ):
-        if name.startswith("MODEL_REGISTRY_") and name != "MODEL_REGISTRY_TEST_DATABASE_URL":
+        # MODEL_REGISTRY_TEST_* are the test suite's own (database, browser).
+        if name.startswith("MODEL_REGISTRY_") and not name.startswith("MODEL_REGISTRY_TEST_"):
             monkeypatch.delenv(name)
     for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "STATE_DIRECTORY"):
         monkeypatch.delenv(name, raising=False)

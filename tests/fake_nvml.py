@@ -62,6 +62,8 @@ class FakeNvml:
         self.hang = threading.Event()  # set: memory calls block until `release` is set
         self.release = threading.Event()
         self.calls_started = 0
+        self.process_names = {}
+        self.name_calls = 0
 
     # -- lifecycle --
     def nvmlInit(self) -> None:
@@ -112,6 +114,14 @@ class FakeNvml:
         if instance is None:
             raise pynvml.NVMLError_NotFound()
         return instance
+
+    process_names: dict[int, str]  # set in __init__: what nvmlSystemGetProcessName knows
+
+    def nvmlSystemGetProcessName(self, pid: int) -> bytes:
+        self.name_calls += 1
+        if pid not in self.process_names:
+            raise pynvml.NVMLError_NotFound()
+        return self.process_names[pid].encode()
 
     def nvmlDeviceGetComputeRunningProcesses(self, gpu: FakeGpu) -> list[Any]:
         return self._processes(gpu, gpu.compute_processes)

@@ -204,6 +204,7 @@ async def test_gpus_endpoint_describes_devices(
         "healthy": True,
         "usable_mib": 20000,
         "pending_mib": 0,
+        "processes": [],
     }
     assert body["as_of"].endswith("+00:00")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gpu import GpuUnavailable
@@ -113,3 +115,22 @@ def test_a_gpu_lost_while_listing_processes_is_unhealthy() -> None:
     gpu.processes_error = pynvml.NVMLError_GpuIsLost()
     [device] = NvmlBackend(FakeNvml([gpu])).read()
     assert not device.healthy and "GpuIsLost" in (device.error or "")
+
+
+def test_process_names_come_from_the_driver_else_from_proc() -> None:
+    import os
+
+    gpu = FakeGpu("GPU-a", free=100 * GIB)
+    me, gone = os.getpid(), 4_194_303  # this test's own process; a pid nobody has
+    gpu.compute_processes = [(100, GIB), (me, GIB), (gone, None)]
+    fake = FakeNvml([gpu])
+    fake.process_names = {100: "/usr/bin/vllm"}
+    backend = NvmlBackend(fake)
+    [device] = backend.read()
+    names = {p.pid: p.name for p in device.processes}
+    assert names[100] == "/usr/bin/vllm"
+    assert names[me] == Path("/proc/self/comm").read_text().strip()
+    assert names[gone] is None  # another PID namespace: no name, memory still counted
+    calls = fake.name_calls
+    backend.read()
+    assert fake.name_calls == calls, "a running process is named once"

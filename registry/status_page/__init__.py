@@ -1,0 +1,1 @@
+"""The status page at GET /: a server-rendered view for operators, updated live from /events."""

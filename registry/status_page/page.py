@@ -1,0 +1,149 @@
+"""GET /: GPUs with their memory split into used, pending, margin and usable; models; the open
+reservations; the fleet; the GPU backend and the age of its reading. One HTML page with its own
+CSS and script (no external asset: it works on an air-gapped host), correct without JavaScript,
+and with it, redrawn from the server whenever /events says something changed.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+from registry import __version__, keys
+from registry.admission.book import ReservationBook
+from registry.capacity import Margins
+from registry.schemas import ListQuery
+from registry.view import CatalogView
+
+routes = web.RouteTableDef()
+
+MAX_ROWS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    kind: str  # used, pending, margin, usable
+    mib: int
+    start: float  # per mille of the total, for an SVG bar
+    width: float
+
+
+def memory_segments(total: int, free: int, pending: int, margin: int) -> list[Segment]:
+    """The device's total split into used, pending, margin and usable; they add up to total."""
+    used = max(0, total - free)
+    pending = min(max(0, pending), max(0, free))
+    margin = min(max(0, margin), max(0, free - pending))
+    usable = max(0, free - pending - margin)
+    segments, start = [], 0.0
+    for kind, mib in (("used", used), ("pending", pending), ("margin", margin), ("usable", usable)):
+        width = 1000 * mib / total if total else 0.0
+        segments.append(Segment(kind, mib, start, width))
+        start += width
+    return segments
+
+
+def _gpus(view: CatalogView, margins: Margins) -> list[dict[str, Any]]:
+    usable = {u.device.uuid: u.usable_mib for u in view.usable}
+    return [
+        {
+            "device": device,
+            "usable": usable.get(device.uuid),
+            "pending": view.pending_by_device.get(device.uuid, 0),
+            "segments": memory_segments(
+                device.total_mib,
+                device.free_mib,
+                view.pending_by_device.get(device.uuid, 0),
+                margins.for_device(device),
+            ),
+        }
+        for device in view.snapshot.devices
+    ]
+
+
+def _models(view: CatalogView, active: bool | None) -> tuple[list[dict[str, Any]], int]:
+    rows: list[dict[str, Any]] = []
+    matching = 0
+    for model in view.models():
+        assessment = view.capacity.assess(model)
+        if active is not None and assessment.active is not active:
+            continue
+        matching += 1
+        if len(rows) < MAX_ROWS:
+            rows.append({"model": model, "assessment": assessment})
+    return rows, matching
+
+
+def _reservations(book: ReservationBook, now: datetime) -> list[dict[str, Any]]:
+    return [
+        {"r": r, "pending": book.pending_mib(r), "expires_s": (r.expires_at - now).total_seconds()}
+        for r in book.open()
+    ]
+
+
+async def _fleet(request: web.Request) -> list[Any]:
+    reader = request.app.get(keys.FLEET)
+    if reader is None:
+        return []
+    hosts = (await reader.hosts()).hosts
+    return hosts if len(hosts) > 1 else []  # a fleet of one is this host, shown above
+
+
+@routes.get("/")
+async def status_page(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    view = app[keys.VIEW]
+    try:
+        active = ListQuery.model_validate({"active": request.query.get("active")}).active
+    except ValueError:
+        active = None
+    snapshot = view.snapshot
+    now = datetime.now(UTC)
+    models, matching = _models(view, active)
+    book = app.get(keys.BOOK)
+    nonce = secrets.token_urlsafe(16)
+    context = {
+        "nonce": nonce,
+        "version": __version__,
+        "host_id": app[keys.SETTINGS].host_id,
+        "snapshot": snapshot,
+        # The age of the readings shown; none while there are none (GPUs not readable).
+        "age_s": None
+        if snapshot.as_of is None or not snapshot.devices
+        else (now - snapshot.as_of).total_seconds(),
+        "margins": view.margins,
+        "gpus": _gpus(view, view.margins),
+        "models": models,
+        "matching": matching,
+        "model_count": view.model_count,
+        "active_count": view.active_count,
+        "active_filter": active,
+        "max_rows": MAX_ROWS,
+        "reservations": [] if book is None else _reservations(book, now),
+        "fleet": await _fleet(request),
+        "generation": view.generation,
+    }
+    # The page's script asks for its changing parts alone when /events says they changed.
+    template = "fragment.html" if request.headers.get("X-Status-Fragment") == "1" else "status.html"
+    response = aiohttp_jinja2.render_template(template, request, context)
+    response.headers["Content-Security-Policy"] = (
+        f"default-src 'none'; style-src 'nonce-{nonce}'; script-src 'nonce-{nonce}'; "
+        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'self'; "
+        "frame-ancestors 'none'"
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def setup_templates(app: web.Application) -> None:
+    aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.PackageLoader("registry.status_page", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
