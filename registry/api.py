@@ -213,6 +213,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
+    if (fleet := request.app.get(keys.FLEET)) is not None:
+        await fleet.hosts()  # cached; read only as often as scrapes come
     body = request.app[keys.METRICS].render()
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 

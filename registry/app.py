@@ -28,8 +28,8 @@ from registry.gpus_report import gpus_body
 from registry.logs import get_logger
 from registry.metrics import Metrics
 from registry.observe import Observer
-from registry.status_page.page import routes as status_routes
-from registry.status_page.page import setup_templates
+from registry.ops_view.page import routes as status_routes
+from registry.ops_view.page import setup_templates
 from registry.view import CatalogView
 from registry.watch.events import routes as watch_routes
 from registry.watch.feed import ChangeFeed
@@ -182,7 +182,7 @@ async def fleet_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     await publisher.start()
     log.info("in the fleet", host=settings.host_id, url=url)
-    app[keys.FLEET] = FleetReader(database.pool)
+    app[keys.FLEET] = app[keys.METRICS].fleet = FleetReader(database.pool)
     task = spawn(app, publisher.run(), "fleet-publisher")
     yield
     await _stop_task(task)

@@ -29,6 +29,7 @@ from registry.catalog_file import (
 from registry.config import ConfigError, Settings, load_settings
 from registry.database import DatabaseUnavailable, migrated_database
 from registry.fleet.identity import HostIdTaken
+from registry.http_client import ClientError
 from registry.logs import configure_logging, get_logger
 from registry.migrations import DatabaseTooNew
 from registry.store import CatalogStore, DuplicateName
@@ -86,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["toml", "json"], default="toml")
 
     reservations_cli.add_parser(commands, common)
+
+    status = commands.add_parser(
+        "status", parents=[common], help="show GPUs, models and reservations of a running daemon"
+    )
+    status.add_argument("--url", help="the daemon's base URL (default: the configured host/port)")
+    status.add_argument("--watch", action="store_true", help="redraw whenever something changes")
     return parser
 
 
@@ -117,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(serve(settings, args.config, overrides))
         if args.command == "reservations":
             return reservations_cli.run(args, settings)
+        if args.command == "status":
+            from registry.ops_view import terminal
+
+            return terminal.run(args.url, settings, watch=args.watch)
         if args.command == "migrate":
             return asyncio.run(_with_dsn(settings, _migrate_only))
         return asyncio.run(_with_dsn(settings, lambda dsn: _models(dsn, args, document)))
@@ -128,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("refusing to start", error=str(exc))
         print(f"model-registry: {exc}", file=sys.stderr)
         return 1
-    except (CliError, DuplicateName, reservations_cli.ClientError) as exc:
+    except (CliError, DuplicateName, ClientError) as exc:
         print(f"model-registry: {exc}", file=sys.stderr)
         return 1
     except DatabaseUnavailable as exc:

@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from gpu import MIB
 from registry.admission.book import ReservationBook
+from registry.fleet.reader import FleetReader
 from registry.view import CatalogView
 
 disable_created_metrics()  # type: ignore[no-untyped-call] # the *_created series only add noise to every scrape
@@ -176,6 +177,27 @@ class _RequestStats(Collector):
         yield latency
 
 
+class _FleetStats(Collector):
+    def __init__(self, fleet: Callable[[], FleetReader | None]) -> None:
+        self._fleet = fleet
+
+    def collect(self) -> Iterator[Metric]:
+        fleet = self._fleet()
+        if fleet is None:
+            return
+        hosts = GaugeMetricFamily(
+            "model_registry_fleet_hosts",
+            "Hosts of the fleet by state, as this daemon last read them.",
+            labels=["state"],
+        )
+        counts = {"ok": 0, "stale": 0, "offline": 0}
+        for host in fleet.last_hosts().hosts:
+            counts[host.state] = counts.get(host.state, 0) + 1
+        for state, count in counts.items():
+            hosts.add_metric([state], count)
+        yield hosts
+
+
 class _ReservationStats(Collector):
     def __init__(self, book: Callable[[], ReservationBook | None]) -> None:
         self._book = book
@@ -213,6 +235,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.view: CatalogView | None = None
         self.book: ReservationBook | None = None
+        self.fleet: FleetReader | None = None
         self.last_success: float | None = None
         self.poll_seconds = Histogram(
             "model_registry_gpu_poll_duration_seconds",
@@ -227,6 +250,7 @@ class Metrics:
         self.registry.register(self._requests)
         self.registry.register(_StateCollector(lambda: self.view, lambda: self.last_success, dcgm))
         self.registry.register(_ReservationStats(lambda: self.book))
+        self.registry.register(_FleetStats(lambda: self.fleet))
 
     def observe_poll(self, seconds: float, ok: bool) -> None:
         self.poll_seconds.observe(seconds)

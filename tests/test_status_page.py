@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from registry import keys
-from registry.status_page.page import memory_segments
+from registry.ops_view.page import memory_segments
 from tests.conftest import AppClient
 
 TOKEN = "page-token"

@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-import urllib.error
 import urllib.parse
-import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
 from registry.config import Settings
+from registry.http_client import ClientError, base_url, call
 from registry.tables import text_table
-
-_TIMEOUT_S = 10
-
-
-class ClientError(Exception):
-    """The daemon could not be reached or said no; the message is for the user."""
 
 
 def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -41,67 +33,23 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     remove.add_argument("id")
 
 
-def base_url(settings: Settings, url: str | None) -> str:
-    if url:
-        return url.rstrip("/")
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(settings.host, settings.host)
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{settings.port}"
-
-
 def run(args: argparse.Namespace, settings: Settings) -> int:
     base = base_url(settings, args.url)
     tokens = settings.scheduler_tokens() or settings.admin_tokens()
     token = tokens[0] if tokens else None
     if args.action == "list":
-        print(format_reservations(_call(base, "GET", "/reservations")["data"]))
+        print(format_reservations(call(base, "GET", "/reservations")["data"]))
     elif args.action == "add":
         if (args.model is None) == (args.vram is None):
             raise ClientError("give a MODEL or --vram MIB (one of the two)")
         body: dict[str, Any] = {"model": args.model, "vram_mib": args.vram}
         body.update(ttl_s=args.ttl, holder=args.holder, gpu=args.gpu, pid=args.pid)
         body = {key: value for key, value in body.items() if value is not None}
-        print(format_reservations([_call(base, "POST", "/reservations", body, token)]))
+        print(format_reservations([call(base, "POST", "/reservations", body, token)]))
     elif args.action == "remove":
-        _call(base, "DELETE", f"/reservations/{urllib.parse.quote(args.id, safe='')}", None, token)
+        call(base, "DELETE", f"/reservations/{urllib.parse.quote(args.id, safe='')}", None, token)
         print(f"released {args.id}")
     return 0
-
-
-def _call(base: str, method: str, path: str, body: object = None, token: str | None = None) -> Any:
-    headers = {"Accept": "application/json"}
-    data = None
-    if body is not None:
-        data = json.dumps(body).encode()
-        headers["Content-Type"] = "application/json"
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
-            payload = response.read()
-    except urllib.error.HTTPError as exc:
-        raise ClientError(_explain(exc.code, exc.read())) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ClientError(f"cannot reach the daemon at {base}: {reason}") from None
-    return json.loads(payload) if payload else None
-
-
-def _explain(status: int, payload: bytes) -> str:
-    try:
-        answer = json.loads(payload)
-    except ValueError:
-        return f"HTTP {status}"
-    detail = answer.get("detail") if isinstance(answer, dict) else None
-    if isinstance(detail, list):  # 422: one line per problem
-        detail = "; ".join(
-            f"{'.'.join(str(p) for p in issue.get('loc', [])[1:]) or 'body'}: {issue.get('msg')}"
-            for issue in detail
-        )
-    reason = f", {answer['reason']}" if isinstance(answer, dict) and "reason" in answer else ""
-    return f"{detail} (HTTP {status}{reason})"
 
 
 def format_reservations(reservations: list[dict[str, Any]]) -> str:

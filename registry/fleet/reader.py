@@ -202,6 +202,10 @@ class FleetReader:
     async def hosts(self) -> Hosts:
         return await self._hosts.current()
 
+    def last_hosts(self) -> Hosts:
+        """The hosts as last read, without reading."""
+        return self._hosts.value
+
     async def _read_placements(self) -> Placements:
         async with self._pool.acquire() as conn:
             row = await conn.fetchrow(_CANDIDATES)

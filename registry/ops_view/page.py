@@ -143,7 +143,7 @@ async def status_page(request: web.Request) -> web.StreamResponse:
 def setup_templates(app: web.Application) -> None:
     aiohttp_jinja2.setup(
         app,
-        loader=jinja2.PackageLoader("registry.status_page", "templates"),
+        loader=jinja2.PackageLoader("registry.ops_view", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )

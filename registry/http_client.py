@@ -1,0 +1,78 @@
+"""Talking to a running daemon from the command line: JSON over HTTP, errors in one line."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+from registry.config import Settings
+
+_TIMEOUT_S = 10
+
+
+class ClientError(Exception):
+    """The daemon could not be reached or said no; the message is for the user."""
+
+
+def base_url(settings: Settings, url: str | None) -> str:
+    """`url` as given, else the configured host and port (a wildcard address as loopback)."""
+    if url:
+        return url.rstrip("/")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(settings.host, settings.host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.port}"
+
+
+def call(base: str, method: str, path: str, body: object = None, token: str | None = None) -> Any:
+    headers = {"Accept": "application/json"}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
+            payload = response.read()
+    except urllib.error.HTTPError as exc:
+        raise ClientError(_explain(exc.code, exc.read())) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ClientError(f"cannot reach the daemon at {base}: {reason}") from None
+    return json.loads(payload) if payload else None
+
+
+def event_names(base: str) -> Iterator[str]:
+    """The name of each event of GET /events as it arrives (keep-alive comments skipped)."""
+    request = urllib.request.Request(base + "/events", headers={"Accept": "text/event-stream"})
+    try:
+        with urllib.request.urlopen(request) as response:
+            for raw in response:
+                line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                if line.startswith("event:"):
+                    yield line.partition(":")[2].strip()
+    except urllib.error.HTTPError as exc:
+        raise ClientError(_explain(exc.code, exc.read())) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ClientError(f"lost the daemon at {base}: {reason}") from None
+
+
+def _explain(status: int, payload: bytes) -> str:
+    try:
+        answer = json.loads(payload)
+    except ValueError:
+        return f"HTTP {status}"
+    detail = answer.get("detail") if isinstance(answer, dict) else None
+    if isinstance(detail, list):  # 422: one line per problem
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in issue.get('loc', [])[1:]) or 'body'}: {issue.get('msg')}"
+            for issue in detail
+        )
+    reason = f", {answer['reason']}" if isinstance(answer, dict) and "reason" in answer else ""
+    return f"{detail} (HTTP {status}{reason})"

@@ -1,1 +1,0 @@
-"""The status page at GET /: a server-rendered view for operators, updated live from /events."""

@@ -1,0 +1,106 @@
+"""The Grafana dashboard and the Prometheus alert rules use only metrics the daemon exports."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.conftest import AppClient
+from tests.scrape import scrape
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "grafana" / "model-registry.json"
+ALERTS = ROOT / "prometheus" / "alerts.yml"
+METRIC = re.compile(r"\b(model_registry_[a-z0-9_]+)\b")
+DURATION = re.compile(r"^\d+(ms|s|m|h|d|w|y)$")
+
+
+def _dashboard_queries(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("expr", "query", "definition") and isinstance(value, str):
+                yield value
+            else:
+                yield from _dashboard_queries(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _dashboard_queries(item)
+
+
+def _rules() -> list[dict[str, Any]]:
+    document = yaml.safe_load(ALERTS.read_text())
+    return [rule for group in document["groups"] for rule in group["rules"]]
+
+
+def _balanced(expr: str) -> bool:
+    """Brackets outside string literals open and close in order."""
+    closing = {")": "(", "]": "[", "}": "{"}
+    stack: list[str] = []
+    for char in re.sub(r'"[^"]*"', '""', expr):
+        if char in "([{":
+            stack.append(char)
+        elif char in closing and (not stack or stack.pop() != closing[char]):
+            return False
+    return not stack
+
+
+def test_the_dashboard_imports_as_is() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] and dashboard["title"] == "model-registry"
+    assert [i["name"] for i in dashboard["__inputs"]] == ["DS_PROMETHEUS"]
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for topic in (
+        "free",
+        "usable",
+        "pending",
+        "active models",
+        "poll errors",
+        "age",
+        "requests",
+        "latency",
+        "reservations",
+        "fleet",
+    ):
+        assert topic in titles, topic
+    for panel in dashboard["panels"]:
+        assert panel["targets"] and all(_balanced(t["expr"]) for t in panel["targets"])
+
+
+def test_the_alert_rules_are_well_formed() -> None:
+    rules = _rules()
+    assert {r["alert"] for r in rules} == {
+        "ModelRegistryReadingsStale",
+        "ModelRegistryPollerFailing",
+        "ModelRegistryNoModelActive",
+        "ModelRegistryFleetHostStale",
+    }
+    for rule in rules:
+        assert set(rule) == {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]
+        assert DURATION.match(rule["for"]), rule["for"]
+        assert rule["labels"]["severity"] in ("warning", "critical")
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+        assert _balanced(rule["expr"]), rule["expr"]
+
+
+async def test_every_metric_they_use_is_exported(start_app: AppClient) -> None:
+    client = await start_app(scheduler_token="tok")
+    # One of everything: a request, a reservation, a refusal, so every series exists.
+    await client.get("/models")
+    await client.post(
+        "/reservations", json={"vram_mib": 1}, headers={"Authorization": "Bearer tok"}
+    )
+    exported = {name for name, _labels in await scrape(client)}
+    used = set()
+    for query in _dashboard_queries(json.loads(DASHBOARD.read_text())):
+        used |= set(METRIC.findall(query))
+    for rule in _rules():
+        used |= set(METRIC.findall(rule["expr"]))
+    assert used, "the files use metrics"
+    assert used <= exported, sorted(used - exported)

@@ -1,0 +1,82 @@
+"""`model-registry status`: the registry in a terminal, once or redrawn on every event."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from registry import keys
+from registry.cli import main
+from registry.config import Settings
+from registry.http_client import ClientError
+from registry.ops_view import terminal
+from tests.conftest import AppClient
+from tests.waiting import eventually
+
+TOKEN = "status-token"
+
+
+async def test_status_shows_gpus_models_and_reservations(
+    start_app: AppClient, gpu_file: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    gpu_file(("GPU-sim-0", 24576, 11000))
+    client = await start_app(scheduler_token=TOKEN)
+    await client.post(
+        "/reservations",
+        json={"vram_mib": 1500, "holder": "job-77"},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    url = str(client.make_url("")).rstrip("/")
+    await eventually(
+        lambda: asyncio.sleep(0, client.app[keys.CATALOG_SYNC].listening.is_set()), bool
+    )
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["status", "--url", url]) == 0
+    out = capsys.readouterr().out
+    assert "backend simulated · ok" in out
+    assert "Simulated GPU" in out and "13,576" in out and "9,500" in out  # used, usable
+    assert "Models · 4 of 5 active" in out
+    large = next(line for line in out.splitlines() if "large-v3" in line)
+    assert "no" in large and "insufficient_vram" in large
+    assert "job-77" in out and "1,500" in out
+    assert "120 s" in out or "119 s" in out  # expires in
+
+
+def test_status_says_when_the_daemon_is_not_there(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.daemon import free_port
+
+    assert main(["status", "--url", f"http://127.0.0.1:{free_port()}"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the daemon" in err and "Traceback" not in err
+
+
+async def test_watch_redraws_when_something_changes(
+    start_app: AppClient, gpu_file: Callable[..., Path]
+) -> None:
+    client = await start_app(poll_interval=0.1)
+    url = str(client.make_url("")).rstrip("/")
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, force_interactive=True, width=140)
+    ended: list[BaseException] = []
+
+    def watch() -> None:
+        try:
+            terminal.run(url, Settings(), watch=True, console=console)
+        except ClientError as exc:
+            ended.append(exc)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    await eventually(lambda: asyncio.sleep(0, screen.getvalue()), lambda s: "20,000" in s)
+    gpu_file(("GPU-sim-0", 24576, 3000))
+    client.app[keys.POLLER].poll_now()
+    await eventually(lambda: asyncio.sleep(0, screen.getvalue()), lambda s: "3,000" in s)
+    await client.server.close()  # the daemon goes away: the watch says so and ends
+    await asyncio.to_thread(watcher.join, 10)
+    assert len(ended) == 1 and "daemon" in str(ended[0])
