@@ -139,7 +139,7 @@ async def test_the_page_says_why_there_is_no_reading(
     client = await start_app()
     html, _page_rows = await _page(client)
     assert "unavailable" in html and "invalid simulated file" in html
-    assert "none yet" in html
+    assert "never yet" in html
 
 
 async def test_gpus_lists_who_holds_the_memory(

@@ -104,6 +104,8 @@ async def status_page(request: web.Request) -> web.StreamResponse:
         active = None
     snapshot = view.snapshot
     now = datetime.now(UTC)
+    poller = app.get(keys.POLLER)
+    read_at = poller.last_success_wall if poller is not None else snapshot.as_of
     models, matching = _models(view, active)
     book = app.get(keys.BOOK)
     nonce = secrets.token_urlsafe(16)
@@ -112,10 +114,11 @@ async def status_page(request: web.Request) -> web.StreamResponse:
         "version": __version__,
         "host_id": app[keys.SETTINGS].host_id,
         "snapshot": snapshot,
-        # The age of the readings shown; none while there are none (GPUs not readable).
+        # How long ago the GPUs were last read (readings are re-confirmed at every poll and
+        # published only on change); none while they cannot be read.
         "age_s": None
-        if snapshot.as_of is None or not snapshot.devices
-        else (now - snapshot.as_of).total_seconds(),
+        if read_at is None or not snapshot.devices
+        else (now - read_at).total_seconds(),
         "margins": view.margins,
         "gpus": _gpus(view, view.margins),
         "models": models,
