@@ -39,7 +39,13 @@ log = get_logger("registry.app")
 MAX_BODY_BYTES = 64 * 1024
 # Request line and header limits for the HTTP server: long enough for a 20,000-character
 # query string (aiohttp's default is 8190). Longer lines get aiohttp's own plain-text 400.
-SERVER_OPTIONS: dict[str, Any] = {"max_line_size": 65536, "max_field_size": 65536}
+# After an answer to a request whose body was not read (refused, or too slow), aiohttp reads
+# what is left of it for at most lingering_time before closing: one second, not ten.
+SERVER_OPTIONS: dict[str, Any] = {
+    "max_line_size": 65536,
+    "max_field_size": 65536,
+    "lingering_time": 1.0,
+}
 
 
 def margins_from(settings: Settings) -> Margins:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -88,6 +88,19 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(
         default=5.0, ge=0.05, le=300.0, description="Seconds between fleet heartbeats at most."
     )
+    max_connections: int | None = Field(
+        default=None,
+        ge=1,
+        description="Client connections at most; default: the open-file limit less a reserve.",
+    )
+    header_timeout: float = Field(
+        default=10.0, ge=0.1, le=600.0, description="Seconds for a request head to arrive."
+    )
+    body_timeout: float = Field(
+        default=30.0, ge=0.1, le=3600.0, description="Seconds for a request body to arrive."
+    )
+    tls_cert_file: Path | None = Field(default=None, description="Serve HTTPS with this cert.")
+    tls_key_file: Path | None = Field(default=None, description="... and this private key.")
     events_keepalive: float = Field(
         default=15.0, ge=0.05, le=300.0, description="Seconds between /events keep-alive comments."
     )
@@ -141,12 +154,25 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL with a host")
         return value.strip().rstrip("/")
 
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                "set both MODEL_REGISTRY_TLS_CERT_FILE and ..._TLS_KEY_FILE, or neither"
+            )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
     def advertised_url(self) -> str:
         """The URL other hosts use for this daemon."""
         if self.advertise_url is not None:
             return self.advertise_url
         host = socket.getfqdn()
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{self.port}"
 
     def database_dsn(self) -> str | None:
         """The configured PostgreSQL URL; None means the embedded server."""

@@ -6,9 +6,15 @@ same processors, so every line of the process has one shape.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import sys
+import threading
+import time
+from collections.abc import Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import structlog
@@ -41,6 +47,104 @@ class _ClientErrorFilter(logging.Filter):
         return True
 
 
+REPEAT_WINDOW_S = 10.0
+
+
+@dataclass
+class _Repeats:
+    window_start: float
+    count: int = 0  # left out since window_start
+    last: logging.LogRecord | None = None
+
+
+class RepeatSummary(logging.Filter):
+    """An error that repeats is logged once; further ones are counted and logged as one
+    summary line (the count, no traceback) at most every `window_s`.
+
+    "Errors" are warnings and worse, and access-log lines of answers with status >= 400. Two
+    lines repeat when they come from the same logger with the same event (and exception type,
+    or status): the details that vary (addresses, retry delays) do not make them different.
+    """
+
+    def __init__(
+        self,
+        emit: Callable[[logging.LogRecord], None],
+        *,
+        window_s: float = REPEAT_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self._emit = emit
+        self._window_s = window_s
+        self._clock = clock
+        self._repeats: dict[tuple[object, ...], _Repeats] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(record: logging.LogRecord) -> tuple[object, ...] | None:
+        event = record.msg.get("event") if isinstance(record.msg, dict) else record.msg
+        if isinstance(record.msg, dict) and event == "request":
+            status = record.msg.get("status", 0)
+            return (record.name, event, status) if status >= 400 else None
+        if record.levelno < logging.WARNING:
+            return None
+        error = record.exc_info[1] if record.exc_info else None
+        return (record.name, str(event), type(error).__name__ if error else None)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = self._key(record)
+        if key is None:
+            return True
+        now = self._clock()
+        with self._lock:
+            repeats = self._repeats.get(key)
+            if repeats is None:
+                self._repeats[key] = _Repeats(window_start=now)
+                return True  # the first: logged in full
+            if now - repeats.window_start < self._window_s:
+                repeats.count += 1
+                repeats.last = record
+                return False
+            counted = repeats.count
+            self._repeats[key] = _Repeats(window_start=now)
+        if counted:  # the window is over: this one stands for all of them
+            _as_summary(record, counted + 1, self._window_s)
+        return True
+
+    def flush(self) -> None:
+        """Log the summaries of repeats whose window is over (the flood may have stopped)."""
+        now = self._clock()
+        due = []
+        with self._lock:
+            for key, repeats in list(self._repeats.items()):
+                if now - repeats.window_start < self._window_s:
+                    continue
+                if repeats.count and repeats.last is not None:
+                    due.append((repeats.last, repeats.count))
+                del self._repeats[key]
+        for record, count in due:
+            summary = copy.copy(record)
+            _as_summary(summary, count, self._window_s)
+            self._emit(summary)
+
+
+def _as_summary(record: logging.LogRecord, count: int, window_s: float) -> None:
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    if isinstance(record.msg, dict):
+        record.msg = {**record.msg, "repeated": count, "repeated_within_s": window_s}
+    else:
+        record.msg = f"{record.msg} (repeated {count} times within {window_s:g} s)"
+
+
+_repeat_summary: RepeatSummary | None = None
+
+
+def flush_repeated() -> None:
+    """Log what RepeatSummary has been counting; call every REPEAT_WINDOW_S and at exit."""
+    if _repeat_summary is not None:
+        _repeat_summary.flush()
+
+
 def configure_logging(
     log_format: LogFormat | None, level: str = "info", stream: TextIO | None = None
 ) -> None:
@@ -71,8 +175,16 @@ def configure_logging(
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
+    global _repeat_summary
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
+
+    def emit_unfiltered(record: logging.LogRecord) -> None:
+        with handler.lock or contextlib.nullcontext():
+            handler.emit(record)
+
+    _repeat_summary = RepeatSummary(emit_unfiltered)
+    handler.addFilter(_repeat_summary)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     set_level(level)

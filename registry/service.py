@@ -14,7 +14,10 @@ from gpu import GpuPoller
 from registry import keys
 from registry.app import SERVER_OPTIONS, create_app, margins_from
 from registry.config import LIVE_SETTINGS, Settings, load_settings
-from registry.logs import get_logger, set_level
+from registry.guard.connections import KEEPALIVE_TIMEOUT_S, GuardedRunner, GuardedServer
+from registry.guard.fds import default_max_connections, raise_open_files_limit
+from registry.guard.tls import TlsFiles
+from registry.logs import REPEAT_WINDOW_S, flush_repeated, get_logger, set_level
 from registry.sdnotify import Notifier, watchdog_interval_s
 
 log = get_logger("registry.service")
@@ -53,11 +56,31 @@ class Service:
             self.app[keys.VIEW].subscribe(self._view_changed.set)
 
     async def run(self) -> int:
-        runner = web.AppRunner(
+        settings = self.settings
+        soft, hard = raise_open_files_limit()
+        max_connections = settings.max_connections or default_max_connections(soft)
+        log.info(
+            "limits",
+            open_files=soft,
+            open_files_hard=hard,
+            max_connections=max_connections,
+            header_timeout_s=settings.header_timeout,
+            body_timeout_s=settings.body_timeout,
+            keepalive_timeout_s=KEEPALIVE_TIMEOUT_S,
+        )
+        # Before anything starts: a bad certificate is a one-line start-up error.
+        self.tls = (
+            TlsFiles(settings.tls_cert_file, settings.tls_key_file)
+            if settings.tls_cert_file is not None and settings.tls_key_file is not None
+            else None
+        )
+        runner = GuardedRunner(
             self.app,
+            max_connections=max_connections,
+            header_timeout_s=settings.header_timeout,
             access_log=None,
             handle_signals=False,
-            shutdown_timeout=self.settings.shutdown_timeout,
+            shutdown_timeout=settings.shutdown_timeout,
             **SERVER_OPTIONS,
         )
         loop = asyncio.get_running_loop()
@@ -70,8 +93,20 @@ class Service:
             await runner.cleanup()  # release what start-up acquired (the embedded server, ...)
             raise
         exit_code = 0
+        background = []
         try:
-            site = web.TCPSite(runner, self.settings.host, self.settings.port)
+            server = runner.server
+            assert isinstance(server, GuardedServer)
+            background = [
+                asyncio.create_task(server.sweep(), name="header-timeouts"),
+                asyncio.create_task(_flush_repeated_logs(), name="log-summaries"),
+            ]
+            site = web.TCPSite(
+                runner,
+                self.settings.host,
+                self.settings.port,
+                ssl_context=None if self.tls is None else self.tls.context,
+            )
             await site.start()
             log.info(
                 "listening",
@@ -85,6 +120,10 @@ class Service:
             self.notifier.send("STOPPING=1")
             log.info("stopping", grace_s=self.settings.shutdown_timeout)
             await runner.cleanup()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            flush_repeated()
             log.info("stopped", exit_code=exit_code)
         return exit_code
 
@@ -138,11 +177,28 @@ class Service:
                 update={name: getattr(fresh, name) for name in LIVE_SETTINGS}
             )
             self.app[keys.VIEW].set_margins(margins_from(self.settings))
+            self._reload_tls()
             if (poller := self.app.get(keys.POLLER)) is not None:
                 poller.interval_s = self.settings.poll_interval
             set_level(self.settings.log_level)
             log.info("configuration reloaded", changed=changed or None)
         self.notifier.send("READY=1", f"STATUS={status_line(self.app)}")
+
+    def _reload_tls(self) -> None:
+        if self.tls is None:
+            return
+        try:
+            self.tls.reload()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.error("TLS reload failed; keeping the certificate in use", error=str(exc))
+        else:
+            log.info("TLS certificate reloaded", cert_file=str(self.tls.cert_file))
+
+
+async def _flush_repeated_logs() -> None:
+    while True:
+        await asyncio.sleep(REPEAT_WINDOW_S)
+        flush_repeated()
 
 
 async def serve(settings: Settings, config_file: Path | None, overrides: dict[str, object]) -> int:

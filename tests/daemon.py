@@ -52,9 +52,16 @@ class NotifyListener:
 
 
 class Daemon:
-    def __init__(self, env: dict[str, str], *args: str, log_path: Path) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        *args: str,
+        log_path: Path,
+        open_files: int | None = None,
+        scheme: str = "http",
+    ) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = log_path.open("w")
         # Never the developer's own state directory; a test that restarts a daemon passes one.
@@ -69,11 +76,13 @@ class Daemon:
             },
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            preexec_fn=None if open_files is None else (lambda: _limit_open_files(open_files)),
         )
 
-    async def wait_ready(self, timeout_s: float = 30.0) -> None:
+    async def wait_ready(self, timeout_s: float = 30.0, ssl: Any = None) -> None:
         deadline = time.monotonic() + timeout_s
-        async with aiohttp.ClientSession() as session:
+        connector = aiohttp.TCPConnector(ssl=ssl) if ssl is not None else None
+        async with aiohttp.ClientSession(connector=connector) as session:
             while True:
                 if self.process.poll() is not None:
                     raise AssertionError(f"daemon exited early:\n{self.log()}")
@@ -102,6 +111,13 @@ class Daemon:
             self.process.kill()
             self.process.wait(timeout=10)
         self._log.close()
+
+
+def _limit_open_files(limit: int) -> None:
+    """In the child, before exec: a soft and hard open-file limit, as on a stingy host."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
 async def _pause() -> None:

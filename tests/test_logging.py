@@ -181,3 +181,48 @@ async def test_default_access_log_leaves_out_reservation_traffic_but_not_its_err
         ("POST", "/reservations", 409),
         ("POST", "/models", 403),
     ]
+
+
+def test_a_repeating_error_is_logged_once_then_summarised() -> None:
+    from registry.logs import RepeatSummary
+
+    emitted: list[logging.LogRecord] = []
+    now = [0.0]
+    summary = RepeatSummary(emitted.append, window_s=10, clock=lambda: now[0])
+
+    def record(event: str, exc: BaseException | None = None) -> logging.LogRecord:
+        exc_info = (type(exc), exc, None) if exc else None
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, event, None, exc_info)
+
+    accept_error = OSError(24, "Too many open files")
+    first = record("socket.accept() out of system resource", accept_error)
+    assert summary.filter(first) and first.exc_info is not None  # in full, traceback and all
+    for _ in range(500):
+        now[0] += 0.01
+        assert not summary.filter(record("socket.accept() out of system resource", accept_error))
+    assert summary.filter(record("another error"))  # a different error is not held back
+    now[0] = 10.5
+    later = record("socket.accept() out of system resource", accept_error)
+    assert summary.filter(later)  # the window is over: this one carries the count
+    assert later.exc_info is None and "repeated 501 times within 10 s" in str(later.msg)
+
+    for _ in range(3):
+        summary.filter(record("socket.accept() out of system resource", accept_error))
+    summary.flush()
+    assert emitted == []  # its window is not over yet
+    now[0] = 25.0
+    summary.flush()  # the flood stopped: what was held back is still told
+    [told] = emitted
+    assert "repeated 3 times" in str(told.msg) and told.exc_info is None
+
+
+async def test_a_flood_of_client_errors_is_one_line_while_it_lasts(
+    start_app: AppClient, json_lines: Any
+) -> None:
+    client = await start_app(gpu_backend="none")
+    json_lines()
+    for _ in range(50):
+        assert (await client.get("/wp-login.php")).status == 404
+    assert (await client.get("/models?limit=0")).status == 422
+    logged = [(x["path"], x["status"]) for x in _requests(json_lines())]
+    assert logged == [("/wp-login.php", 404), ("/models", 422)]

@@ -39,6 +39,7 @@ def test_unit_declares_what_the_service_needs() -> None:
     for key, value in expected.items():
         assert unit.get(key) == value, key
     assert unit["WatchdogSec"]
+    assert unit["LimitNOFILE"] == ["65536"]
     assert "PrivateDevices" not in unit or unit["PrivateDevices"] == ["no"]
     allowed = " ".join(unit["DeviceAllow"])
     for device in ("/dev/nvidiactl", "/dev/nvidia-uvm", "char-nvidia-frontend"):

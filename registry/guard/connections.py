@@ -1,0 +1,151 @@
+"""Client connections: a cap, eviction of those that hold a slot without using it, and a
+deadline for the request head.
+
+Every connection counts against `max_connections`. When one more arrives at the cap, the oldest
+connection that has not sent a complete request head, or sits idle in keep-alive, is closed to
+make room; a connection busy with a request (a waiting GET, an event stream) is never evicted.
+Only when every connection is busy is the newcomer refused, closed at once. A connection must
+send a complete request head within `header_timeout` of connecting, or of its first byte after
+a previous answer. This way slow-header attackers lose their connections to real clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from registry.logs import get_logger
+
+log = get_logger("registry.guard")
+
+KEEPALIVE_TIMEOUT_S = 60.0
+
+
+class GuardedRequestHandler(web.RequestHandler):
+    """aiohttp's connection handler, knowing whether it is idle (waiting for a request head)
+    and since when it has owed one.
+
+    Idle is aiohttp's own notion (its keep-alive timer uses the same test): the handler waits
+    for its next message. A request in progress, a waiting GET or an event stream is not idle.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.head_since: float | None = time.monotonic()  # a new connection owes a head
+
+    @property
+    def idle(self) -> bool:
+        waiter = self._waiter
+        return waiter is not None and not waiter.done()
+
+    def data_received(self, data: bytes) -> None:
+        if self.head_since is None and self.idle:
+            self.head_since = time.monotonic()  # the first byte of the next request head
+        super().data_received(data)
+        if self._messages:
+            self.head_since = None  # a complete head arrived
+
+
+@dataclass
+class GuardCounters:
+    evicted: int = 0
+    refused: int = 0
+    timed_out: int = 0
+
+
+class GuardedServer(web.Server):
+    def __init__(
+        self, *args: Any, max_connections: int, header_timeout_s: float, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_connections = max_connections
+        self.header_timeout_s = header_timeout_s
+        self.counters = GuardCounters()
+
+    def __call__(self) -> GuardedRequestHandler:
+        return GuardedRequestHandler(self, loop=self._loop, **self._kwargs)
+
+    def connection_made(self, handler: Any, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        if len(self._connections) <= self.max_connections:
+            return
+        # An aborted connection leaves the table a moment later: do not count it.
+        transports = self._connections.items()
+        if sum(not t.is_closing() for _h, t in transports) <= self.max_connections:
+            return
+        # Connections are kept in the order they came: the first idle one is the oldest.
+        for other, other_transport in transports:
+            evictable = other is not handler and getattr(other, "idle", False)
+            if evictable and not other_transport.is_closing():
+                other_transport.abort()
+                self.counters.evicted += 1
+                return
+        transport.abort()  # every slot is doing real work: refuse the newcomer
+        self.counters.refused += 1
+
+    def expire_slow_heads(self) -> int:
+        """Close connections that owe a request head for longer than the header timeout."""
+        deadline = time.monotonic() - self.header_timeout_s
+        late = [
+            transport
+            for handler, transport in self._connections.items()
+            if (since := getattr(handler, "head_since", None)) is not None and since < deadline
+        ]
+        for transport in late:
+            transport.abort()
+        self.counters.timed_out += len(late)
+        return len(late)
+
+    async def sweep(self, report_every_s: float = 10.0) -> None:
+        """Enforce the header timeout, and say what the guard did, until cancelled.
+
+        One line every `report_every_s` at most, however many connections it closed.
+        """
+        interval = min(1.0, self.header_timeout_s / 4)
+        reported = GuardCounters()
+        next_report = time.monotonic() + report_every_s
+        while True:
+            await asyncio.sleep(interval)
+            self.expire_slow_heads()
+            if time.monotonic() >= next_report:
+                next_report = time.monotonic() + report_every_s
+                now = GuardCounters(**vars(self.counters))
+                if now != reported:
+                    log.warning(
+                        "connections closed to keep the daemon reachable",
+                        evicted=now.evicted - reported.evicted,
+                        refused=now.refused - reported.refused,
+                        no_request_head_in_time=now.timed_out - reported.timed_out,
+                        open=len(self._connections),
+                        max_connections=self.max_connections,
+                        within_s=report_every_s,
+                    )
+                    reported = now
+
+
+class GuardedRunner(web.AppRunner):
+    """An AppRunner whose server caps and sweeps its connections."""
+
+    def __init__(
+        self, app: web.Application, *, max_connections: int, header_timeout_s: float, **kwargs: Any
+    ) -> None:
+        kwargs.setdefault("keepalive_timeout", KEEPALIVE_TIMEOUT_S)
+        super().__init__(app, **kwargs)
+        self._max_connections = max_connections
+        self._header_timeout_s = header_timeout_s
+
+    async def _make_server(self) -> web.Server:
+        # aiohttp's own server, rebuilt as the guarded kind with the same handler and options.
+        plain = await super()._make_server()
+        return GuardedServer(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            max_connections=self._max_connections,
+            header_timeout_s=self._header_timeout_s,
+            **plain._kwargs,
+        )

@@ -1,0 +1,232 @@
+"""Hostile and sloppy clients, with real sockets against the real daemon: descriptor limits,
+the connection cap and its evictions, head and body timeouts, HTTPS and its reload."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import trustme
+
+from tests.daemon import Daemon
+from tests.sse import EventReader
+
+HALF_HEAD = b"GET /healthz HTTP/1.1\r\nHost: registry\r\n"  # the blank line never comes
+
+
+@pytest.fixture
+def start(
+    tmp_path: Path, database_url: str, gpu_file: Callable[..., Path]
+) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def run(open_files: int | None = None, scheme: str = "http", **env: str) -> Daemon:
+        daemon = Daemon(
+            {
+                "MODEL_REGISTRY_DATABASE_URL": database_url,
+                "MODEL_REGISTRY_GPU_BACKEND": "simulated",
+                "MODEL_REGISTRY_GPU_SIMULATED_FILE": str(gpu_file()),
+                "MODEL_REGISTRY_HOST_ID": f"guard-{len(started)}",
+                **env,
+            },
+            log_path=tmp_path / f"daemon{len(started)}.log",
+            open_files=open_files,
+            scheme=scheme,
+        )
+        started.append(daemon)
+        return daemon
+
+    yield run
+    for daemon in started:
+        daemon.stop()
+
+
+def _room_for(sockets: int) -> None:
+    """This test process needs descriptors for its own clients."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < sockets + 256:
+        wanted = sockets + 256 if hard == resource.RLIM_INFINITY else min(hard, sockets + 256)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < sockets + 64:
+        pytest.skip(f"this process may not open {sockets} sockets")
+
+
+async def _half_open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(HALF_HEAD)
+    await writer.drain()
+    return reader, writer
+
+
+async def _closed(reader: asyncio.StreamReader, timeout_s: float) -> bool:
+    """Whether the daemon closed this connection within `timeout_s`."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while await reader.read(4096):
+                pass
+            return True
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+async def _healthz(url: str, timeout_s: float) -> int:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http,
+        http.get(url + "/healthz") as answer,
+    ):
+        return answer.status
+
+
+def _lines_after(log: str, event: str) -> list[str]:
+    lines = log.splitlines()
+    start = next(i for i, line in enumerate(lines) if f'"{event}"' in line)
+    return lines[start + 1 :]
+
+
+async def test_1100_half_open_connections_under_a_1024_limit_leave_it_reachable(
+    start: Callable[..., Daemon],
+) -> None:
+    _room_for(1200)
+    daemon = start(open_files=1024)
+    await daemon.wait_ready()
+    limits = next(json.loads(x) for x in daemon.log().splitlines() if '"limits"' in x)
+    assert (limits["open_files"], limits["max_connections"]) == (1024, 896)
+
+    attackers = [await _half_open(daemon.port) for _ in range(1100)]
+    try:
+        started = time.monotonic()
+        assert await _healthz(daemon.url, timeout_s=1.0) == 200
+        assert time.monotonic() - started < 1.0
+        # The oldest half-open connections made room for the newer ones and for us.
+        assert await _closed(attackers[0][0], timeout_s=1.0)
+        assert not await _closed(attackers[-1][0], timeout_s=0.2)
+    finally:
+        for _reader, writer in attackers:
+            writer.close()
+    after = _lines_after(daemon.log(), "listening")
+    assert len(after) < 20, after
+    assert "Traceback" not in daemon.log() and "out of system resource" not in daemon.log()
+
+
+async def test_at_the_cap_idle_connections_are_evicted_and_busy_ones_are_not(
+    start: Callable[..., Daemon],
+) -> None:
+    daemon = start(MODEL_REGISTRY_MAX_CONNECTIONS="8", MODEL_REGISTRY_HEADER_TIMEOUT="60")
+    await daemon.wait_ready()
+    idle = [await _half_open(daemon.port) for _ in range(8)]
+    assert await _healthz(daemon.url, timeout_s=2.0) == 200  # a real client gets in
+    assert await _closed(idle[0][0], timeout_s=1.0), "the oldest idle one made room"
+    assert not await _closed(idle[1][0], timeout_s=0.2)
+    for _reader, writer in idle:
+        writer.close()
+
+    async with aiohttp.ClientSession() as http:
+        streams = []
+        for _ in range(8):  # event streams: busy, never evicted
+            response = await http.get(daemon.url + "/events")
+            streams.append(EventReader(response))
+            assert (await streams[-1].next()).event == "snapshot"
+        newcomer, _writer = await _half_open(daemon.port)
+        assert await _closed(newcomer, timeout_s=1.0), "no idle slot: the newcomer is refused"
+        for stream in streams:
+            assert not stream.response.content.at_eof()
+    log = daemon.log()
+    assert "Traceback" not in log
+
+
+async def test_a_request_head_and_a_body_must_arrive_in_time(
+    start: Callable[..., Daemon],
+) -> None:
+    daemon = start(
+        MODEL_REGISTRY_HEADER_TIMEOUT="0.5",
+        MODEL_REGISTRY_BODY_TIMEOUT="0.5",
+        MODEL_REGISTRY_SCHEDULER_TOKEN="tok",
+    )
+    await daemon.wait_ready()
+    reader, _writer = await _half_open(daemon.port)
+    started = time.monotonic()
+    assert await _closed(reader, timeout_s=3.0)
+    assert 0.4 < time.monotonic() - started < 2.5
+
+    # A keep-alive connection between requests is not owing a head: it stays open.
+    with socket.create_connection(("127.0.0.1", daemon.port)) as conn:
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: r\r\n\r\n")
+        assert b"200 OK" in conn.recv(4096)
+        await asyncio.sleep(1.0)
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: r\r\n\r\n")
+        assert b"200 OK" in conn.recv(4096)
+
+    # A body that trickles: 408, then the connection is closed.
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    writer.write(
+        b"POST /reservations HTTP/1.1\r\nHost: r\r\nAuthorization: Bearer tok\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n" + b'{"vram_mib":'
+    )
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(65536), 3.0)
+    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive in time" in answer
+    assert await _closed(reader, timeout_s=2.0)
+    writer.close()
+
+
+async def test_https_with_a_certificate_that_is_reloaded_on_sighup(
+    start: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+
+    def issue(name: str) -> None:
+        cert = ca.issue_cert("127.0.0.1", name)
+        cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+        cert.private_key_pem.write_to_path(str(key_file))
+
+    issue("first.example")
+    daemon = start(
+        scheme="https",
+        MODEL_REGISTRY_TLS_CERT_FILE=str(cert_file),
+        MODEL_REGISTRY_TLS_KEY_FILE=str(key_file),
+    )
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+    await daemon.wait_ready(ssl=client_tls)
+
+    def served_names() -> set[str]:
+        with (
+            socket.create_connection(("127.0.0.1", daemon.port)) as raw,
+            client_tls.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            peer = tls.getpeercert()
+            return {value for kind, value in peer.get("subjectAltName", ()) if kind == "DNS"}
+
+    assert served_names() == {"first.example"}
+    with pytest.raises(aiohttp.ClientError):  # HTTPS only
+        await _healthz(daemon.url.replace("https", "http"), timeout_s=2.0)
+
+    issue("second.example")  # rotated in place, as certbot or cert-manager would
+    daemon.signal(signal.SIGHUP)
+    await _until(lambda: served_names() == {"second.example"})
+
+    cert_file.write_text("not a certificate")  # a broken rotation keeps the old pair
+    daemon.signal(signal.SIGHUP)
+    await _until(lambda: "TLS reload failed" in daemon.log())
+    assert served_names() == {"second.example"}
+    assert "Traceback" not in daemon.log()
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
