@@ -29,6 +29,9 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
+    # What asyncpg raises when the server ends a session in the middle of an operation (a
+    # restart): the connection is unusable, as when it is refused (asyncpg issue 1069).
+    asyncpg.InternalClientError,
 )
 
 _CLOSE_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *UNAVAILABLE_ERRORS)

