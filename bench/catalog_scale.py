@@ -21,28 +21,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import shutil
-import signal
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
-from common import cpu_seconds, free_port, rss_mib, start_daemon, wait_http
+from common import cpu_seconds, rss_mib, simulated_daemon
 
 TOKEN = "bench-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 POLL_S = 0.05
 
 
-def write_gpus(path: Path, free_mib: int) -> None:
-    devices = [
+def gpu_devices(free_mib: int) -> list[dict[str, Any]]:
+    return [
         {"uuid": f"GPU-sim-{i}", "total_mib": 143360, "free_mib": free_mib - i * 20000}
         for i in range(2)
     ]
+
+
+def write_gpus(path: Path, free_mib: int) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"devices": devices}))
+    tmp.write_text(json.dumps({"devices": gpu_devices(free_mib)}))
     tmp.replace(path)
 
 
@@ -115,35 +115,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="mr-bench-"))
-    gpus = work / "gpus.json"
-    write_gpus(gpus, 100_000)
-    port = free_port()
     env = {
-        **os.environ,
-        "MODEL_REGISTRY_STATE_DIR": str(work / "state"),
-        "MODEL_REGISTRY_GPU_BACKEND": "simulated",
-        "MODEL_REGISTRY_GPU_SIMULATED_FILE": str(gpus),
         "MODEL_REGISTRY_POLL_INTERVAL": str(POLL_S),
-        "MODEL_REGISTRY_LOG_FORMAT": "json",
         "MODEL_REGISTRY_ADMIN_TOKEN": TOKEN,
         "MODEL_REGISTRY_SEED_CATALOG": "false",
     }
-    daemon = start_daemon(env, port, work / "daemon.log")
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_http(f"{base}/healthz", daemon)
-        asyncio.run(measure(base, daemon.pid, gpus, args))
-        flips = sum(
-            1
-            for line in (work / "daemon.log").read_text().splitlines()
-            if "model availability changed" in line
-        )
+    with simulated_daemon(gpu_devices(100_000), **env) as daemon:
+        asyncio.run(measure(daemon.base, daemon.pid, daemon.gpus, args))
+        flips = sum(1 for line in daemon.log_lines() if "model availability changed" in line)
         print(f"\nmodel availability changes logged in all: {flips}")
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=30)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

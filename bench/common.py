@@ -1,14 +1,24 @@
-"""What the bench scripts share: a free port, a daemon child process, waiting for HTTP."""
+"""What the bench scripts share: a daemon child process on the simulated backend, waiting for
+HTTP, wrk, and reading a process's CPU time and memory."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -60,3 +70,80 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+@dataclass
+class RunningDaemon:
+    process: subprocess.Popen[bytes]
+    base: str  # http://127.0.0.1:PORT
+    port: int
+    work: Path  # its state directory, log and GPU file live here
+    gpus: Path  # the simulated backend's file
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_lines(self) -> list[str]:
+        return (self.work / "daemon.log").read_text().splitlines()
+
+    def embedded_dsn(self) -> str:
+        """The URL of the embedded PostgreSQL the daemon started."""
+        return next(
+            json.loads(line)["dsn"]
+            for line in self.log_lines()
+            if "embedded postgresql running" in line
+        )
+
+
+@contextlib.contextmanager
+def simulated_daemon(devices: list[dict[str, Any]], **env: str) -> Iterator[RunningDaemon]:
+    """`model-registry serve` on the simulated backend with `devices`, its embedded PostgreSQL
+    and everything else in a temporary directory; stopped (SIGTERM) and removed afterwards."""
+    work = Path(tempfile.mkdtemp(prefix="mr-bench-"))
+    gpus = work / "gpus.json"
+    gpus.write_text(json.dumps({"devices": devices}))
+    port = free_port()
+    full_env = {
+        **os.environ,
+        "MODEL_REGISTRY_STATE_DIR": str(work / "state"),
+        "MODEL_REGISTRY_GPU_BACKEND": "simulated",
+        "MODEL_REGISTRY_GPU_SIMULATED_FILE": str(gpus),
+        "MODEL_REGISTRY_LOG_FORMAT": "json",
+        **env,
+    }
+    process = start_daemon(full_env, port, work / "daemon.log")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(f"{base}/healthz", process)
+        yield RunningDaemon(process, base, port, work, gpus)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def wrk(url: str, duration_s: int, connections: int = 64) -> dict[str, float]:
+    """Requests/s, p50 and p99 (ms) of `url` under wrk; any non-2xx answer ends the bench."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed (apt-get install wrk)")
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    latencies = {}
+    for pct in ("50", "99"):
+        value, unit = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+        latencies[pct] = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    if re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        raise SystemExit(f"wrk saw errors against {url}:\n{out}")
+    return {"rps": rps, "p50_ms": latencies["50"], "p99_ms": latencies["99"]}
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]

@@ -17,19 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import re
-import shutil
-import signal
-import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import asyncpg
-from common import cpu_seconds, fetch, free_port, start_daemon, wait_http
+from common import cpu_seconds, fetch, simulated_daemon, wrk
 
 GPUS_PER_HOST = 8
 
@@ -123,23 +117,6 @@ def total_cpu(pids: list[int]) -> float:
     return total
 
 
-def wrk(url: str, duration_s: int) -> dict[str, float]:
-    out = subprocess.run(
-        ["wrk", "-t1", "-c32", f"-d{duration_s}s", "--latency", url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    latencies = {}
-    for pct in ("50", "99"):
-        value, unit = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
-        latencies[pct] = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-    if re.search(r"Non-2xx or 3xx responses: (\d+)", out):
-        raise SystemExit(f"wrk saw errors against {url}:\n{out}")
-    return {"rps": rps, "p50_ms": latencies["50"], "p99_ms": latencies["99"]}
-
-
 def measure(dsn: str, base: str, daemon_pid: int, pg_dir: Path, hosts: int, seconds: int) -> None:
     async def prepare() -> None:
         conn = await asyncpg.connect(dsn)
@@ -188,41 +165,14 @@ def main() -> None:
     )
     parser.add_argument("--duration", type=int, default=10)
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is not installed (apt-get install wrk)")
-
-    work = Path(tempfile.mkdtemp(prefix="mr-bench-"))
-    gpus = work / "gpus.json"
-    gpus.write_text(
-        json.dumps({"devices": [{"uuid": "GPU-sim-0", "total_mib": 81920, "free_mib": 40000}]})
-    )
-    port = free_port()
-    env = {
-        **os.environ,
-        "MODEL_REGISTRY_STATE_DIR": str(work / "state"),
-        "MODEL_REGISTRY_GPU_BACKEND": "simulated",
-        "MODEL_REGISTRY_GPU_SIMULATED_FILE": str(gpus),
-        "MODEL_REGISTRY_LOG_FORMAT": "json",
-    }
-    daemon = start_daemon(env, port, work / "daemon.log")
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_http(f"{base}/healthz", daemon)
-        dsn = next(
-            json.loads(line)["dsn"]
-            for line in (work / "daemon.log").read_text().splitlines()
-            if "embedded postgresql running" in line
-        )
+    with simulated_daemon([{"uuid": "GPU-sim-0", "total_mib": 81920, "free_mib": 40000}]) as daemon:
         print(
             f"{'hosts':>6} {'GPUs':>6} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7}"
             f" {'daemon CPU':>10} {'PG CPU':>10} {'unasked':>11} {'rows/s':>8}"
         )
         for hosts in args.hosts:
-            measure(dsn, base, daemon.pid, work / "state" / "postgres", hosts, args.duration)
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=30)
-        shutil.rmtree(work, ignore_errors=True)
+            pg_dir = daemon.work / "state" / "postgres"
+            measure(daemon.embedded_dsn(), daemon.base, daemon.pid, pg_dir, hosts, args.duration)
 
 
 if __name__ == "__main__":

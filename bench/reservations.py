@@ -22,25 +22,15 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
-import shutil
-import signal
 import statistics
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
-from common import cpu_seconds, fetch, free_port, rss_mib, start_daemon, wait_http
+from common import cpu_seconds, fetch, percentile, rss_mib, simulated_daemon
 
 TOKEN = "bench-scheduler-token"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
 
 
 async def client_loop(
@@ -115,32 +105,16 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--rate", type=float, default=1000.0, help="pairs/s of the paced run")
     parser.add_argument("--access-log", default="default", choices=["default", "all", "off"])
+    parser.add_argument("--paced-only", action="store_true", help="skip the saturation run")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="mr-bench-"))
-    gpus = work / "gpus.json"
-    gpus.write_text(
-        json.dumps({"devices": [{"uuid": "GPU-sim-0", "total_mib": 143360, "free_mib": 143000}]})
-    )
-    port = free_port()
-    env = {
-        **os.environ,
-        "MODEL_REGISTRY_STATE_DIR": str(work / "state"),
-        "MODEL_REGISTRY_GPU_BACKEND": "simulated",
-        "MODEL_REGISTRY_GPU_SIMULATED_FILE": str(gpus),
-        "MODEL_REGISTRY_LOG_FORMAT": "json",
-        "MODEL_REGISTRY_SCHEDULER_TOKEN": TOKEN,
-        "MODEL_REGISTRY_ACCESS_LOG": args.access_log,
-    }
-    daemon = start_daemon(env, port, work / "daemon.log")
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_http(f"{base}/healthz", daemon)
+    devices = [{"uuid": "GPU-sim-0", "total_mib": 143360, "free_mib": 143000}]
+    env = {"MODEL_REGISTRY_SCHEDULER_TOKEN": TOKEN, "MODEL_REGISTRY_ACCESS_LOG": args.access_log}
+    with simulated_daemon(devices, **env) as daemon:
+        base = daemon.base
         asyncio.run(run_load(base, args.clients, 1.0))  # warm up
         runs = [("saturation", None), (f"paced at {args.rate:g} pairs/s", args.rate)]
-        if os.environ.get("BENCH_ONLY_PACED"):
-            runs = runs[1:]
-        for label, rate in runs:
+        for label, rate in runs[1:] if args.paced_only else runs:
             cpu_before, wall_before = cpu_seconds(daemon.pid), time.perf_counter()
             pairs, latencies = asyncio.run(run_load(base, args.clients, args.duration, rate))
             wall = time.perf_counter() - wall_before
@@ -158,10 +132,6 @@ def main() -> None:
                 )
             print(f"  daemon CPU {cpu:.0f} % of a core, RSS {rss_mib(daemon.pid):.1f} MiB")
         assert json.loads(fetch(f"{base}/reservations"))["data"] == [], "all were released"
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=20)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -21,24 +21,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import resource
-import shutil
 import signal
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 
 import aiohttp
-from common import cpu_seconds, free_port, rss_mib, start_daemon, wait_http
+from common import cpu_seconds, percentile, rss_mib, simulated_daemon
+
+DEVICE = {"uuid": "GPU-sim-0", "total_mib": 81920}
 
 
 def write_gpus(path: Path, free_mib: int) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps({"devices": [{"uuid": "GPU-sim-0", "total_mib": 81920, "free_mib": free_mib}]})
-    )
+    tmp.write_text(json.dumps({"devices": [{**DEVICE, "free_mib": free_mib}]}))
     tmp.replace(path)
 
 
@@ -85,11 +82,6 @@ class Watchers:
                 # Ask again a little later: a thousand clients on other machines would, but
                 # here their requests would compete with this one loop's reading of answers.
                 await asyncio.sleep(0.5)
-
-
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
 
 
 async def idle_cost(pid: int, seconds: float) -> tuple[float, float]:
@@ -154,31 +146,13 @@ def main() -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 2,000 client sockets here
 
-    work = Path(tempfile.mkdtemp(prefix="mr-bench-"))
-    gpus = work / "gpus.json"
-    write_gpus(gpus, 30000)
-    port = free_port()
-    env = {
-        **os.environ,
-        "MODEL_REGISTRY_STATE_DIR": str(work / "state"),
-        "MODEL_REGISTRY_GPU_BACKEND": "simulated",
-        "MODEL_REGISTRY_GPU_SIMULATED_FILE": str(gpus),
-        "MODEL_REGISTRY_LOG_FORMAT": "json",
-    }
-    daemon = start_daemon(env, port, work / "daemon.log")
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_http(f"{base}/healthz", daemon)
+    with simulated_daemon([{**DEVICE, "free_mib": 30000}]) as daemon:
         time.sleep(2)
-        asyncio.run(run(base, daemon.pid, gpus, args))
+        asyncio.run(run(daemon.base, daemon.pid, daemon.gpus, args))
         started = time.monotonic()
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=30)
+        daemon.process.send_signal(signal.SIGTERM)
+        daemon.process.wait(timeout=30)
         print(f"SIGTERM to exit: {time.monotonic() - started:.2f} s")
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

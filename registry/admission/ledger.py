@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from registry.admission.reservation import Reservation
 from registry.logs import get_logger
@@ -35,26 +35,13 @@ class LedgerError(Exception):
     """The journal cannot be used; the message says which file and what to do."""
 
 
-class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    id: str
-    vram_mib: int
-    gpu_uuid: str
-    gpu_index: int
-    created_at: AwareDatetime
-    expires_at: AwareDatetime
-    model: str | None = None
-    holder: str | None = None
-    pid: int | None = None
-    pid_baseline_mib: int = 0
-
-
 class _Line(BaseModel):
+    """One journal line; a `put` is validated into a Reservation as it stands."""
+
     model_config = ConfigDict(extra="forbid")
 
     format: int | None = None
-    put: _Record | None = None
+    put: Reservation | None = None
     end: str | None = None
 
 
@@ -230,7 +217,7 @@ class ReservationLedger:
             if parsed.format is not None and parsed.format != 1:
                 raise LedgerError(f"{self.path} has format {parsed.format}; this daemon reads 1")
             if parsed.put is not None:
-                held[parsed.put.id] = Reservation(**parsed.put.model_dump())
+                held[parsed.put.id] = parsed.put
             if parsed.end is not None:
                 held.pop(parsed.end, None)
         return list(held.values())

@@ -7,6 +7,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+from pydantic import AwareDatetime
+
 from gpu import GpuSnapshot
 
 
@@ -16,8 +18,8 @@ class Reservation:
     vram_mib: int
     gpu_uuid: str
     gpu_index: int
-    created_at: datetime
-    expires_at: datetime
+    created_at: AwareDatetime  # with an offset: checked when read back from the journal
+    expires_at: AwareDatetime
     model: str | None = None
     holder: str | None = None
     pid: int | None = None
