@@ -86,13 +86,14 @@ class Observer:
                 response = error_response(500, "Internal Server Error")
             response.headers["X-Request-Id"] = request_id
             elapsed = time.perf_counter() - started
-            busy = elapsed - request.get(WAITED_S, 0.0)  # waiting by design is not slowness
             status = response.status
             method = request.method
             metrics.observe_request(route, method, status, elapsed)
+            # Waiting by request (a blocking GET, an event stream) is not slowness.
+            slow = elapsed > slow_s and elapsed - request.get(WAITED_S, 0.0) > slow_s
             if access is AccessLog.ALL or (
                 access is AccessLog.DEFAULT
-                and (status >= 400 or busy > slow_s or method not in quiet_methods)
+                and (status >= 400 or slow or method not in quiet_methods)
             ):
                 access_log.info(
                     "request",
