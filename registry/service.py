@@ -23,6 +23,7 @@ from registry.sdnotify import Notifier, watchdog_interval_s
 log = get_logger("registry.service")
 
 STATUS_DEBOUNCE_S = 0.05
+LISTEN_BACKLOG = 1024
 
 
 def status_line(app: web.Application) -> str:
@@ -106,6 +107,9 @@ class Service:
                 self.settings.host,
                 self.settings.port,
                 ssl_context=None if self.tls is None else self.tls.context,
+                # A burst of connections waits in the kernel's queue instead of being dropped
+                # (and retried a second later) while the daemon accepts and sorts them.
+                backlog=LISTEN_BACKLOG,
             )
             await site.start()
             log.info(

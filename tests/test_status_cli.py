@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import io
-import threading
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
 from registry import keys
 from registry.cli import main
-from registry.config import Settings
-from registry.http_client import ClientError
-from registry.ops_view import terminal
 from tests.conftest import AppClient
 from tests.waiting import eventually
 
@@ -57,26 +53,28 @@ def test_status_says_when_the_daemon_is_not_there(capsys: pytest.CaptureFixture[
 
 
 async def test_watch_redraws_when_something_changes(
-    start_app: AppClient, gpu_file: Callable[..., Path]
+    start_app: AppClient, gpu_file: Callable[..., Path], tmp_path: Path
 ) -> None:
     client = await start_app(poll_interval=0.1)
     url = str(client.make_url("")).rstrip("/")
-    screen = io.StringIO()
-    console = Console(file=screen, force_terminal=True, force_interactive=True, width=140)
-    ended: list[BaseException] = []
-
-    def watch() -> None:
-        try:
-            terminal.run(url, Settings(), watch=True, console=console)
-        except ClientError as exc:
-            ended.append(exc)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    await eventually(lambda: asyncio.sleep(0, screen.getvalue()), lambda s: "20,000" in s)
-    gpu_file(("GPU-sim-0", 24576, 3000))
-    client.app[keys.POLLER].poll_now()
-    await eventually(lambda: asyncio.sleep(0, screen.getvalue()), lambda s: "3,000" in s)
-    await client.server.close()  # the daemon goes away: the watch says so and ends
-    await asyncio.to_thread(watcher.join, 10)
-    assert len(ended) == 1 and "daemon" in str(ended[0])
+    screen = tmp_path / "screen.txt"
+    with screen.open("wb") as out:
+        watch = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "registry", "status", "--watch", "--url", url),
+            # A terminal as far as rich is concerned, so that it redraws in place.
+            env={**os.environ, "TTY_INTERACTIVE": "1", "TTY_COMPATIBLE": "1", "COLUMNS": "140"},
+            stdout=out,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    try:
+        await eventually(lambda: asyncio.sleep(0, screen.read_text()), lambda s: "20,000" in s)
+        gpu_file(("GPU-sim-0", 24576, 3000))
+        client.app[keys.POLLER].poll_now()
+        await eventually(lambda: asyncio.sleep(0, screen.read_text()), lambda s: "3,000" in s)
+        await client.server.close()  # the daemon goes away: the watch says so and ends
+        assert await asyncio.wait_for(watch.wait(), 15) == 1
+        assert watch.stderr is not None and b"daemon" in await watch.stderr.read()
+    finally:
+        if watch.returncode is None:
+            watch.kill()
+            await watch.wait()

@@ -84,7 +84,9 @@ class GuardedServer(web.Server):
                 other_transport.abort()
                 self.counters.evicted += 1
                 return
-        transport.abort()  # every slot is doing real work: refuse the newcomer
+        # Every slot is doing real work: refuse the newcomer. Soon, not now: aiohttp has yet to
+        # start this connection's handler, which must see the connection before it is lost.
+        self._loop.call_soon(transport.abort)
         self.counters.refused += 1
 
     def expire_slow_heads(self) -> int:
