@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from gpu import MIB
 from registry.admission.book import ReservationBook
 from registry.fleet.reader import FleetReader
+from registry.guard.connections import GuardedServer
 from registry.view import CatalogView
 
 disable_created_metrics()  # type: ignore[no-untyped-call] # the *_created series only add noise to every scrape
@@ -198,6 +199,31 @@ class _FleetStats(Collector):
         yield hosts
 
 
+class _ConnectionStats(Collector):
+    def __init__(self, server: Callable[[], GuardedServer | None]) -> None:
+        self._server = server
+
+    def collect(self) -> Iterator[Metric]:
+        server = self._server()
+        if server is None:
+            return
+        yield GaugeMetricFamily(
+            "model_registry_http_connections", "Client connections open.", len(server.connections)
+        )
+        yield GaugeMetricFamily(
+            "model_registry_http_connections_max",
+            "Client connections allowed (MODEL_REGISTRY_MAX_CONNECTIONS).",
+            server.max_connections,
+        )
+        counters = server.counters
+        for name, value, help_text in (
+            ("evicted", counters.evicted, "Idle or head-owing connections closed at the cap."),
+            ("refused", counters.refused, "Connections refused at the cap, every slot busy."),
+            ("head_timeouts", counters.timed_out, "Connections closed owing a request head."),
+        ):
+            yield CounterMetricFamily(f"model_registry_http_connections_{name}", help_text, value)
+
+
 class _ReservationStats(Collector):
     def __init__(self, book: Callable[[], ReservationBook | None]) -> None:
         self._book = book
@@ -236,6 +262,7 @@ class Metrics:
         self.view: CatalogView | None = None
         self.book: ReservationBook | None = None
         self.fleet: FleetReader | None = None
+        self.connections: GuardedServer | None = None  # set once the server runs
         self.last_success: float | None = None
         self.poll_seconds = Histogram(
             "model_registry_gpu_poll_duration_seconds",
@@ -251,6 +278,7 @@ class Metrics:
         self.registry.register(_StateCollector(lambda: self.view, lambda: self.last_success, dcgm))
         self.registry.register(_ReservationStats(lambda: self.book))
         self.registry.register(_FleetStats(lambda: self.fleet))
+        self.registry.register(_ConnectionStats(lambda: self.connections))
 
     def observe_poll(self, seconds: float, ok: bool) -> None:
         self.poll_seconds.observe(seconds)

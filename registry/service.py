@@ -23,7 +23,9 @@ from registry.sdnotify import Notifier, watchdog_interval_s
 log = get_logger("registry.service")
 
 STATUS_DEBOUNCE_S = 0.05
-LISTEN_BACKLOG = 1024
+# asyncio accepts up to the backlog in one go, each a descriptor before the cap sees it: the
+# descriptors kept in reserve (guard/fds.py) must exceed it.
+LISTEN_BACKLOG = 128
 
 
 def status_line(app: web.Application) -> str:
@@ -98,6 +100,7 @@ class Service:
         try:
             server = runner.server
             assert isinstance(server, GuardedServer)
+            self.app[keys.METRICS].connections = server
             background = [
                 asyncio.create_task(server.sweep(), name="header-timeouts"),
                 asyncio.create_task(_flush_repeated_logs(), name="log-summaries"),
@@ -107,8 +110,6 @@ class Service:
                 self.settings.host,
                 self.settings.port,
                 ssl_context=None if self.tls is None else self.tls.context,
-                # A burst of connections waits in the kernel's queue instead of being dropped
-                # (and retried a second later) while the daemon accepts and sorts them.
                 backlog=LISTEN_BACKLOG,
             )
             await site.start()

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 import trustme
 
+from registry.guard.fds import RESERVED_FDS
 from tests.daemon import Daemon
 from tests.sse import EventReader
 
@@ -101,7 +102,7 @@ async def test_1100_half_open_connections_under_a_1024_limit_leave_it_reachable(
     daemon = start(open_files=1024)
     await daemon.wait_ready()
     limits = next(json.loads(x) for x in daemon.log().splitlines() if '"limits"' in x)
-    assert (limits["open_files"], limits["max_connections"]) == (1024, 896)
+    assert (limits["open_files"], limits["max_connections"]) == (1024, 1024 - RESERVED_FDS)
 
     attackers = [await _half_open(daemon.port) for _ in range(1100)]
     try:
@@ -122,8 +123,14 @@ async def test_1100_half_open_connections_under_a_1024_limit_leave_it_reachable(
 async def test_at_the_cap_idle_connections_are_evicted_and_busy_ones_are_not(
     start: Callable[..., Daemon],
 ) -> None:
-    daemon = start(MODEL_REGISTRY_MAX_CONNECTIONS="8", MODEL_REGISTRY_HEADER_TIMEOUT="60")
+    daemon = start(
+        MODEL_REGISTRY_MAX_CONNECTIONS="8",
+        MODEL_REGISTRY_HEADER_TIMEOUT="60",
+        # A stream whose client went away is noticed at its next keep-alive write.
+        MODEL_REGISTRY_EVENTS_KEEPALIVE="0.3",
+    )
     await daemon.wait_ready()
+    await _until_connections(daemon, 0)  # the start-up check's own connection is gone
     idle = [await _half_open(daemon.port) for _ in range(8)]
     assert await _healthz(daemon.url, timeout_s=2.0) == 200  # a real client gets in
     assert await _closed(idle[0][0], timeout_s=1.0), "the oldest idle one made room"
@@ -141,6 +148,11 @@ async def test_at_the_cap_idle_connections_are_evicted_and_busy_ones_are_not(
         assert await _closed(newcomer, timeout_s=1.0), "no idle slot: the newcomer is refused"
         for stream in streams:
             assert not stream.response.content.at_eof()
+    await _until_connections(daemon, 0)  # the streams' slots are free again
+    metrics = _metrics(daemon)
+    assert metrics["model_registry_http_connections_evicted_total"] >= 1
+    assert metrics["model_registry_http_connections_refused_total"] >= 1
+    assert metrics["model_registry_http_connections_max"] == 8
     log = daemon.log()
     assert "Traceback" not in log
 
@@ -222,6 +234,36 @@ async def test_https_with_a_certificate_that_is_reloaded_on_sighup(
     await _until(lambda: "TLS reload failed" in daemon.log())
     assert served_names() == {"second.example"}
     assert "Traceback" not in daemon.log()
+
+
+def _metrics(daemon: Daemon) -> dict[str, float]:
+    """The daemon's unlabelled samples, read over a connection of their own (then closed)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with socket.create_connection(("127.0.0.1", daemon.port)) as conn:
+        conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n")
+        raw = b""
+        while chunk := conn.recv(65536):
+            raw += chunk
+    text = raw.partition(b"\r\n\r\n")[2].decode()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels
+    }
+
+
+async def _until_connections(daemon: Daemon, count: int) -> None:
+    """Until the daemon holds `count` client connections, besides the one that asks."""
+
+    def holds() -> bool:
+        try:
+            return _metrics(daemon)["model_registry_http_connections"] == count + 1
+        except (ConnectionError, KeyError):  # refused: every slot is still busy
+            return False
+
+    await _until(holds)
 
 
 async def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:

@@ -65,27 +65,33 @@ class GuardedServer(web.Server):
         self.max_connections = max_connections
         self.header_timeout_s = header_timeout_s
         self.counters = GuardCounters()
+        self._closed: set[Any] = set()  # handlers closed here, until they leave the table
 
     def __call__(self) -> GuardedRequestHandler:
         return GuardedRequestHandler(self, loop=self._loop, **self._kwargs)
 
     def connection_made(self, handler: Any, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
-        if len(self._connections) <= self.max_connections:
+        connections = self._connections
+        if len(connections) <= self.max_connections:
             return
-        # An aborted connection leaves the table a moment later: do not count it.
-        transports = self._connections.items()
-        if sum(not t.is_closing() for _h, t in transports) <= self.max_connections:
+        # Closed connections leave the table a little later: do not count them, and do not
+        # close them twice. (Kept small, and cheap, even in a flood of connections.)
+        self._closed = {h for h in self._closed if h in connections}
+        if len(connections) - len(self._closed) <= self.max_connections:
             return
         # Connections are kept in the order they came: the first idle one is the oldest.
-        for other, other_transport in transports:
-            evictable = other is not handler and getattr(other, "idle", False)
-            if evictable and not other_transport.is_closing():
+        for other, other_transport in connections.items():
+            if other is handler or other in self._closed:
+                continue
+            if getattr(other, "idle", False):
+                self._closed.add(other)
                 other_transport.abort()
                 self.counters.evicted += 1
                 return
         # Every slot is doing real work: refuse the newcomer. Soon, not now: aiohttp has yet to
         # start this connection's handler, which must see the connection before it is lost.
+        self._closed.add(handler)
         self._loop.call_soon(transport.abort)
         self.counters.refused += 1
 

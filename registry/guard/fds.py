@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import resource
 
-# Descriptors kept for everything that is not a client: the listener, the database pool and
-# its dedicated connections, NVML, the journal, logs, and one spare for accept() itself.
-RESERVED_FDS = 128
+# Descriptors kept for what is not a settled client connection: the connections asyncio accepts
+# in one go (up to the listen backlog, 128) before the cap can close any, the listener, the
+# database pool and its dedicated connections, NVML, the journal and logs.
+RESERVED_FDS = 256
 MIN_CONNECTIONS = 16
 
 

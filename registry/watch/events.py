@@ -11,6 +11,7 @@ an idle stream.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 
@@ -107,9 +108,16 @@ async def events(request: web.Request) -> web.StreamResponse:
     try:
         keepalive_s = request.app[keys.SETTINGS].events_keepalive
         async with sse_response(request, ping_interval=keepalive_s) as sse:
-            # The client went away, or stopped reading for longer than aiohttp-sse allows.
-            with contextlib.suppress(ConnectionResetError, TimeoutError):
-                await _stream(request, sse, subscription, names)
+            # aiohttp-sse's keep-alive writes find a client that went away; end the stream
+            # then, not at the next event, so that it does not hold its connection slot.
+            gone = asyncio.create_task(sse.wait())
+            gone.add_done_callback(lambda _: subscription.offer(None))
+            try:
+                # The client went away, or stopped reading longer than aiohttp-sse allows.
+                with contextlib.suppress(ConnectionResetError, TimeoutError):
+                    await _stream(request, sse, subscription, names)
+            finally:
+                gone.cancel()
     finally:
         feed.unsubscribe(subscription)
         request[keys.WAITED_S] = time.perf_counter() - started
