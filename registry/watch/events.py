@@ -26,6 +26,8 @@ from registry.watch.feed import Batch, Subscription
 
 routes = web.RouteTableDef()
 
+SEND_TIMEOUT_S = EventSourceResponse.DEFAULT_SEND_TIMEOUT
+
 _NAMES = TypeAdapter(list[ModelName])
 
 
@@ -55,6 +57,21 @@ def _snapshot(request: web.Request, names: frozenset[str] | None) -> tuple[int, 
         f'"capacity":{view.capacity_json},"gpus":{gpus},"reservations":{reservations}}}'
     )
     return view.generation, data
+
+
+def _encoded(batch: Batch, names: frozenset[str] | None) -> bytes:
+    """The batch's events as the stream's bytes. Streams without a filter (most) share one
+    encoding per batch, instead of each formatting the same events again."""
+    if names is None and batch.encoded is not None:
+        return batch.encoded
+    # JSON from json.dumps has no raw line break, so each event's data is one `data:` line.
+    payload = "".join(
+        f"id: {batch.generation}\r\nevent: {event}\r\ndata: {data}\r\n\r\n"
+        for event, data in _batch_events(batch, names)
+    ).encode()
+    if names is None:
+        batch.encoded = payload
+    return payload
 
 
 def _batch_events(batch: Batch, names: frozenset[str] | None) -> list[tuple[str, str]]:
@@ -93,8 +110,14 @@ async def _stream(
         if batch.generation <= generation:
             continue  # already in the snapshot this stream started with
         generation = batch.generation
-        for event, data in _batch_events(batch, names):
-            await sse.send(data, id=str(generation), event=event)
+        if payload := _encoded(batch, names):
+            try:
+                async with asyncio.timeout(SEND_TIMEOUT_S):
+                    await sse.write(payload)
+            except TimeoutError:  # a client that stopped reading: do not wait on it to close
+                if request.transport is not None:
+                    request.transport.abort()
+                raise
 
 
 @routes.get("/events")

@@ -16,7 +16,7 @@ from registry.view import CachedBody, CatalogView
 STREAM_BACKLOG = 64  # batches a stream may fall behind before it gets a fresh snapshot
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Batch:
     """What one generation changed; None where that part did not change."""
 
@@ -25,6 +25,7 @@ class Batch:
     deleted: dict[int, str] = field(default_factory=dict)  # id -> name
     gpus: str | None = None
     reservations: str | None = None
+    encoded: bytes | None = None  # as streams without a filter send it, once encoded
 
 
 class Subscription:
