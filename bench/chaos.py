@@ -337,6 +337,11 @@ def main() -> None:
         log = (work / "daemon.log").read_text().splitlines()
         with_traceback = [line for line in log if "Traceback" in line]
         print(f"daemon log: {len(log)} lines, {len(with_traceback)} with a traceback")
+        events = Counter(
+            json.loads(line).get("event", "?") if line.startswith("{") else line[:60]
+            for line in log
+        )
+        print("  most logged:", ", ".join(f"{e!r} x{n}" for e, n in events.most_common(5)))
         for line in with_traceback[:3]:
             entry = json.loads(line) if line.startswith("{") else {"event": line}
             exception = str(entry.pop("exception", ""))

@@ -60,6 +60,7 @@ class _ClientErrorFilter(logging.Filter):
 
 
 REPEAT_WINDOW_S = 10.0
+FLAP_EVENT = "model availability changed"
 
 
 @dataclass
@@ -73,7 +74,8 @@ class RepeatSummary(logging.Filter):
     """An error that repeats is logged once; further ones are counted and logged as one
     summary line (the count, no traceback) at most every `window_s`.
 
-    "Errors" are warnings and worse, and access-log lines of answers with status >= 400. Two
+    "Errors" are warnings and worse, access-log lines of answers with status >= 400, and a
+    model's availability changing (per model). Two
     lines repeat when they come from the same logger with the same event (and exception type,
     or status): the details that vary (addresses, retry delays) do not make them different.
     """
@@ -98,6 +100,10 @@ class RepeatSummary(logging.Filter):
         if isinstance(record.msg, dict) and event == "request":
             status = record.msg.get("status", 0)
             return (record.name, event, status) if status >= 400 else None
+        if isinstance(record.msg, dict) and event == FLAP_EVENT:
+            # A model that flaps (reservations coming and going at its size) is told about
+            # once, then counted.
+            return (record.name, event, record.msg.get("model"))
         if record.levelno < logging.WARNING:
             return None
         error = record.exc_info[1] if record.exc_info else None

@@ -25,7 +25,7 @@ from registry.admission.reservation import (
 )
 from registry.capacity import Assessment, Capacity, Margins, UsableDevice
 from registry.catalog import CatalogModel
-from registry.logs import get_logger
+from registry.logs import FLAP_EVENT, get_logger
 from registry.schemas import ListQuery
 
 log = get_logger("registry.view")
@@ -348,7 +348,7 @@ class CatalogView:
 
 def _log_flip(model: CatalogModel, assessment: Assessment) -> None:
     log.info(
-        "model availability changed",
+        FLAP_EVENT,
         model=model.name,
         model_id=model.id,
         active=assessment.active,

@@ -226,3 +226,23 @@ async def test_a_flood_of_client_errors_is_one_line_while_it_lasts(
     assert (await client.get("/models?limit=0")).status == 422
     logged = [(x["path"], x["status"]) for x in _requests(json_lines())]
     assert logged == [("/wp-login.php", 404), ("/models", 422)]
+
+
+def test_a_flapping_model_is_told_once_then_counted() -> None:
+    from registry.logs import FLAP_EVENT, RepeatSummary
+
+    emitted: list[logging.LogRecord] = []
+    now = [0.0]
+    summary = RepeatSummary(emitted.append, window_s=10, clock=lambda: now[0])
+
+    def flip(model: str, active: bool) -> bool:
+        msg = {"event": FLAP_EVENT, "model": model, "active": active}
+        record = logging.LogRecord("registry.view", logging.INFO, __file__, 1, msg, None, None)
+        return summary.filter(record)
+
+    assert flip("large-v3", False) and flip("medium", False)  # each model's first change
+    assert not any(flip("large-v3", i % 2 == 0) for i in range(99))
+    now[0] = 11.0
+    summary.flush()
+    [told] = emitted
+    assert told.msg["model"] == "large-v3" and told.msg["repeated"] == 99
