@@ -96,18 +96,23 @@ class RepeatSummary(logging.Filter):
 
     @staticmethod
     def _key(record: logging.LogRecord) -> tuple[object, ...] | None:
-        event = record.msg.get("event") if isinstance(record.msg, dict) else record.msg
-        if isinstance(record.msg, dict) and event == "request":
-            status = record.msg.get("status", 0)
+        fields = record.msg if isinstance(record.msg, dict) else {}
+        event = fields.get("event") if fields else record.msg
+        if event == "request":
+            status = fields.get("status", 0)
             return (record.name, event, status) if status >= 400 else None
-        if isinstance(record.msg, dict) and event == FLAP_EVENT:
-            # A model that flaps (reservations coming and going at its size) is told about
-            # once, then counted.
-            return (record.name, event, record.msg.get("model"))
-        if record.levelno < logging.WARNING:
+        if record.levelno < logging.WARNING and event != FLAP_EVENT:
             return None
         error = record.exc_info[1] if record.exc_info else None
-        return (record.name, str(event), type(error).__name__ if error else None)
+        # What the line is about is part of what makes it a repeat: a model that flaps is
+        # counted, but each reservation that expires is its own news.
+        return (
+            record.name,
+            str(event),
+            type(error).__name__ if error else None,
+            fields.get("model"),
+            fields.get("reservation"),
+        )
 
     def filter(self, record: logging.LogRecord) -> bool:
         key = self._key(record)

@@ -246,3 +246,15 @@ def test_a_flapping_model_is_told_once_then_counted() -> None:
     summary.flush()
     [told] = emitted
     assert told.msg["model"] == "large-v3" and told.msg["repeated"] == 99
+
+
+def test_each_expired_reservation_is_told() -> None:
+    from registry.logs import RepeatSummary
+
+    summary = RepeatSummary(lambda _r: None, window_s=10, clock=lambda: 0.0)
+    for n in range(3):
+        msg = {"event": "reservation expired", "reservation": f"r{n}", "holder": f"job-{n}"}
+        record = logging.LogRecord(
+            "registry.admission", logging.WARNING, __file__, 1, msg, None, None
+        )
+        assert summary.filter(record), "each expiry is its own news, not a repeat"
