@@ -15,7 +15,7 @@ import pytest
 from tests.daemon import Daemon
 
 # Bounded so the whole suite stays within a few minutes on two cores.
-BUDGET_S = 30
+BUDGET_S = 20
 
 
 async def test_schemathesis_finds_no_server_error_or_schema_violation(
