@@ -25,6 +25,7 @@ from registry.app import SERVER_OPTIONS, create_app
 from registry.config import LogFormat, Settings
 from registry.logs import configure_logging
 from registry.migrations import migrate
+from tests.daemon import Daemon
 from tests.db import StoppableServer
 
 TEMPLATE_DB = "model_registry_template"
@@ -191,6 +192,43 @@ def gpu_file(tmp_path: Path) -> Callable[..., Path]:
 
     write(("GPU-sim-0", 24576, 20000))
     return write
+
+
+SpawnDaemon = Callable[..., Daemon]
+
+
+@pytest.fixture
+def spawn_daemon(
+    tmp_path: Path, database_url: str, gpu_file: Callable[..., Path]
+) -> Iterator[SpawnDaemon]:
+    """Start real `model-registry serve` processes on this test's database and simulated GPU
+    file: spawn_daemon(MODEL_REGISTRY_X="...", ...). Each is a host of its own (host id,
+    state directory, log) unless the test says otherwise; all are stopped afterwards."""
+    started: list[Daemon] = []
+
+    def spawn(
+        *args: str, open_files: int | None = None, scheme: str = "http", **env: str
+    ) -> Daemon:
+        number = len(started)
+        daemon = Daemon(
+            {
+                "MODEL_REGISTRY_DATABASE_URL": database_url,
+                "MODEL_REGISTRY_GPU_BACKEND": "simulated",
+                "MODEL_REGISTRY_GPU_SIMULATED_FILE": str(gpu_file()),
+                "MODEL_REGISTRY_HOST_ID": f"daemon-{number}",
+                **env,
+            },
+            *args,
+            log_path=tmp_path / f"daemon{number}.log",
+            open_files=open_files,
+            scheme=scheme,
+        )
+        started.append(daemon)
+        return daemon
+
+    yield spawn
+    for daemon in started:
+        daemon.stop()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from registry import keys
-from tests.conftest import AppClient
+from tests.conftest import AppClient, SpawnDaemon
 from tests.daemon import Daemon
 from tests.db import StoppableServer
 from tests.waiting import eventually
@@ -35,31 +35,21 @@ def _gpus(path: Path, *free: int, total: int = 81920) -> Path:
 
 
 @pytest.fixture
-def hosts(tmp_path: Path, database_url: str) -> Iterator[Callable[..., Daemon]]:
-    started: list[Daemon] = []
+def hosts(spawn_daemon: SpawnDaemon, tmp_path: Path) -> SpawnDaemon:
+    """A daemon per host: its own id, advertised URL and simulated GPUs."""
 
     def start(host_id: str, *free: int, **env: str) -> Daemon:
-        gpus = _gpus(tmp_path / f"{host_id}.json", *free)
-        daemon = Daemon(
-            {
-                "MODEL_REGISTRY_DATABASE_URL": database_url,
-                "MODEL_REGISTRY_HOST_ID": host_id,
-                "MODEL_REGISTRY_ADVERTISE_URL": f"http://{host_id}.example:8700",
-                "MODEL_REGISTRY_HEARTBEAT_INTERVAL": str(HEARTBEAT_S),
-                "MODEL_REGISTRY_GPU_BACKEND": "simulated",
-                "MODEL_REGISTRY_GPU_SIMULATED_FILE": str(gpus),
-                "MODEL_REGISTRY_POLL_INTERVAL": "0.1",
-                "MODEL_REGISTRY_ADMIN_TOKEN": TOKEN,
-                **env,
-            },
-            log_path=tmp_path / f"{host_id}-{len(started)}.log",
+        return spawn_daemon(
+            MODEL_REGISTRY_HOST_ID=host_id,
+            MODEL_REGISTRY_ADVERTISE_URL=f"http://{host_id}.example:8700",
+            MODEL_REGISTRY_HEARTBEAT_INTERVAL=str(HEARTBEAT_S),
+            MODEL_REGISTRY_GPU_SIMULATED_FILE=str(_gpus(tmp_path / f"{host_id}.json", *free)),
+            MODEL_REGISTRY_POLL_INTERVAL="0.1",
+            MODEL_REGISTRY_ADMIN_TOKEN=TOKEN,
+            **env,
         )
-        started.append(daemon)
-        return daemon
 
-    yield start
-    for daemon in started:
-        daemon.stop()
+    return start
 
 
 async def _get(daemon: Daemon, path: str) -> Any:

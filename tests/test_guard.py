@@ -10,7 +10,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -18,37 +18,11 @@ import pytest
 import trustme
 
 from registry.guard.fds import RESERVED_FDS
+from tests.conftest import SpawnDaemon
 from tests.daemon import Daemon
 from tests.sse import EventReader
 
 HALF_HEAD = b"GET /healthz HTTP/1.1\r\nHost: registry\r\n"  # the blank line never comes
-
-
-@pytest.fixture
-def start(
-    tmp_path: Path, database_url: str, gpu_file: Callable[..., Path]
-) -> Iterator[Callable[..., Daemon]]:
-    started: list[Daemon] = []
-
-    def run(open_files: int | None = None, scheme: str = "http", **env: str) -> Daemon:
-        daemon = Daemon(
-            {
-                "MODEL_REGISTRY_DATABASE_URL": database_url,
-                "MODEL_REGISTRY_GPU_BACKEND": "simulated",
-                "MODEL_REGISTRY_GPU_SIMULATED_FILE": str(gpu_file()),
-                "MODEL_REGISTRY_HOST_ID": f"guard-{len(started)}",
-                **env,
-            },
-            log_path=tmp_path / f"daemon{len(started)}.log",
-            open_files=open_files,
-            scheme=scheme,
-        )
-        started.append(daemon)
-        return daemon
-
-    yield run
-    for daemon in started:
-        daemon.stop()
 
 
 def _room_for(sockets: int) -> None:
@@ -96,10 +70,10 @@ def _lines_after(log: str, event: str) -> list[str]:
 
 
 async def test_1100_half_open_connections_under_a_1024_limit_leave_it_reachable(
-    start: Callable[..., Daemon],
+    spawn_daemon: SpawnDaemon,
 ) -> None:
     _room_for(1200)
-    daemon = start(open_files=1024)
+    daemon = spawn_daemon(open_files=1024)
     await daemon.wait_ready()
     limits = next(json.loads(x) for x in daemon.log().splitlines() if '"limits"' in x)
     assert (limits["open_files"], limits["max_connections"]) == (1024, 1024 - RESERVED_FDS)
@@ -121,9 +95,9 @@ async def test_1100_half_open_connections_under_a_1024_limit_leave_it_reachable(
 
 
 async def test_at_the_cap_idle_connections_are_evicted_and_busy_ones_are_not(
-    start: Callable[..., Daemon],
+    spawn_daemon: SpawnDaemon,
 ) -> None:
-    daemon = start(
+    daemon = spawn_daemon(
         MODEL_REGISTRY_MAX_CONNECTIONS="8",
         MODEL_REGISTRY_HEADER_TIMEOUT="60",
         # A stream whose client went away is noticed at its next keep-alive write.
@@ -158,9 +132,9 @@ async def test_at_the_cap_idle_connections_are_evicted_and_busy_ones_are_not(
 
 
 async def test_a_request_head_and_a_body_must_arrive_in_time(
-    start: Callable[..., Daemon],
+    spawn_daemon: SpawnDaemon,
 ) -> None:
-    daemon = start(
+    daemon = spawn_daemon(
         MODEL_REGISTRY_HEADER_TIMEOUT="0.5",
         MODEL_REGISTRY_BODY_TIMEOUT="0.5",
         MODEL_REGISTRY_SCHEDULER_TOKEN="tok",
@@ -196,7 +170,7 @@ async def test_a_request_head_and_a_body_must_arrive_in_time(
 
 
 async def test_https_with_a_certificate_that_is_reloaded_on_sighup(
-    start: Callable[..., Daemon], tmp_path: Path
+    spawn_daemon: SpawnDaemon, tmp_path: Path
 ) -> None:
     ca = trustme.CA()
     cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -207,7 +181,7 @@ async def test_https_with_a_certificate_that_is_reloaded_on_sighup(
         cert.private_key_pem.write_to_path(str(key_file))
 
     issue("first.example")
-    daemon = start(
+    daemon = spawn_daemon(
         scheme="https",
         MODEL_REGISTRY_TLS_CERT_FILE=str(cert_file),
         MODEL_REGISTRY_TLS_KEY_FILE=str(key_file),

@@ -7,7 +7,7 @@ import asyncio
 import json
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from registry import keys
 from registry.admission.ledger import LedgerError
 from registry.admission.reservation import Reservation
 from registry.cli import main
-from tests.conftest import AppClient
+from tests.conftest import AppClient, SpawnDaemon
 from tests.daemon import Daemon, NotifyListener
 from tests.db import StoppableServer
 from tests.waiting import eventually
@@ -30,31 +30,21 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture
 def daemons(
-    tmp_path: Path, database_url: str, gpu_file: Callable[..., Path]
-) -> Iterator[Callable[..., Daemon]]:
+    spawn_daemon: SpawnDaemon, tmp_path: Path, gpu_file: Callable[..., Path]
+) -> SpawnDaemon:
+    """Daemons of one host, one after the other: the same state directory."""
     gpu_file(("GPU-sim-0", 81920, 81920))
-    started: list[Daemon] = []
 
     def start(**env: str) -> Daemon:
-        daemon = Daemon(
-            {
-                "MODEL_REGISTRY_DATABASE_URL": database_url,
-                "MODEL_REGISTRY_GPU_BACKEND": "simulated",
-                "MODEL_REGISTRY_GPU_SIMULATED_FILE": str(gpu_file()),
-                "MODEL_REGISTRY_POLL_INTERVAL": "0.1",
-                "MODEL_REGISTRY_STATE_DIR": str(tmp_path / "state"),
-                "MODEL_REGISTRY_SCHEDULER_TOKEN": TOKEN,
-                "MODEL_REGISTRY_ACCESS_LOG": "all",
-                **env,
-            },
-            log_path=tmp_path / f"daemon{len(started)}.log",
-        )
-        started.append(daemon)
-        return daemon
+        defaults = {
+            "MODEL_REGISTRY_POLL_INTERVAL": "0.1",
+            "MODEL_REGISTRY_STATE_DIR": str(tmp_path / "state"),
+            "MODEL_REGISTRY_SCHEDULER_TOKEN": TOKEN,
+            "MODEL_REGISTRY_ACCESS_LOG": "all",
+        }
+        return spawn_daemon(**{**defaults, **env})
 
-    yield start
-    for daemon in started:
-        daemon.stop()
+    return start
 
 
 async def _call(method: str, url: str, **kwargs: Any) -> tuple[int, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.daemon import Daemon
+from tests.conftest import SpawnDaemon
 
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "status-page.png"
 # Flags for a headless browser in a sandboxed, offline machine: no sandbox as root, no GPU,
@@ -62,82 +62,71 @@ def _write(path: Path, free_mib: int) -> None:
 
 
 async def test_the_page_shows_the_gpu_and_models_and_follows_a_change_live(
-    database_url: str, gpu_file: Callable[..., Path], tmp_path: Path
+    spawn_daemon: SpawnDaemon, gpu_file: Callable[..., Path], tmp_path: Path
 ) -> None:
     chromium = _chromium()
     from playwright.async_api import async_playwright
 
     gpus = gpu_file()
     _write(gpus, 100_000)
-    daemon = Daemon(
-        {
-            "MODEL_REGISTRY_DATABASE_URL": database_url,
-            "MODEL_REGISTRY_GPU_BACKEND": "simulated",
-            "MODEL_REGISTRY_GPU_SIMULATED_FILE": str(gpus),
-            "MODEL_REGISTRY_POLL_INTERVAL": "0.2",
-            "MODEL_REGISTRY_HOST_ID": "gpu-host-1",
-            "MODEL_REGISTRY_VRAM_MARGIN_MIB": "2048",
-            "MODEL_REGISTRY_SCHEDULER_TOKEN": "page-token",
-        },
-        log_path=tmp_path / "daemon.log",
+    daemon = spawn_daemon(
+        MODEL_REGISTRY_POLL_INTERVAL="0.2",
+        MODEL_REGISTRY_HOST_ID="gpu-host-1",
+        MODEL_REGISTRY_VRAM_MARGIN_MIB="2048",
+        MODEL_REGISTRY_SCHEDULER_TOKEN="page-token",
     )
     problems: list[str] = []
-    try:
-        await daemon.wait_ready()
-        async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch(
-                executable_path=chromium, headless=True, args=CHROMIUM_ARGS
+    await daemon.wait_ready()
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=chromium, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = await browser.new_page(viewport={"width": 1100, "height": 900})
+            page.on("console", lambda m: m.type == "error" and problems.append(m.text))
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            await page.goto(daemon.url + "/")
+            await page.get_by_text("live", exact=True).wait_for(timeout=5000)
+
+            assert await page.locator("section.gpu h3").inner_text() == ("GPU 0 · Simulated H200")
+            assert await _text(page, 'dd[data-kind="usable"]') == "97,952 MiB"
+            assert await _cell(page, "large-v3", 2) == "yes"
+            await page.evaluate("window.stillTheSamePage = true")
+
+            _write(gpus, 8_000)  # another process takes nearly all of it
+            await page.wait_for_function(
+                """() => document.querySelector('dd[data-kind="usable"]').textContent
+                         === "5,952 MiB" """,
+                timeout=2000,
             )
-            try:
-                page = await browser.new_page(viewport={"width": 1100, "height": 900})
-                page.on("console", lambda m: m.type == "error" and problems.append(m.text))
-                page.on("pageerror", lambda e: problems.append(str(e)))
-                await page.goto(daemon.url + "/")
-                await page.get_by_text("live", exact=True).wait_for(timeout=5000)
+            assert await _cell(page, "large-v3", 2) == "no"
+            assert await _cell(page, "large-v3", 3) == "insufficient_vram"
+            used = await page.locator("rect.seg-used").get_attribute("width")
+            assert float(used or 0) > 900, "the bar follows: used is most of it now"
+            assert await page.evaluate("window.stillTheSamePage") is True, "no reload"
 
-                assert await page.locator("section.gpu h3").inner_text() == (
-                    "GPU 0 · Simulated H200"
+            # A reservation shows up too, and takes its memory off what is usable.
+            async with aiohttp.ClientSession() as http:
+                answer = await http.post(
+                    daemon.url + "/reservations",
+                    json={"model": "medium", "holder": "session-42", "ttl_s": 600},
+                    headers={"Authorization": "Bearer page-token"},
                 )
-                assert await _text(page, 'dd[data-kind="usable"]') == "97,952 MiB"
-                assert await _cell(page, "large-v3", 2) == "yes"
-                await page.evaluate("window.stillTheSamePage = true")
+                assert answer.status == 201
+            await page.locator("#reservations td", has_text="session-42").wait_for(timeout=2000)
+            assert await _text(page, 'dd[data-kind="pending"]') == "2,500 MiB"
+            assert await _cell(page, "large_v1", 2) == "no"
 
-                _write(gpus, 8_000)  # another process takes nearly all of it
-                await page.wait_for_function(
-                    """() => document.querySelector('dd[data-kind="usable"]').textContent
-                             === "5,952 MiB" """,
-                    timeout=2000,
-                )
-                assert await _cell(page, "large-v3", 2) == "no"
-                assert await _cell(page, "large-v3", 3) == "insufficient_vram"
-                used = await page.locator("rect.seg-used").get_attribute("width")
-                assert float(used or 0) > 900, "the bar follows: used is most of it now"
-                assert await page.evaluate("window.stillTheSamePage") is True, "no reload"
-
-                # A reservation shows up too, and takes its memory off what is usable.
-                async with aiohttp.ClientSession() as http:
-                    answer = await http.post(
-                        daemon.url + "/reservations",
-                        json={"model": "medium", "holder": "session-42", "ttl_s": 600},
-                        headers={"Authorization": "Bearer page-token"},
-                    )
-                    assert answer.status == 201
-                await page.locator("#reservations td", has_text="session-42").wait_for(timeout=2000)
-                assert await _text(page, 'dd[data-kind="pending"]') == "2,500 MiB"
-                assert await _cell(page, "large_v1", 2) == "no"
-
-                SCREENSHOT.parent.mkdir(exist_ok=True)
-                shot = tmp_path / "status-page.png"
-                # caret="initial": Playwright would otherwise inject a style, which the page's
-                # Content-Security-Policy rightly refuses.
-                await page.screenshot(path=str(shot), full_page=True, caret="initial")
-                if os.environ.get("MODEL_REGISTRY_TEST_UPDATE_SCREENSHOT") == "1":
-                    shutil.copyfile(shot, SCREENSHOT)
-            finally:
-                await browser.close()
-        assert problems == [], "\n".join(problems)
-    finally:
-        daemon.stop()
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            shot = tmp_path / "status-page.png"
+            # caret="initial": Playwright would otherwise inject a style, which the page's
+            # Content-Security-Policy rightly refuses.
+            await page.screenshot(path=str(shot), full_page=True, caret="initial")
+            if os.environ.get("MODEL_REGISTRY_TEST_UPDATE_SCREENSHOT") == "1":
+                shutil.copyfile(shot, SCREENSHOT)
+        finally:
+            await browser.close()
+    assert problems == [], "\n".join(problems)
 
 
 async def _text(page: Any, selector: str) -> str:

@@ -14,8 +14,7 @@ import pytest
 
 from registry import keys
 from registry.watch.feed import STREAM_BACKLOG, Batch
-from tests.conftest import AppClient, LogLines
-from tests.daemon import Daemon
+from tests.conftest import AppClient, LogLines, SpawnDaemon
 from tests.sse import EventReader
 from tests.waiting import eventually
 
@@ -275,43 +274,33 @@ async def test_a_stream_that_falls_behind_gets_a_fresh_snapshot(client: Any) -> 
 
 
 async def test_sigterm_ends_streams_and_answers_waiting_gets_at_once(
-    database_url: str, gpu_file: Callable[..., Path], tmp_path: Path
+    spawn_daemon: SpawnDaemon,
 ) -> None:
-    daemon = Daemon(
-        {
-            "MODEL_REGISTRY_DATABASE_URL": database_url,
-            "MODEL_REGISTRY_GPU_BACKEND": "simulated",
-            "MODEL_REGISTRY_GPU_SIMULATED_FILE": str(gpu_file()),
-        },
-        log_path=tmp_path / "daemon.log",
-    )
-    try:
-        await daemon.wait_ready()
-        async with aiohttp.ClientSession(daemon.url) as http:
-            streams = [await http.get("/events") for _ in range(3)]
-            for stream in streams:
-                assert (await EventReader(stream).next()).event == "snapshot"
-            etag = (await http.get("/models")).headers["ETag"]
-            waiting = [
-                asyncio.create_task(
-                    http.get("/models", headers={"If-None-Match": etag, "Prefer": "wait=300"})
-                )
-                for _ in range(3)
-            ]
-            await asyncio.sleep(0.2)
-            started = time.monotonic()
-            daemon.signal(signal.SIGTERM)
-            answers = await asyncio.wait_for(asyncio.gather(*waiting), 5)
-            assert [a.status for a in answers] == [304, 304, 304]
-            for stream in streams:
-                with pytest.raises(EOFError):  # ended cleanly: the chunked body finished
-                    while True:
-                        await EventReader(stream).next(timeout_s=5)
-            assert await asyncio.to_thread(daemon.wait_exit, 10) == 0
-            assert time.monotonic() - started < 10
-        assert "Traceback" not in daemon.log()
-    finally:
-        daemon.stop()
+    daemon = spawn_daemon()
+    await daemon.wait_ready()
+    async with aiohttp.ClientSession(daemon.url) as http:
+        streams = [await http.get("/events") for _ in range(3)]
+        for stream in streams:
+            assert (await EventReader(stream).next()).event == "snapshot"
+        etag = (await http.get("/models")).headers["ETag"]
+        waiting = [
+            asyncio.create_task(
+                http.get("/models", headers={"If-None-Match": etag, "Prefer": "wait=300"})
+            )
+            for _ in range(3)
+        ]
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        answers = await asyncio.wait_for(asyncio.gather(*waiting), 5)
+        assert [a.status for a in answers] == [304, 304, 304]
+        for stream in streams:
+            with pytest.raises(EOFError):  # ended cleanly: the chunked body finished
+                while True:
+                    await EventReader(stream).next(timeout_s=5)
+        assert await asyncio.to_thread(daemon.wait_exit, 10) == 0
+        assert time.monotonic() - started < 10
+    assert "Traceback" not in daemon.log()
 
 
 async def test_streams_end_when_the_client_goes(client: Any) -> None:
