@@ -30,8 +30,7 @@ LISTEN_BACKLOG = 128
 
 def status_line(app: web.Application) -> str:
     view = app[keys.VIEW]
-    models = view.model_count
-    line = f"{models} models, {view.active_count} active, GPU {view.snapshot.state.value}"
+    line = f"{view.model_count} models, {view.active_count} active, GPU {view.snapshot.state.value}"
     if reservations := view.reservations:
         pending = sum(view.pending_by_device.values())
         line += f", {len(reservations)} reservation(s) holding {pending} MiB"
@@ -52,6 +51,12 @@ class Service:
         self.overrides = overrides
         self.notifier = Notifier()
         self.app = create_app(settings)
+        # Before anything starts: a bad certificate is a one-line start-up error.
+        self.tls = (
+            TlsFiles(settings.tls_cert_file, settings.tls_key_file)
+            if settings.tls_cert_file is not None and settings.tls_key_file is not None
+            else None
+        )
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._view_changed = asyncio.Event()
@@ -70,12 +75,6 @@ class Service:
             header_timeout_s=settings.header_timeout,
             body_timeout_s=settings.body_timeout,
             keepalive_timeout_s=KEEPALIVE_TIMEOUT_S,
-        )
-        # Before anything starts: a bad certificate is a one-line start-up error.
-        self.tls = (
-            TlsFiles(settings.tls_cert_file, settings.tls_key_file)
-            if settings.tls_cert_file is not None and settings.tls_key_file is not None
-            else None
         )
         runner = GuardedRunner(
             self.app,
