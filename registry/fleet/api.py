@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+from collections.abc import Iterable
 from typing import TypeVar
 
 from aiohttp import web
@@ -52,7 +54,7 @@ async def fleet_hosts(request: web.Request) -> web.StreamResponse:
 
 def _model_object(model: CatalogModel, fleet: Placements, hosts_limit: int) -> str:
     total = fleet.hosts_fitting(model.vram)
-    active = model.enabled and total > 0
+    active = _fits_somewhere(model, fleet)
     if active:
         reason = None
     elif not model.enabled:
@@ -89,19 +91,26 @@ def _model_object(model: CatalogModel, fleet: Placements, hosts_limit: int) -> s
     )
 
 
+def _fits_somewhere(model: CatalogModel, fleet: Placements) -> bool:
+    """Active across the fleet: switched on, and fits on at least one host that is up."""
+    return model.enabled and fleet.hosts_fitting(model.vram) > 0
+
+
 def _render(request: web.Request, query: FleetModelsQuery, fleet: Placements) -> CachedBody:
     view = request.app[keys.VIEW]
-    if query.name is not None:
-        named = view.model_by_name(query.name)
-        models = [] if named is None else [named]
+    end = query.skip + query.limit
+    if query.name is None and query.active is None:  # no filter: only the page is touched
+        total = view.model_count
+        page = list(itertools.islice(view.models(), query.skip, end))
     else:
-        models = list(view.models())
-    if query.active is not None:
-        models = [
-            m for m in models if (m.enabled and fleet.hosts_fitting(m.vram) > 0) is query.active
+        models: Iterable[CatalogModel] = view.models()
+        if query.name is not None:
+            named = view.model_by_name(query.name)
+            models = [] if named is None else [named]
+        matching = [
+            m for m in models if query.active is None or _fits_somewhere(m, fleet) is query.active
         ]
-    total = len(models)
-    page = models[query.skip : query.skip + query.limit]
+        total, page = len(matching), matching[query.skip : end]
     objects = ",".join(_model_object(m, fleet, query.hosts_limit) for m in page)
     body = (
         f'{{"data":[{objects}],"pagination":{{"total_items":{total},'
