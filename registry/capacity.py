@@ -91,6 +91,7 @@ class Capacity:
         self.disabled = snapshot.state is GpuState.DISABLED
         self.known = snapshot.known
         self.devices = usable_devices(snapshot, margins, pending)
+        self.usable_by_uuid = {u.device.uuid: u.usable_mib for u in self.devices}
         self.best: int | None = self.devices[-1].usable_mib if self.devices else None
         self.threshold: float
         if self.disabled:

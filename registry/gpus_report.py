@@ -12,7 +12,7 @@ from registry.view import CachedBody, CatalogView, body_etag
 
 def gpus_document(view: CatalogView, poller: GpuPoller | None) -> dict[str, Any]:
     snapshot = view.snapshot
-    usable = {u.device.uuid: u.usable_mib for u in view.usable}
+    usable = view.capacity.usable_by_uuid
     devices = [
         GpuDeviceOut(
             uuid=d.uuid,

@@ -40,7 +40,7 @@ ON CONFLICT (host) DO UPDATE
 
 def host_devices(view: CatalogView) -> list[dict[str, Any]]:
     """The devices as this host sees them, its margins and reservations applied."""
-    usable = {u.device.uuid: u.usable_mib for u in view.usable}
+    usable = view.capacity.usable_by_uuid
     return [
         {
             "uuid": d.uuid,

@@ -49,7 +49,7 @@ def memory_segments(total: int, free: int, pending: int, margin: int) -> list[Se
 
 
 def _gpus(view: CatalogView, margins: Margins) -> list[dict[str, Any]]:
-    usable = {u.device.uuid: u.usable_mib for u in view.usable}
+    usable = view.capacity.usable_by_uuid
     return [
         {
             "device": device,
