@@ -112,15 +112,13 @@ class GpuPoller:
         try:
             devices = await self._worker.call(self.backend.read, self.deadline_s)
         except GpuUnavailable as exc:
-            self._record_failure(str(exc), started)
+            self._record_unavailable(str(exc), started)
         except WorkerBusy as exc:
-            self._record_failure(str(exc), started, unavailable=False)
+            self._record_slow(str(exc), started)
         except TimeoutError:
-            self._record_failure(
-                f"GPU call did not return within {self.deadline_s:g} s", started, unavailable=False
-            )
+            self._record_slow(f"GPU call did not return within {self.deadline_s:g} s", started)
         except Exception as exc:
-            self._record_failure(f"{type(exc).__name__}: {exc}", started)
+            self._record_unavailable(f"{type(exc).__name__}: {exc}", started)
         else:
             self._record_success(devices, started)
 
@@ -134,16 +132,19 @@ class GpuPoller:
         self._report(started, ok=True)
         self._publish(GpuState.OK, tuple(devices), error=None)
 
-    def _record_failure(self, error: str, started: float, *, unavailable: bool = True) -> None:
+    def _record_unavailable(self, error: str, started: float) -> None:
+        """The GPUs cannot be read (no library, no driver, device lost): retry with backoff."""
         self.polls += 1
         self._report(started, ok=False)
-        if unavailable:
-            delay = min(self.interval_s * 2**self._failures, MAX_BACKOFF_S)
-            self._failures += 1
-            self._next_attempt = time.monotonic() + delay
-            self._publish(GpuState.UNAVAILABLE, (), error=error)
-            return
-        # The driver is slow or hung: keep the last readings until they go stale.
+        delay = min(self.interval_s * 2**self._failures, MAX_BACKOFF_S)
+        self._failures += 1
+        self._next_attempt = time.monotonic() + delay
+        self._publish(GpuState.UNAVAILABLE, (), error=error)
+
+    def _record_slow(self, error: str, started: float) -> None:
+        """The driver is slow or hung: keep the last readings until they go stale."""
+        self.polls += 1
+        self._report(started, ok=False)
         if not self._check_stale(time.monotonic(), error=error) and error != self._last_problem:
             log.warning("gpu call problem", backend=self.backend.name, error=error)
         self._last_problem = error

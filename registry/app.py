@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -15,13 +16,17 @@ from registry import keys
 from registry.admission.api import routes as admission_routes
 from registry.admission.book import Clock, ReservationBook, utc_now
 from registry.admission.ledger import ReservationLedger
+from registry.admission.metrics import ReservationStats
 from registry.api import routes
 from registry.capacity import Margins
-from registry.catalog_sync import CatalogSync
-from registry.config import GpuBackendName, Settings
+from registry.catalog.api import routes as catalog_routes
+from registry.catalog.store import CatalogStore
+from registry.catalog.sync import CatalogSync
+from registry.config import GpuBackendName, LiveSettings, Settings
 from registry.database import Database, create_pool, migrated_database
 from registry.fleet.api import routes as fleet_routes
 from registry.fleet.identity import is_loopback
+from registry.fleet.metrics import FleetStats
 from registry.fleet.publisher import FleetPublisher
 from registry.fleet.reader import FleetReader
 from registry.gpus_report import gpus_body
@@ -86,47 +91,47 @@ async def _stop_task(task: asyncio.Task[None]) -> None:
 
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[keys.SETTINGS]
+    settings = app[keys.SETTINGS].current
     async with migrated_database(settings.database_dsn(), settings.state_dir) as dsn:
         database = Database(dsn, await create_pool(dsn))
         try:
-            if settings.seed_catalog and await database.store.seed_default_catalog():
-                log.info("default catalog inserted")
             app[keys.DATABASE] = database
             yield
         finally:
             await database.close()
 
 
-async def admission_ctx(app: web.Application) -> AsyncIterator[None]:
+async def admission_ctx(app: web.Application, *, clock: Clock) -> AsyncIterator[None]:
     """The reservations this host promised, from the state directory; expired ones end."""
-    settings = app[keys.SETTINGS]
+    settings = app[keys.SETTINGS].current
     ledger = ReservationLedger(settings.state_dir)
-    book = ReservationBook(app[keys.VIEW], ledger, clock=app[keys.CLOCK])
+    book = ReservationBook(app[keys.VIEW], ledger, clock=clock)
     held = await asyncio.to_thread(ledger.open, book.open)
     try:
         book.load(held)
         if held:
             log.info(
                 "reservations restored",
-                open=len(book.open()),
-                expired=len(held) - len(book.open()),
+                open=book.open_count,
+                expired=len(held) - book.open_count,
                 file=str(ledger.path),
             )
         app[keys.BOOK] = book
-        app[keys.METRICS].book = book
-        task = spawn(app, book.run_expiry(), "reservation-expiry")
-        yield
-        await _stop_task(task)
-        await book.persist()
+        with app[keys.METRICS].collecting(ReservationStats(book)):
+            task = spawn(app, book.run_expiry(), "reservation-expiry")
+            yield
+            await _stop_task(task)
+            await book.persist()
     finally:
         ledger.close()
 
 
-async def gpu_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[keys.SETTINGS]
+async def gpu_ctx(
+    app: web.Application, *, backend_override: GpuBackend | None
+) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS].current
     view = app[keys.VIEW]
-    backend = app.get(keys.GPU_BACKEND_OVERRIDE) or build_backend(settings)
+    backend = backend_override or build_backend(settings)
     if backend is None:
         log.info("gpu awareness is off (backend none): active = enabled")
         yield
@@ -153,12 +158,13 @@ async def gpu_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
-    database = app[keys.DATABASE]
+    settings, database = app[keys.SETTINGS].current, app[keys.DATABASE]
+    store = CatalogStore(database.pool)
+    if settings.seed_catalog and await store.seed_default_catalog():
+        log.info("default catalog inserted")
+    app[keys.CATALOG_STORE] = store
     sync = CatalogSync(
-        database.dsn,
-        database.store,
-        app[keys.VIEW],
-        reload_interval_s=app[keys.SETTINGS].catalog_reload_interval,
+        database.dsn, store, app[keys.VIEW], reload_interval_s=settings.catalog_reload_interval
     )
     await sync.load()
     app[keys.CATALOG_SYNC] = sync
@@ -169,7 +175,7 @@ async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def fleet_ctx(app: web.Application) -> AsyncIterator[None]:
     """Publish this host to the fleet table (holding its host id) and read the fleet from it."""
-    settings, database = app[keys.SETTINGS], app[keys.DATABASE]
+    settings, database = app[keys.SETTINGS].current, app[keys.DATABASE]
     url = settings.advertised_url()
     if settings.database_url is not None and is_loopback(settings.host):
         log.warning(
@@ -188,11 +194,12 @@ async def fleet_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     await publisher.start()
     log.info("in the fleet", host=settings.host_id, url=url)
-    app[keys.FLEET] = app[keys.METRICS].fleet = FleetReader(database.pool)
-    task = spawn(app, publisher.run(), "fleet-publisher")
-    yield
-    await _stop_task(task)
-    await publisher.stop()
+    reader = app[keys.FLEET] = FleetReader(database.pool)
+    with app[keys.METRICS].collecting(FleetStats(reader)):
+        task = spawn(app, publisher.run(), "fleet-publisher")
+        yield
+        await _stop_task(task)
+        await publisher.stop()
 
 
 def _initial_snapshot(settings: Settings) -> GpuSnapshot:
@@ -216,31 +223,37 @@ def _reservations(app: web.Application) -> list[dict[str, object]]:
 def create_app(
     settings: Settings, *, gpu_backend: GpuBackend | None = None, clock: Clock = utc_now
 ) -> web.Application:
-    metrics = Metrics(dcgm=settings.dcgm_metrics)
+    """The application. `gpu_backend` and `clock` replace the configured backend and the wall
+    clock (tests); they reach the cleanup contexts that use them as arguments."""
     app = web.Application(client_max_size=MAX_BODY_BYTES)
-    app[keys.SETTINGS] = settings
-    app[keys.METRICS] = metrics
+    app[keys.SETTINGS] = LiveSettings(settings)
     app[keys.STOP] = asyncio.Event()
     app[keys.FATAL] = asyncio.Event()
-    app[keys.CLOCK] = clock
     view = CatalogView(_initial_snapshot(settings), margins_from(settings))
     app[keys.VIEW] = view
+    app[keys.METRICS] = Metrics(view, dcgm=settings.dcgm_metrics)
     app[keys.FEED] = ChangeFeed(
         view,
         gpus_body=lambda: gpus_body(view, app.get(keys.POLLER)),
         reservations_json=lambda: json.dumps(_reservations(app)),
     )
-    metrics.view = view
-    if gpu_backend is not None:
-        app[keys.GPU_BACKEND_OVERRIDE] = gpu_backend
     app.on_shutdown.append(_mark_stopping)
-    app.cleanup_ctx.extend([admission_ctx, database_ctx, gpu_ctx, catalog_ctx, fleet_ctx])
+    contexts: list[Callable[[web.Application], AsyncIterator[None]]] = [
+        functools.partial(admission_ctx, clock=clock),
+        database_ctx,
+        functools.partial(gpu_ctx, backend_override=gpu_backend),
+        catalog_ctx,
+        fleet_ctx,
+    ]
+    app.cleanup_ctx.extend(contexts)
     observer = Observer(
-        metrics,
+        app[keys.METRICS],
         settings.access_log,
         settings.slow_request_ms,
         busy_routes=frozenset({"/reservations", "/reservations/{id}"}),
     )
-    observer.add_routes(app, routes, admission_routes, watch_routes, fleet_routes, status_routes)
+    observer.add_routes(
+        app, catalog_routes, routes, admission_routes, watch_routes, fleet_routes, status_routes
+    )
     setup_templates(app)
     return app

@@ -29,7 +29,7 @@ def require(request: web.Request, role: Role) -> Role:
 
     Returns the role the token actually has (an admin may act as a scheduler).
     """
-    settings = request.app[keys.SETTINGS]
+    settings = request.app[keys.SETTINGS].current
     admin = settings.admin_tokens()
     scheduler = settings.scheduler_tokens()
     if role is Role.ADMIN and not admin:

@@ -53,7 +53,7 @@ async def _body_deadline(request: web.Request) -> AsyncIterator[None]:
     """The body must arrive within MODEL_REGISTRY_BODY_TIMEOUT: else 408, and the connection
     is closed after it (a client that trickles its body holds nothing for long)."""
     try:
-        async with asyncio.timeout(request.app[keys.SETTINGS].body_timeout):
+        async with asyncio.timeout(request.app[keys.SETTINGS].current.body_timeout):
             yield
     except TimeoutError:
         request.protocol.keep_alive(False)  # answer, then close

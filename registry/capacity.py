@@ -3,6 +3,10 @@
 usable(d) = free(d) - margin_mib - margin_percent * total(d) - pending(d) for each healthy
 device d, pending(d) being what open reservations still hold on it. A model fits when one single
 device has usable(d) >= vram; it is never split across devices.
+
+`Capacity` applies the rule once per change of its inputs and is what every reader of
+per-device memory reads: its `budgets` (one per device: usable, pending, margin) feed /gpus, the
+fleet row, the status page and the metrics; its best fit feeds admission.
 """
 
 from __future__ import annotations
@@ -10,11 +14,12 @@ from __future__ import annotations
 import bisect
 import enum
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from gpu import GpuDevice, GpuSnapshot, GpuState
-from registry.catalog import CatalogModel
+from registry.model import CatalogModel
+from registry.reservation import Reservation
 
 
 class Reason(enum.StrEnum):
@@ -54,6 +59,16 @@ class UsableDevice:
     usable_mib: int
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceBudget:
+    """One device's memory as the rule sees it. `usable_mib` is None for an unhealthy device."""
+
+    device: GpuDevice
+    usable_mib: int | None
+    pending_mib: int
+    margin_mib: int
+
+
 def usable_devices(
     snapshot: GpuSnapshot, margins: Margins, pending: Mapping[str, int] | None = None
 ) -> list[UsableDevice]:
@@ -70,7 +85,7 @@ def usable_devices(
     return usable
 
 
-def best_fit(devices: list[UsableDevice], vram: int) -> UsableDevice | None:
+def best_fit(devices: Sequence[UsableDevice], vram: int) -> UsableDevice | None:
     """The device with the least usable memory that still holds `vram` (devices sorted)."""
     position = bisect.bisect_left(devices, vram, key=lambda u: u.usable_mib)
     return devices[position] if position < len(devices) else None
@@ -85,14 +100,30 @@ class Capacity:
     """
 
     def __init__(
-        self, snapshot: GpuSnapshot, margins: Margins, pending: Mapping[str, int] | None = None
+        self,
+        snapshot: GpuSnapshot,
+        margins: Margins,
+        reservations: Iterable[Reservation] = (),
     ) -> None:
+        reservations = tuple(reservations)
         self.snapshot = snapshot
         self.disabled = snapshot.state is GpuState.DISABLED
         self.known = snapshot.known
-        self.devices = usable_devices(snapshot, margins, pending)
-        self.usable_by_uuid = {u.device.uuid: u.usable_mib for u in self.devices}
-        self.best: int | None = self.devices[-1].usable_mib if self.devices else None
+        self._pending_by_reservation = pending_by_reservation(reservations, snapshot)
+        pending = pending_by_device(reservations, self._pending_by_reservation)
+        self.pending_total_mib = sum(pending.values())
+        self._ranked = usable_devices(snapshot, margins, pending)
+        usable = {u.device.uuid: u.usable_mib for u in self._ranked}
+        self.budgets: tuple[DeviceBudget, ...] = tuple(
+            DeviceBudget(
+                device=device,
+                usable_mib=usable.get(device.uuid),
+                pending_mib=pending.get(device.uuid, 0),
+                margin_mib=margins.for_device(device),
+            )
+            for device in snapshot.devices
+        )
+        self.best: int | None = self._ranked[-1].usable_mib if self._ranked else None
         self.threshold: float
         if self.disabled:
             self.threshold = math.inf
@@ -100,6 +131,16 @@ class Capacity:
             self.threshold = -math.inf
         else:
             self.threshold = self.best
+
+    def pending_of(self, reservation: Reservation) -> int:
+        """MiB the reservation still holds (in full when it is not among the inputs)."""
+        return self._pending_by_reservation.get(reservation.id, reservation.vram_mib)
+
+    def healthy_devices(self, gpu: str | None = None) -> list[UsableDevice]:
+        """Healthy devices (only `gpu`, when given) with their usable memory, least first."""
+        if gpu is None:
+            return list(self._ranked)
+        return [u for u in self._ranked if u.device.uuid == gpu]
 
     def is_active(self, model: CatalogModel) -> bool:
         return model.enabled and model.vram <= self.threshold
@@ -109,21 +150,21 @@ class Capacity:
             return _without_gpu(model)
         if not self.known:
             return _unknown(model)
-        return _assess(model, self.devices, self.best)
+        return _assess(model, self._ranked, self.best)
 
 
 def assess_all(
     models: Iterable[CatalogModel],
     snapshot: GpuSnapshot,
     margins: Margins,
-    pending: Mapping[str, int] | None = None,
+    reservations: Iterable[Reservation] = (),
 ) -> dict[int, Assessment]:
     """The rule applied model by model: the reference every faster path must agree with."""
-    capacity = Capacity(snapshot, margins, pending)
+    capacity = Capacity(snapshot, margins, reservations)
     return {m.id: capacity.assess(m) for m in models}
 
 
-def _assess(model: CatalogModel, devices: list[UsableDevice], best: int | None) -> Assessment:
+def _assess(model: CatalogModel, devices: Sequence[UsableDevice], best: int | None) -> Assessment:
     chosen = best_fit(devices, model.vram)
     placement = None
     if chosen is not None:
@@ -162,3 +203,47 @@ def _unknown(model: CatalogModel) -> Assessment:
         placement=None,
         headroom_mib=None,
     )
+
+
+def pending_by_reservation(
+    reservations: Iterable[Reservation], snapshot: GpuSnapshot
+) -> dict[str, int]:
+    """MiB each reservation still holds: in full, less what its named process has loaded.
+
+    A process is credited only with memory NVML shows it holding on the reservation's device
+    beyond its baseline, and that credit is shared out oldest reservation first, so several
+    reservations naming one process never shrink by more than it actually took.
+    """
+    devices = {device.uuid: device for device in snapshot.devices}
+    ordered = sorted(reservations, key=lambda r: (r.created_at, r.id))
+    credit: dict[tuple[str, int], int] = {}
+    for reservation in ordered:
+        if reservation.pid is None:
+            continue
+        key = (reservation.gpu_uuid, reservation.pid)
+        device = devices.get(reservation.gpu_uuid)
+        used = None if device is None else device.process_used_mib(reservation.pid)
+        if used is None:
+            continue
+        growth = max(0, used - reservation.pid_baseline_mib)
+        credit[key] = max(credit.get(key, 0), growth)
+    pending: dict[str, int] = {}
+    for reservation in ordered:
+        key = (reservation.gpu_uuid, reservation.pid or 0)
+        loaded = min(reservation.vram_mib, credit.get(key, 0)) if reservation.pid else 0
+        if loaded:
+            credit[key] -= loaded
+        pending[reservation.id] = reservation.vram_mib - loaded
+    return pending
+
+
+def pending_by_device(
+    reservations: Iterable[Reservation], per_reservation: Mapping[str, int]
+) -> dict[str, int]:
+    """MiB held per device uuid, from `pending_by_reservation`'s answer."""
+    totals: dict[str, int] = {}
+    for reservation in reservations:
+        totals[reservation.gpu_uuid] = (
+            totals.get(reservation.gpu_uuid, 0) + per_reservation[reservation.id]
+        )
+    return totals

@@ -209,3 +209,24 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 
 # The settings that SIGHUP can change without a restart.
 LIVE_SETTINGS = ("poll_interval", "vram_margin_mib", "vram_margin_percent", "log_level")
+
+
+class LiveSettings:
+    """The settings in force. A reload replaces `current` as a whole, so every reader that goes
+    through here (handlers, background loops) sees a reloaded value from then on."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.current = settings
+
+    def reload(self, fresh: Settings) -> dict[str, dict[str, Any]]:
+        """Take the reloadable settings from `fresh`; return what changed (from, to)."""
+        current = self.current
+        changed = {
+            name: {"from": getattr(current, name), "to": getattr(fresh, name)}
+            for name in LIVE_SETTINGS
+            if getattr(fresh, name) != getattr(current, name)
+        }
+        self.current = current.model_copy(
+            update={name: getattr(fresh, name) for name in LIVE_SETTINGS}
+        )
+        return changed

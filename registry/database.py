@@ -17,7 +17,6 @@ import asyncpg
 
 from registry.logs import get_logger
 from registry.migrations import load_migrations, migrate, pending_problem
-from registry.store import CatalogStore
 
 log = get_logger("registry.database")
 
@@ -150,12 +149,11 @@ async def migrated_database(database_url: str | None, state_dir: Path) -> AsyncI
 
 
 class Database:
-    """The connection pool and the catalog store over it."""
+    """The connection pool; features build their stores on it."""
 
     def __init__(self, dsn: str, pool: asyncpg.Pool) -> None:
         self.dsn = dsn
         self.pool = pool
-        self.store = CatalogStore(pool)
 
     async def problems(self, timeout_s: float = 2.0) -> list[str]:
         """What keeps the database from serving this code; empty when all is well."""

@@ -6,38 +6,14 @@ import json
 from typing import Any
 
 from gpu import MIB, GpuPoller
+from registry.capacity import DeviceBudget
 from registry.schemas import GpuDeviceOut, GpuProcessOut, GpusOut
 from registry.view import CachedBody, CatalogView, body_etag
 
 
 def gpus_document(view: CatalogView, poller: GpuPoller | None) -> dict[str, Any]:
     snapshot = view.snapshot
-    usable = view.capacity.usable_by_uuid
-    devices = [
-        GpuDeviceOut(
-            uuid=d.uuid,
-            index=d.index,
-            name=d.name,
-            total_mib=d.total_mib,
-            free_mib=d.free_mib,
-            used_mib=None if d.used_bytes is None else d.used_bytes // MIB,
-            reserved_mib=None if d.reserved_bytes is None else d.reserved_bytes // MIB,
-            healthy=d.healthy,
-            usable_mib=usable.get(d.uuid),
-            pending_mib=view.pending_by_device.get(d.uuid, 0),
-            error=d.error,
-            parent_uuid=d.parent_uuid,
-            processes=[
-                GpuProcessOut(
-                    pid=p.pid,
-                    name=p.name,
-                    used_mib=None if p.used_bytes is None else p.used_bytes // MIB,
-                )
-                for p in d.processes
-            ],
-        )
-        for d in snapshot.devices
-    ]
+    devices = [_device(budget) for budget in view.capacity.budgets]
     body = GpusOut(
         backend=snapshot.backend,
         state=snapshot.state.value,
@@ -56,6 +32,32 @@ def gpus_document(view: CatalogView, poller: GpuPoller | None) -> dict[str, Any]
             if device[field] is None:
                 del device[field]
     return payload
+
+
+def _device(budget: DeviceBudget) -> GpuDeviceOut:
+    d = budget.device
+    return GpuDeviceOut(
+        uuid=d.uuid,
+        index=d.index,
+        name=d.name,
+        total_mib=d.total_mib,
+        free_mib=d.free_mib,
+        used_mib=None if d.used_bytes is None else d.used_bytes // MIB,
+        reserved_mib=None if d.reserved_bytes is None else d.reserved_bytes // MIB,
+        healthy=d.healthy,
+        usable_mib=budget.usable_mib,
+        pending_mib=budget.pending_mib,
+        error=d.error,
+        parent_uuid=d.parent_uuid,
+        processes=[
+            GpuProcessOut(
+                pid=p.pid,
+                name=p.name,
+                used_mib=None if p.used_bytes is None else p.used_bytes // MIB,
+            )
+            for p in d.processes
+        ],
+    )
 
 
 def gpus_body(view: CatalogView, poller: GpuPoller | None) -> CachedBody:

@@ -1,33 +1,39 @@
-"""Typed keys for the objects the application shares between handlers and background tasks."""
+"""Typed keys for the objects the application shares between handlers and background tasks.
+
+Imports of project modules are for type checking only, so any module can use a key without
+pulling in the rest of the application.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from gpu import GpuBackend, GpuPoller
-from registry.admission.book import Clock, ReservationBook
-from registry.catalog_sync import CatalogSync
-from registry.config import Settings
-from registry.database import Database
-from registry.fleet.reader import FleetReader
-from registry.metrics import Metrics
-from registry.view import CatalogView
-from registry.watch.feed import ChangeFeed
+if TYPE_CHECKING:
+    from gpu import GpuPoller
+    from registry.admission.book import ReservationBook
+    from registry.catalog.store import CatalogStore
+    from registry.catalog.sync import CatalogSync
+    from registry.config import LiveSettings
+    from registry.database import Database
+    from registry.fleet.reader import FleetReader
+    from registry.metrics import Metrics
+    from registry.view import CatalogView
+    from registry.watch.feed import ChangeFeed
 
-SETTINGS = web.AppKey("settings", Settings)
-METRICS = web.AppKey("metrics", Metrics)
-VIEW = web.AppKey("view", CatalogView)
-DATABASE = web.AppKey("database", Database)
-CATALOG_SYNC = web.AppKey("catalog_sync", CatalogSync)
-POLLER = web.AppKey("poller", GpuPoller)
-BOOK = web.AppKey("book", ReservationBook)
-CLOCK: web.AppKey[Clock] = web.AppKey("clock")
-FEED = web.AppKey("feed", ChangeFeed)
-FLEET = web.AppKey("fleet", FleetReader)
+SETTINGS: web.AppKey[LiveSettings] = web.AppKey("settings")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+VIEW: web.AppKey[CatalogView] = web.AppKey("view")
+DATABASE: web.AppKey[Database] = web.AppKey("database")
+CATALOG_STORE: web.AppKey[CatalogStore] = web.AppKey("catalog_store")
+CATALOG_SYNC: web.AppKey[CatalogSync] = web.AppKey("catalog_sync")
+POLLER: web.AppKey[GpuPoller] = web.AppKey("poller")
+BOOK: web.AppKey[ReservationBook] = web.AppKey("book")
+FEED: web.AppKey[ChangeFeed] = web.AppKey("feed")
+FLEET: web.AppKey[FleetReader] = web.AppKey("fleet")
 # Seconds a request spent waiting by design (a blocking GET, an event stream): not slowness.
-WAITED_S = web.RequestKey("waited_s", float)
-STOP = web.AppKey("stop", asyncio.Event)
-FATAL = web.AppKey("fatal", asyncio.Event)
-GPU_BACKEND_OVERRIDE = web.AppKey("gpu_backend_override", GpuBackend)
+WAITED_S: web.RequestKey[float] = web.RequestKey("waited_s")
+STOP: web.AppKey[asyncio.Event] = web.AppKey("stop", asyncio.Event)
+FATAL: web.AppKey[asyncio.Event] = web.AppKey("fatal", asyncio.Event)

@@ -1,8 +1,13 @@
-"""Prometheus metrics. GPU and model gauges are read from the live view at scrape time."""
+"""Prometheus metrics. GPU and model gauges are read from the live view at scrape time.
+
+Features add their own collectors with `Metrics.collecting`, in the cleanup context that owns
+the object they read, so nothing here refers to a feature.
+"""
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 
@@ -22,9 +27,6 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from gpu import MIB
-from registry.admission.book import ReservationBook
-from registry.fleet.reader import FleetReader
-from registry.guard.connections import GuardedServer
 from registry.view import CatalogView
 
 disable_created_metrics()  # type: ignore[no-untyped-call] # the *_created series only add noise to every scrape
@@ -34,19 +36,14 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 class _StateCollector(Collector):
     def __init__(
-        self,
-        view: Callable[[], CatalogView | None],
-        last_success: Callable[[], float | None],
-        dcgm: bool,
+        self, view: CatalogView, last_success: Callable[[], float | None], dcgm: bool
     ) -> None:
         self._view = view
         self._last_success = last_success
         self._dcgm = dcgm
 
     def collect(self) -> Iterator[Metric]:
-        view = self._view()
-        if view is None:
-            return
+        view = self._view
         yield from _gpu_metrics(view, self._dcgm)
         models = GaugeMetricFamily(
             "model_registry_models", "Models in the catalog by state.", labels=["state"]
@@ -118,12 +115,12 @@ def _gpu_metrics(view: CatalogView, dcgm: bool) -> Iterator[Metric]:
                         dcgm_families[field].add_metric(
                             [str(device.index), device.uuid, device.name], value // MIB
                         )
-        for item in view.usable:
-            device = item.device
-            usable.add_metric([device.uuid, str(device.index), device.name], item.usable_mib * MIB)
-    for device in snapshot.devices:
-        booked = view.pending_by_device.get(device.uuid, 0)
-        pending.add_metric([device.uuid, str(device.index), device.name], booked * MIB)
+    for budget in view.capacity.budgets:
+        device = budget.device
+        values = [device.uuid, str(device.index), device.name]
+        if snapshot.known and budget.usable_mib is not None:
+            usable.add_metric(values, budget.usable_mib * MIB)
+        pending.add_metric(values, budget.pending_mib * MIB)
     yield from families.values()
     yield usable
     yield pending
@@ -178,91 +175,13 @@ class _RequestStats(Collector):
         yield latency
 
 
-class _FleetStats(Collector):
-    def __init__(self, fleet: Callable[[], FleetReader | None]) -> None:
-        self._fleet = fleet
-
-    def collect(self) -> Iterator[Metric]:
-        fleet = self._fleet()
-        if fleet is None:
-            return
-        hosts = GaugeMetricFamily(
-            "model_registry_fleet_hosts",
-            "Hosts of the fleet by state, as this daemon last read them.",
-            labels=["state"],
-        )
-        counts = {"ok": 0, "stale": 0, "offline": 0}
-        for host in fleet.last_hosts().hosts:
-            counts[host.state] = counts.get(host.state, 0) + 1
-        for state, count in counts.items():
-            hosts.add_metric([state], count)
-        yield hosts
-
-
-class _ConnectionStats(Collector):
-    def __init__(self, server: Callable[[], GuardedServer | None]) -> None:
-        self._server = server
-
-    def collect(self) -> Iterator[Metric]:
-        server = self._server()
-        if server is None:
-            return
-        yield GaugeMetricFamily(
-            "model_registry_http_connections", "Client connections open.", len(server.connections)
-        )
-        yield GaugeMetricFamily(
-            "model_registry_http_connections_max",
-            "Client connections allowed (MODEL_REGISTRY_MAX_CONNECTIONS).",
-            server.max_connections,
-        )
-        counters = server.counters
-        for name, value, help_text in (
-            ("evicted", counters.evicted, "Idle or head-owing connections closed at the cap."),
-            ("refused", counters.refused, "Connections refused at the cap, every slot busy."),
-            ("head_timeouts", counters.timed_out, "Connections closed owing a request head."),
-        ):
-            yield CounterMetricFamily(f"model_registry_http_connections_{name}", help_text, value)
-
-
-class _ReservationStats(Collector):
-    def __init__(self, book: Callable[[], ReservationBook | None]) -> None:
-        self._book = book
-
-    def collect(self) -> Iterator[Metric]:
-        book = self._book()
-        if book is None:
-            return
-        counters = book.counters
-        yield GaugeMetricFamily(
-            "model_registry_reservations_open", "Open reservations.", value=len(book.open())
-        )
-        for name, value, help_text in (
-            ("created", counters.created, "Reservations granted."),
-            ("released", counters.released, "Reservations ended by their holder."),
-            ("expired", counters.expired, "Reservations ended by expiry."),
-        ):
-            yield CounterMetricFamily(f"model_registry_reservations_{name}", help_text, value)
-        rejected = CounterMetricFamily(
-            "model_registry_reservations_rejected",
-            "Reservations refused, by reason.",
-            labels=["reason"],
-        )
-        for reason in ("insufficient_vram", "disabled", "gpu_state_unknown"):
-            rejected.add_metric([reason], counters.rejected.get(reason, 0))
-        yield rejected
-
-
 def _bound(value: float) -> str:
     return "+Inf" if value == float("inf") else repr(value)
 
 
 class Metrics:
-    def __init__(self, *, dcgm: bool = False) -> None:
+    def __init__(self, view: CatalogView, *, dcgm: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.view: CatalogView | None = None
-        self.book: ReservationBook | None = None
-        self.fleet: FleetReader | None = None
-        self.connections: GuardedServer | None = None  # set once the server runs
         self.last_success: float | None = None
         self.poll_seconds = Histogram(
             "model_registry_gpu_poll_duration_seconds",
@@ -275,10 +194,16 @@ class Metrics:
         )
         self._requests = _RequestStats()
         self.registry.register(self._requests)
-        self.registry.register(_StateCollector(lambda: self.view, lambda: self.last_success, dcgm))
-        self.registry.register(_ReservationStats(lambda: self.book))
-        self.registry.register(_FleetStats(lambda: self.fleet))
-        self.registry.register(_ConnectionStats(lambda: self.connections))
+        self.registry.register(_StateCollector(view, lambda: self.last_success, dcgm))
+
+    @contextlib.contextmanager
+    def collecting(self, collector: Collector) -> Iterator[None]:
+        """Export `collector` while the block runs: the lifetime of the object it reads."""
+        self.registry.register(collector)
+        try:
+            yield
+        finally:
+            self.registry.unregister(collector)
 
     def observe_poll(self, seconds: float, ok: bool) -> None:
         self.poll_seconds.observe(seconds)

@@ -16,19 +16,16 @@ from registry.admission.schemas import (
     ReservationOut,
     ReservationPatch,
 )
-from registry.catalog_file import CatalogDocument
+from registry.catalog.document import CatalogDocument
+from registry.catalog.schemas import ApplyQuery, ApplyResult, ModelCreate, ModelPatch
 from registry.fleet.schemas import FleetModelList, FleetModelsQuery, FleetOut, FleetQuery
 from registry.schemas import (
-    ApplyQuery,
-    ApplyResult,
     ErrorOut,
     GpusOut,
     HealthOut,
     ListQuery,
-    ModelCreate,
     ModelList,
     ModelOut,
-    ModelPatch,
     ReadyOut,
     ValidationErrorOut,
 )

@@ -13,9 +13,10 @@ from aiohttp import web
 from gpu import GpuPoller
 from registry import keys
 from registry.app import SERVER_OPTIONS, create_app, margins_from
-from registry.config import LIVE_SETTINGS, Settings, load_settings
+from registry.config import Settings, load_settings
 from registry.guard.connections import KEEPALIVE_TIMEOUT_S, GuardedRunner, GuardedServer
 from registry.guard.fds import default_max_connections, raise_open_files_limit
+from registry.guard.metrics import ConnectionStats
 from registry.guard.tls import TlsFiles
 from registry.logs import REPEAT_WINDOW_S, flush_repeated, get_logger, set_level
 from registry.sdnotify import Notifier, watchdog_interval_s
@@ -32,7 +33,7 @@ def status_line(app: web.Application) -> str:
     view = app[keys.VIEW]
     line = f"{view.model_count} models, {view.active_count} active, GPU {view.snapshot.state.value}"
     if reservations := view.reservations:
-        pending = sum(view.pending_by_device.values())
+        pending = view.capacity.pending_total_mib
         line += f", {len(reservations)} reservation(s) holding {pending} MiB"
     return line
 
@@ -46,11 +47,11 @@ def poller_alive(poller: GpuPoller | None, within_s: float) -> bool:
 
 class Service:
     def __init__(self, settings: Settings, config_file: Path | None, overrides: dict[str, object]):
-        self.settings = settings
         self.config_file = config_file
         self.overrides = overrides
         self.notifier = Notifier()
         self.app = create_app(settings)
+        self.live = self.app[keys.SETTINGS]
         # Before anything starts: a bad certificate is a one-line start-up error.
         self.tls = (
             TlsFiles(settings.tls_cert_file, settings.tls_key_file)
@@ -62,6 +63,10 @@ class Service:
         self._view_changed = asyncio.Event()
         if self.notifier.enabled:
             self.app[keys.VIEW].subscribe(self._view_changed.set)
+
+    @property
+    def settings(self) -> Settings:
+        return self.live.current
 
     async def run(self) -> int:
         settings = self.settings
@@ -94,12 +99,16 @@ class Service:
         except BaseException:
             await runner.cleanup()  # release what start-up acquired (the embedded server, ...)
             raise
+        server = runner.server
+        assert isinstance(server, GuardedServer)
+        with self.app[keys.METRICS].collecting(ConnectionStats(server)):
+            return await self._serve(runner, server)
+
+    async def _serve(self, runner: GuardedRunner, server: GuardedServer) -> int:
+        """Listen until stopped, then clean up; the exit status."""
         exit_code = 0
         background = []
         try:
-            server = runner.server
-            assert isinstance(server, GuardedServer)
-            self.app[keys.METRICS].connections = server
             background = [
                 asyncio.create_task(server.sweep(), name="header-timeouts"),
                 asyncio.create_task(_flush_repeated_logs(), name="log-summaries"),
@@ -172,14 +181,7 @@ class Service:
         except Exception as exc:
             log.error("reload failed; keeping the current settings", error=str(exc))
         else:
-            changed = {
-                name: {"from": getattr(self.settings, name), "to": getattr(fresh, name)}
-                for name in LIVE_SETTINGS
-                if getattr(fresh, name) != getattr(self.settings, name)
-            }
-            self.settings = self.settings.model_copy(
-                update={name: getattr(fresh, name) for name in LIVE_SETTINGS}
-            )
+            changed = self.live.reload(fresh)
             self.app[keys.VIEW].set_margins(margins_from(self.settings))
             self._reload_tls()
             if (poller := self.app.get(keys.POLLER)) is not None:

@@ -18,14 +18,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from gpu import GpuSnapshot
-from registry.admission.reservation import (
-    Reservation,
-    pending_by_device,
-    pending_by_reservation,
-)
-from registry.capacity import Assessment, Capacity, Margins, UsableDevice
-from registry.catalog import CatalogModel
+from registry.capacity import Assessment, Capacity, Margins
 from registry.logs import FLAP_EVENT, get_logger
+from registry.model import CatalogModel
+from registry.reservation import Reservation
 from registry.schemas import ListQuery
 
 log = get_logger("registry.view")
@@ -101,9 +97,7 @@ class CatalogView:
         self._by_name: dict[str, _Entry] = {}
         self._enabled: list[tuple[int, int]] = []  # (vram, id) of enabled models, ascending
         self._listeners: list[Callable[[], None]] = []
-        self.pending_by_reservation: dict[str, int] = {}
-        self.pending_by_device: dict[str, int] = {}
-        self.capacity = Capacity(snapshot, margins)
+        self._capacity = Capacity(snapshot, margins)
         self._capacity_json = ""
         self._pages: dict[ListQuery, CachedBody] = {}
         self._pages_by_raw_query: dict[str, CachedBody] = {}
@@ -170,9 +164,9 @@ class CatalogView:
         return self._capacity_json
 
     @property
-    def usable(self) -> list[UsableDevice]:
-        """Healthy devices with their usable memory, least usable first."""
-        return self.capacity.devices
+    def capacity(self) -> Capacity:
+        """The rule applied to the current inputs: per-device budgets, best fit, assessments."""
+        return self._capacity
 
     @property
     def model_count(self) -> int:
@@ -235,7 +229,7 @@ class CatalogView:
         return entry.render(self.capacity.assess(entry.model))
 
     def _apply(self, gone: list[int], changed: list[CatalogModel]) -> None:
-        capacity = self.capacity
+        capacity = self._capacity
         for model in changed:
             old = self._model(model.id)
             if old is not None and capacity.is_active(old) != capacity.is_active(model):
@@ -276,6 +270,8 @@ class CatalogView:
     def _remove(self, model_id: int) -> None:
         entry = self._entries.pop(model_id)
         model = entry.model
+        # Two models swapping names in one batch: by the time the second one is removed, the
+        # first may already hold its old name, and that entry must stay.
         if self._by_name.get(model.name) is entry:
             del self._by_name[model.name]
         del self._ids[bisect.bisect_left(self._ids, model_id)]
@@ -284,10 +280,8 @@ class CatalogView:
 
     def _recompute_capacity(self, *, log_flips: bool = True) -> None:
         snapshot = self._snapshot
-        self.pending_by_reservation = pending_by_reservation(self._reservations, snapshot)
-        self.pending_by_device = pending_by_device(self._reservations, self.pending_by_reservation)
-        before = self.capacity.threshold
-        self.capacity = Capacity(snapshot, self._margins, self.pending_by_device)
+        before = self._capacity.threshold
+        self._capacity = Capacity(snapshot, self._margins, self._reservations)
         if log_flips:
             self._log_flips_between(before, self.capacity.threshold)
         self._capacity_json = (

@@ -8,7 +8,7 @@ import pytest
 
 from gpu import MIB, GpuDevice, GpuSnapshot, GpuState
 from registry.capacity import Margins, Reason, assess_all, usable_devices
-from registry.catalog import CatalogModel
+from registry.model import CatalogModel
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)
 

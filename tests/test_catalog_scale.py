@@ -10,7 +10,7 @@ from typing import Any
 
 from registry import keys
 from registry.capacity import Assessment, Margins, assess_all
-from registry.catalog import CatalogModel
+from registry.model import CatalogModel
 from tests.conftest import AppClient, LogLines
 from tests.db import fetch
 from tests.waiting import eventually
@@ -43,10 +43,8 @@ def _expected(model: CatalogModel, verdict: Assessment) -> dict[str, Any]:
 async def _reference(client: Any, database_url: str) -> list[dict[str, Any]]:
     """Every model as the pure rule sees it, from the database's rows and the GPU readings."""
     models = [CatalogModel.from_row(r) for r in await fetch(database_url, "SELECT * FROM models")]
-    gpus = await (await client.get("/gpus")).json()
-    pending = {d["uuid"]: d["pending_mib"] for d in gpus["devices"]}
-    snapshot = client.app[keys.VIEW].snapshot
-    verdicts = assess_all(models, snapshot, MARGINS, pending)
+    view = client.app[keys.VIEW]
+    verdicts = assess_all(models, view.snapshot, MARGINS, view.reservations)
     return [_expected(m, verdicts[m.id]) for m in sorted(models, key=lambda m: m.id)]
 
 

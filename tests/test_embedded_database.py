@@ -24,7 +24,7 @@ async def test_restart_on_the_same_state_dir_keeps_the_data(
     state_dir = tmp_path / "state"
     first = await aiohttp_client(create_app(_settings(state_dir)))
     assert await _names(first) == ["tiny", "medium", "large_v1", "large_v2", "large-v3"]
-    store = first.app[_database_key()].store
+    store = first.app[_catalog_store_key()]
     await store.delete(1)
     await store.create("whisper-xl", 12000)
     await first.close()
@@ -45,7 +45,7 @@ async def test_default_catalog_can_be_switched_off(tmp_path: Path, aiohttp_clien
 async def test_an_emptied_catalog_stays_empty(tmp_path: Path, aiohttp_client: Any) -> None:
     state_dir = tmp_path / "state"
     first = await aiohttp_client(create_app(_settings(state_dir)))
-    store = first.app[_database_key()].store
+    store = first.app[_catalog_store_key()]
     for model in await store.list_all():
         await store.delete(model.id)
     await first.close()
@@ -54,10 +54,10 @@ async def test_an_emptied_catalog_stays_empty(tmp_path: Path, aiohttp_client: An
     await second.close()
 
 
-def _database_key() -> Any:
+def _catalog_store_key() -> Any:
     from registry import keys
 
-    return keys.DATABASE
+    return keys.CATALOG_STORE
 
 
 def test_embedded_server_runs_as_an_ordinary_user(tmp_path: Path) -> None:

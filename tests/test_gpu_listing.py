@@ -47,7 +47,7 @@ async def test_replaying_the_h200_trace_turns_large_models_off_and_on(
     )
     fake = FakeNvml([gpu])
     client = await start_app(backend=NvmlBackend(fake), gpu_backend="nvml", seed_catalog=False)
-    store = client.app[keys.DATABASE].store
+    store = client.app[keys.CATALOG_STORE]
     await store.create("whisper-small", 2000)
     await store.create("llm-40g", 40000)
     await store.create("llm-100g", 100000)

@@ -153,7 +153,7 @@ async def test_gpus_metrics_and_listing_show_a_booking_at_once(client: Any) -> N
 
 
 async def test_refusals_are_counted_by_reason(client: Any, one_gpu: Callable[..., Path]) -> None:
-    store = client.app[keys.DATABASE].store
+    store = client.app[keys.CATALOG_STORE]
     await store.update(1, enabled=False)
     await eventually(lambda: _model(client, "tiny"), lambda m: m["enabled"] is False)
     disabled = await _reserve(client, model="tiny")

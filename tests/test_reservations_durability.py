@@ -17,8 +17,8 @@ import pytest
 
 from registry import keys
 from registry.admission.ledger import LedgerError
-from registry.admission.reservation import Reservation
 from registry.cli import main
+from registry.reservation import Reservation
 from tests.conftest import AppClient, SpawnDaemon
 from tests.daemon import Daemon, NotifyListener
 from tests.db import StoppableServer

@@ -9,13 +9,13 @@ from aiohttp import web
 
 from registry import keys
 from registry.admission.book import NotFound, Refused, ReservationBook, ReservationRequest
-from registry.admission.reservation import Reservation
 from registry.admission.schemas import ReservationCreate, ReservationPatch
 from registry.auth import Role, require
 from registry.bodies import validated_body
 from registry.capacity import Reason
 from registry.errors import JSON, http_error
 from registry.logs import get_logger
+from registry.reservation import Reservation
 
 log = get_logger("registry.admission")
 
@@ -67,7 +67,7 @@ async def create_reservation(request: web.Request) -> web.StreamResponse:
     except NotFound as exc:
         raise http_error(web.HTTPNotFound, str(exc)) from None
     except Refused as refusal:
-        return _refusal(refusal, request.app[keys.SETTINGS].poll_interval)
+        return _refusal(refusal, request.app[keys.SETTINGS].current.poll_interval)
     try:
         await book.persist()
     except OSError as exc:

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from gpu import GpuState
+from gpu import GpuDevice, GpuState
 from registry.admission.ledger import ReservationLedger
-from registry.admission.reservation import Reservation
-from registry.capacity import Reason, best_fit
+from registry.capacity import Reason, UsableDevice, best_fit
 from registry.logs import get_logger
+from registry.reservation import Reservation
 from registry.view import CatalogView
 
 log = get_logger("registry.admission")
@@ -58,6 +58,7 @@ class BookCounters:
     created: int = 0
     released: int = 0
     expired: int = 0
+    rolled_back: int = 0  # granted, then dropped: the grant could not be recorded
     rejected: dict[str, int] = field(default_factory=dict)  # by reason
 
     def reject(self, reason: Reason) -> None:
@@ -90,14 +91,15 @@ class ReservationBook:
         """Open reservations, oldest first."""
         return sorted(self._open.values(), key=lambda r: (r.created_at, r.id))
 
+    @property
+    def open_count(self) -> int:
+        return len(self._open)
+
     def get(self, reservation_id: str) -> Reservation | None:
         return self._open.get(reservation_id)
 
-    def pending_mib(self, reservation: Reservation) -> int:
-        return self._view.pending_by_reservation.get(reservation.id, reservation.vram_mib)
-
     def describe(self, reservation: Reservation) -> dict[str, object]:
-        return reservation.to_api(self.pending_mib(reservation))
+        return reservation.to_api(self._view.capacity.pending_of(reservation))
 
     # -- changing ------------------------------------------------------------------------
 
@@ -116,17 +118,33 @@ class ReservationBook:
             raise
 
     def _reserve(self, request: ReservationRequest) -> Reservation:
-        view = self._view
-        vram = request.vram_mib
-        if request.model is not None:
-            model = view.model_by_name(request.model)
-            if model is None:
-                raise NotFound(f"no model named {request.model!r} in the catalog")
-            if not model.enabled:
-                raise Refused(Reason.DISABLED, f"model {model.name!r} is disabled")
-            vram = model.vram
-        assert vram is not None
-        snapshot = view.snapshot
+        vram = self._vram_asked(request)
+        self._check_gpu_state()
+        candidates = self._candidates(request.gpu)
+        chosen = best_fit(candidates, vram)
+        if chosen is None:
+            best = candidates[-1].usable_mib if candidates else 0
+            where = f"GPU {request.gpu} has" if request.gpu else "the roomiest GPU has"
+            raise Refused(
+                Reason.INSUFFICIENT_VRAM, f"{vram} MiB asked, but {where} {best} MiB usable"
+            )
+        return self._record(request, vram, chosen.device)
+
+    def _vram_asked(self, request: ReservationRequest) -> int:
+        """The MiB to book: the named model's need, or the figure given."""
+        if request.model is None:
+            assert request.vram_mib is not None  # the schema asks for one of the two
+            return request.vram_mib
+        model = self._view.model_by_name(request.model)
+        if model is None:
+            raise NotFound(f"no model named {request.model!r} in the catalog")
+        if not model.enabled:
+            raise Refused(Reason.DISABLED, f"model {model.name!r} is disabled")
+        return model.vram
+
+    def _check_gpu_state(self) -> None:
+        """Refuse unless the GPUs have been measured: there is nothing to promise otherwise."""
+        snapshot = self._view.snapshot
         if snapshot.state is GpuState.DISABLED:
             raise Refused(
                 Reason.GPU_STATE_UNKNOWN,
@@ -137,22 +155,22 @@ class ReservationBook:
                 Reason.GPU_STATE_UNKNOWN,
                 f"GPU state is {snapshot.state.value}: {snapshot.error or 'no reading'}",
             )
-        candidates = view.usable
-        if request.gpu is not None:
-            if all(device.uuid != request.gpu for device in snapshot.devices):
-                raise NotFound(f"no GPU with uuid {request.gpu!r} on this host")
-            candidates = [u for u in candidates if u.device.uuid == request.gpu]
-            if not candidates:
-                raise Refused(Reason.INSUFFICIENT_VRAM, f"GPU {request.gpu} is not healthy")
-        chosen = best_fit(candidates, vram)
-        if chosen is None:
-            best = candidates[-1].usable_mib if candidates else 0
-            where = f"GPU {request.gpu} has" if request.gpu else "the roomiest GPU has"
-            raise Refused(
-                Reason.INSUFFICIENT_VRAM, f"{vram} MiB asked, but {where} {best} MiB usable"
-            )
+
+    def _candidates(self, gpu: str | None) -> list[UsableDevice]:
+        """The healthy devices the request may use, least usable first."""
+        capacity = self._view.capacity
+        if gpu is None:
+            return capacity.healthy_devices()
+        if all(device.uuid != gpu for device in capacity.snapshot.devices):
+            raise NotFound(f"no GPU with uuid {gpu!r} on this host")
+        candidates = capacity.healthy_devices(gpu)
+        if not candidates:
+            raise Refused(Reason.INSUFFICIENT_VRAM, f"GPU {gpu} is not healthy")
+        return candidates
+
+    def _record(self, request: ReservationRequest, vram: int, device: GpuDevice) -> Reservation:
+        """Book `vram` on `device`: into the book, the journal and the view."""
         now = self._clock()
-        device = chosen.device
         baseline = 0
         if request.pid is not None:
             baseline = device.process_used_mib(request.pid) or 0
@@ -201,10 +219,11 @@ class ReservationBook:
         self._publish()
 
     def discard(self, reservation_id: str) -> None:
-        """Drop a booking that was never acknowledged."""
+        """Drop a booking that was never acknowledged (counted as rolled back, never uncounted:
+        Prometheus reads a counter that goes down as a reset)."""
         if self._open.pop(reservation_id, None) is not None:
             self._ledger.end(reservation_id)
-            self.counters.created -= 1
+            self.counters.rolled_back += 1
             self._publish()
 
     def release(self, reservation_id: str) -> Reservation | None:

@@ -21,8 +21,8 @@ from typing import IO
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from registry.admission.reservation import Reservation
 from registry.logs import get_logger
+from registry.reservation import Reservation
 
 log = get_logger("registry.admission.ledger")
 

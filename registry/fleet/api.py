@@ -12,10 +12,10 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from registry import keys
-from registry.catalog import CatalogModel
 from registry.errors import unprocessable, validation_issues
 from registry.fleet.reader import Placements
 from registry.fleet.schemas import FleetModelsQuery, FleetQuery
+from registry.model import CatalogModel
 from registry.view import CachedBody, body_etag
 from registry.watch.conditional import cached_json
 

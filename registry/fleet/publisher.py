@@ -40,19 +40,18 @@ ON CONFLICT (host) DO UPDATE
 
 def host_devices(view: CatalogView) -> list[dict[str, Any]]:
     """The devices as this host sees them, its margins and reservations applied."""
-    usable = view.capacity.usable_by_uuid
     return [
         {
-            "uuid": d.uuid,
-            "index": d.index,
-            "name": d.name,
-            "total_mib": d.total_mib,
-            "free_mib": d.free_mib,
-            "usable_mib": usable.get(d.uuid),
-            "pending_mib": view.pending_by_device.get(d.uuid, 0),
-            "healthy": d.healthy,
+            "uuid": b.device.uuid,
+            "index": b.device.index,
+            "name": b.device.name,
+            "total_mib": b.device.total_mib,
+            "free_mib": b.device.free_mib,
+            "usable_mib": b.usable_mib,
+            "pending_mib": b.pending_mib,
+            "healthy": b.device.healthy,
         }
-        for d in view.snapshot.devices
+        for b in view.capacity.budgets
     ]
 
 

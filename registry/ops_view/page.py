@@ -16,8 +16,7 @@ import jinja2
 from aiohttp import web
 
 from registry import __version__, keys
-from registry.admission.book import ReservationBook
-from registry.capacity import Margins
+from registry.capacity import Capacity
 from registry.schemas import ListQuery
 from registry.view import CatalogView
 
@@ -48,21 +47,20 @@ def memory_segments(total: int, free: int, pending: int, margin: int) -> list[Se
     return segments
 
 
-def _gpus(view: CatalogView, margins: Margins) -> list[dict[str, Any]]:
-    usable = view.capacity.usable_by_uuid
+def _gpus(capacity: Capacity) -> list[dict[str, Any]]:
     return [
         {
-            "device": device,
-            "usable": usable.get(device.uuid),
-            "pending": view.pending_by_device.get(device.uuid, 0),
+            "device": budget.device,
+            "usable": budget.usable_mib,
+            "pending": budget.pending_mib,
             "segments": memory_segments(
-                device.total_mib,
-                device.free_mib,
-                view.pending_by_device.get(device.uuid, 0),
-                margins.for_device(device),
+                budget.device.total_mib,
+                budget.device.free_mib,
+                budget.pending_mib,
+                budget.margin_mib,
             ),
         }
-        for device in view.snapshot.devices
+        for budget in capacity.budgets
     ]
 
 
@@ -79,10 +77,15 @@ def _models(view: CatalogView, active: bool | None) -> tuple[list[dict[str, Any]
     return rows, matching
 
 
-def _reservations(book: ReservationBook, now: datetime) -> list[dict[str, Any]]:
+def _reservations(view: CatalogView, now: datetime) -> list[dict[str, Any]]:
+    capacity = view.capacity
     return [
-        {"r": r, "pending": book.pending_mib(r), "expires_s": (r.expires_at - now).total_seconds()}
-        for r in book.open()
+        {
+            "r": r,
+            "pending": capacity.pending_of(r),
+            "expires_s": (r.expires_at - now).total_seconds(),
+        }
+        for r in view.reservations
     ]
 
 
@@ -107,12 +110,11 @@ async def status_page(request: web.Request) -> web.StreamResponse:
     poller = app.get(keys.POLLER)
     read_at = poller.last_success_wall if poller is not None else snapshot.as_of
     models, matching = _models(view, active)
-    book = app.get(keys.BOOK)
     nonce = secrets.token_urlsafe(16)
     context = {
         "nonce": nonce,
         "version": __version__,
-        "host_id": app[keys.SETTINGS].host_id,
+        "host_id": app[keys.SETTINGS].current.host_id,
         "snapshot": snapshot,
         # How long ago the GPUs were last read (readings are re-confirmed at every poll and
         # published only on change); none while they cannot be read.
@@ -120,14 +122,14 @@ async def status_page(request: web.Request) -> web.StreamResponse:
         if read_at is None or not snapshot.devices
         else (now - read_at).total_seconds(),
         "margins": view.margins,
-        "gpus": _gpus(view, view.margins),
+        "gpus": _gpus(view.capacity),
         "models": models,
         "matching": matching,
         "model_count": view.model_count,
         "active_count": view.active_count,
         "active_filter": active,
         "max_rows": MAX_ROWS,
-        "reservations": [] if book is None else _reservations(book, now),
+        "reservations": _reservations(view, now),
         "fleet": await _fleet(request),
         "generation": view.generation,
     }

@@ -129,7 +129,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     subscription = feed.subscribe()
     try:
-        keepalive_s = request.app[keys.SETTINGS].events_keepalive
+        keepalive_s = request.app[keys.SETTINGS].current.events_keepalive
         async with sse_response(request, ping_interval=keepalive_s) as sse:
             # aiohttp-sse's keep-alive writes find a client that went away; end the stream
             # then, not at the next event, so that it does not hold its connection slot.

@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from registry.catalog import CatalogModel
 from registry.errors import validation_issues
+from registry.model import CatalogModel
 from registry.schemas import ModelName, Vram
 
 

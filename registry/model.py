@@ -1,4 +1,4 @@
-"""The catalog's domain types and the rules for a model's name and VRAM."""
+"""A catalog model, the domain type every part reads, and the rules for its name and VRAM."""
 
 from __future__ import annotations
 
@@ -10,15 +10,6 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 NAME_MAX_LENGTH = 128
 VRAM_MIN_MIB = 1
 VRAM_MAX_MIB = 10_000_000
-
-# The original system's catalog, inserted once into a new, empty database.
-DEFAULT_CATALOG: tuple[tuple[str, int], ...] = (
-    ("tiny", 625),
-    ("medium", 2500),
-    ("large_v1", 5000),
-    ("large_v2", 5000),
-    ("large-v3", 10000),
-)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,14 +8,22 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from registry.catalog import DEFAULT_CATALOG, CatalogModel
-from registry.catalog_file import CatalogEntry
-from registry.catalog_plan import Plan, plan_apply
+from registry.catalog.document import CatalogEntry
+from registry.catalog.plan import Plan, plan_apply
+from registry.model import CatalogModel
 
 _COLUMNS = "id, name, vram, enabled, created_at, updated_at"
 _SEED_LOCK_KEY = 0x6D6F64656C736564  # "modelsed"
 _SEEDED_KEY = "default_catalog_seeded"
 CHANNEL = "model_registry_catalog"
+# The original system's catalog, inserted once into a new, empty database.
+DEFAULT_CATALOG: tuple[tuple[str, int], ...] = (
+    ("tiny", 625),
+    ("medium", 2500),
+    ("large_v1", 5000),
+    ("large_v2", 5000),
+    ("large-v3", 10000),
+)
 # NOTIFY payloads must stay under 8000 bytes; a larger change is announced as "*" (reload all).
 _MAX_PAYLOAD = 7900
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import asyncpg
 
+from registry.catalog.store import CHANNEL, CatalogStore
 from registry.database import UNAVAILABLE_ERRORS
 from registry.logs import get_logger
-from registry.store import CHANNEL, CatalogStore
 from registry.view import CatalogView
 
 log = get_logger("registry.catalog_sync")

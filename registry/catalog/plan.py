@@ -6,8 +6,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from registry.catalog import CatalogModel
-from registry.catalog_file import CatalogEntry
+from registry.catalog.document import CatalogEntry
+from registry.model import CatalogModel
 
 
 @dataclass(frozen=True, slots=True)

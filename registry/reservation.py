@@ -1,0 +1,60 @@
+"""A reservation: a lease on VRAM for one load, the domain type the capacity view books."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from pydantic import AwareDatetime
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    id: str
+    vram_mib: int
+    gpu_uuid: str
+    gpu_index: int
+    created_at: AwareDatetime  # with an offset: checked when read back from the journal
+    expires_at: AwareDatetime
+    model: str | None = None
+    holder: str | None = None
+    pid: int | None = None
+    # What NVML attributed to `pid` on the device when the reservation named it: only memory
+    # the process takes on top of this counts as the load's progress.
+    pid_baseline_mib: int = 0
+
+    def renewed(self, expires_at: datetime) -> Reservation:
+        return replace(self, expires_at=expires_at)
+
+    def with_pid(self, pid: int, baseline_mib: int) -> Reservation:
+        return replace(self, pid=pid, pid_baseline_mib=baseline_mib)
+
+    def to_record(self) -> dict[str, Any]:
+        """The form kept on disk."""
+        return {
+            "id": self.id,
+            "vram_mib": self.vram_mib,
+            "gpu_uuid": self.gpu_uuid,
+            "gpu_index": self.gpu_index,
+            "created_at": self.created_at.isoformat(),
+            "expires_at": self.expires_at.isoformat(),
+            "model": self.model,
+            "holder": self.holder,
+            "pid": self.pid,
+            "pid_baseline_mib": self.pid_baseline_mib,
+        }
+
+    def to_api(self, pending_mib: int) -> dict[str, Any]:
+        """The form the HTTP API answers with."""
+        return {
+            "id": self.id,
+            "model": self.model,
+            "vram_mib": self.vram_mib,
+            "gpu": {"uuid": self.gpu_uuid, "index": self.gpu_index},
+            "holder": self.holder,
+            "pid": self.pid,
+            "created_at": self.created_at.isoformat(),
+            "expires_at": self.expires_at.isoformat(),
+            "pending_mib": pending_mib,
+        }
