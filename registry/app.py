@@ -38,6 +38,7 @@ from registry.ops_view.page import setup_templates
 from registry.view import CatalogView
 from registry.watch.events import routes as watch_routes
 from registry.watch.feed import ChangeFeed
+from registry.watch.metrics import WatchStats
 
 log = get_logger("registry.app")
 
@@ -232,11 +233,12 @@ def create_app(
     view = CatalogView(_initial_snapshot(settings), margins_from(settings))
     app[keys.VIEW] = view
     app[keys.METRICS] = Metrics(view, dcgm=settings.dcgm_metrics)
-    app[keys.FEED] = ChangeFeed(
+    feed = app[keys.FEED] = ChangeFeed(
         view,
         gpus_body=lambda: gpus_body(view, app.get(keys.POLLER)),
         reservations_json=lambda: json.dumps(_reservations(app)),
     )
+    app[keys.METRICS].registry.register(WatchStats(feed))
     app.on_shutdown.append(_mark_stopping)
     contexts: list[Callable[[web.Application], AsyncIterator[None]]] = [
         functools.partial(admission_ctx, clock=clock),

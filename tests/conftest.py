@@ -28,6 +28,12 @@ from registry.migrations import migrate
 from tests.daemon import Daemon
 from tests.db import StoppableServer
 
+# The tokens every test uses: one admin, one scheduler (16 characters or more, as a real one).
+ADMIN_TOKEN = "test-admin-token-7f3a"
+SCHEDULER_TOKEN = "test-scheduler-token-2c9e"
+AS_ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+AS_SCHEDULER = {"Authorization": f"Bearer {SCHEDULER_TOKEN}"}
+
 TEMPLATE_DB = "model_registry_template"
 _db_numbers = itertools.count(1)
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import aiohttp
 
+from tests.waiting import eventually
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -80,21 +82,24 @@ class Daemon:
         )
 
     async def wait_ready(self, timeout_s: float = 30.0, ssl: Any = None) -> None:
-        deadline = time.monotonic() + timeout_s
         connector = aiohttp.TCPConnector(ssl=ssl) if ssl is not None else None
         async with aiohttp.ClientSession(connector=connector) as session:
-            while True:
+
+            async def answers() -> bool:
                 if self.process.poll() is not None:
                     raise AssertionError(f"daemon exited early:\n{self.log()}")
                 try:
                     async with session.get(f"{self.url}/healthz") as response:
-                        if response.status == 200:
-                            return
+                        return response.status == 200
                 except aiohttp.ClientError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"daemon not answering:\n{self.log()}")
-                await _pause()
+                    return False
+
+            try:
+                await eventually(answers, timeout_s=timeout_s, step_s=0.05)
+            except AssertionError as exc:
+                if "exited early" in str(exc):
+                    raise
+                raise AssertionError(f"daemon not answering:\n{self.log()}") from None
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         self.process.send_signal(signum)
@@ -118,12 +123,6 @@ def _limit_open_files(limit: int) -> None:
     import resource
 
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
-
-
-async def _pause() -> None:
-    import asyncio
-
-    await asyncio.sleep(0.05)
 
 
 async def get_json(url: str, **kwargs: Any) -> Any:

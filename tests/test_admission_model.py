@@ -36,12 +36,11 @@ from hypothesis.stateful import (
 
 from registry import keys
 from tests.clock import ManualClock
-from tests.conftest import AppClient
+from tests.conftest import SCHEDULER_TOKEN, AppClient
 from tests.waiting import eventually
 
 TOTAL_MIB = 81920
 MARGIN_MIB = 1024
-TOKEN = "model-token"
 UUID = "GPU-model-0"
 T = TypeVar("T")
 
@@ -76,7 +75,10 @@ class Harness:
             self.base + path,
             data=None if body is None else json.dumps(body).encode(),
             method=method,
-            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+            headers={
+                "Authorization": f"Bearer {SCHEDULER_TOKEN}",
+                "Content-Type": "application/json",
+            },
         )
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
@@ -105,7 +107,7 @@ class Harness:
 
         async def wait() -> None:
             self.app[keys.POLLER].poll_now()
-            await eventually(lambda: asyncio.sleep(0, shown()), bool)
+            await eventually(lambda: shown(), bool)
 
         self.on_loop(wait())
 
@@ -114,7 +116,7 @@ class Harness:
             book = self.app[keys.BOOK]
             book.wake()
             await eventually(
-                lambda: asyncio.sleep(0, {r.id for r in book.open()}),
+                lambda: {r.id for r in book.open()},
                 lambda ids: ids == expected_open,
             )
 
@@ -258,7 +260,7 @@ async def test_admitted_loads_never_exceed_the_device(
     clock = ManualClock()
     path = gpu_file((UUID, TOTAL_MIB, TOTAL_MIB))
     client = await start_app(
-        scheduler_token=TOKEN, clock=clock, poll_interval=60, vram_margin_mib=MARGIN_MIB
+        scheduler_token=SCHEDULER_TOKEN, clock=clock, poll_interval=60, vram_margin_mib=MARGIN_MIB
     )
     AdmissionModel.harness = Harness(client, asyncio.get_running_loop(), path, clock)
     await asyncio.to_thread(

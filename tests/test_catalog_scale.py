@@ -9,35 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from registry import keys
-from registry.capacity import Assessment, Margins, assess_all
+from registry.capacity import Margins, assess_all
 from registry.model import CatalogModel
-from tests.conftest import AppClient, LogLines
+from tests.conftest import ADMIN_TOKEN, AS_ADMIN, AppClient, LogLines
 from tests.db import fetch
+from tests.reference import model_object
 from tests.waiting import eventually
 
-TOKEN = "scale-admin"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 COUNT = 10_000
 MARGINS = Margins(mib=512, percent=1.0)
-
-
-def _expected(model: CatalogModel, verdict: Assessment) -> dict[str, Any]:
-    placement = verdict.placement
-    return {
-        "id": model.id,
-        "name": model.name,
-        "active": verdict.active,
-        "vram": model.vram,
-        "created_at": model.created_at.isoformat(),
-        "updated_at": None if model.updated_at is None else model.updated_at.isoformat(),
-        "enabled": model.enabled,
-        "fits": verdict.fits,
-        "reason": None if verdict.reason is None else verdict.reason.value,
-        "placement": None
-        if placement is None
-        else {"gpu": placement.gpu, "index": placement.index, "free_mib": placement.free_mib},
-        "headroom_mib": verdict.headroom_mib,
-    }
 
 
 async def _reference(client: Any, database_url: str) -> list[dict[str, Any]]:
@@ -45,7 +25,7 @@ async def _reference(client: Any, database_url: str) -> list[dict[str, Any]]:
     models = [CatalogModel.from_row(r) for r in await fetch(database_url, "SELECT * FROM models")]
     view = client.app[keys.VIEW]
     verdicts = assess_all(models, view.snapshot, MARGINS, view.reservations)
-    return [_expected(m, verdicts[m.id]) for m in sorted(models, key=lambda m: m.id)]
+    return [model_object(m, verdicts[m.id]) for m in sorted(models, key=lambda m: m.id)]
 
 
 async def _pages(client: Any, query: str, limit: int = 1000) -> tuple[list[Any], int]:
@@ -94,8 +74,7 @@ async def test_every_page_stays_right_through_gpu_changes_and_writes(
     path = gpu_file()
     _write_gpus(path, (60_000, 20_000))
     client = await start_app(
-        admin_token=TOKEN,
-        scheduler_token=TOKEN,
+        admin_token=ADMIN_TOKEN,
         seed_catalog=False,
         poll_interval=60,
         vram_margin_mib=MARGINS.mib,
@@ -105,9 +84,9 @@ async def test_every_page_stays_right_through_gpu_changes_and_writes(
         {"name": f"m-{i:05d}", "vram": 1 + (i * 7919) % 90_000, "enabled": i % 7 != 0}
         for i in range(COUNT)
     ]
-    applied = await client.put("/models", json={"models": models}, headers=AUTH)
+    applied = await client.put("/models", json={"models": models}, headers=AS_ADMIN)
     assert applied.status == 200
-    reserved = await client.post("/reservations", json={"vram_mib": 5000}, headers=AUTH)
+    reserved = await client.post("/reservations", json={"vram_mib": 5000}, headers=AS_ADMIN)
     assert reserved.status == 201
     before = await _assert_every_page_matches(client, database_url)
 
@@ -125,11 +104,13 @@ async def test_every_page_stays_right_through_gpu_changes_and_writes(
     # Writes: one model bigger, one switched off, one new, one gone.
     view = client.app[keys.VIEW]
     generation = view.generation
-    assert (await client.patch("/models/10", json={"vram": 89_999}, headers=AUTH)).status == 200
-    assert (await client.patch("/models/20", json={"enabled": False}, headers=AUTH)).status == 200
-    created = await client.post("/models", json={"name": "fresh", "vram": 1}, headers=AUTH)
+    assert (await client.patch("/models/10", json={"vram": 89_999}, headers=AS_ADMIN)).status == 200
+    assert (
+        await client.patch("/models/20", json={"enabled": False}, headers=AS_ADMIN)
+    ).status == 200
+    created = await client.post("/models", json={"name": "fresh", "vram": 1}, headers=AS_ADMIN)
     assert created.status == 201
-    assert (await client.delete("/models/30", headers=AUTH)).status == 204
+    assert (await client.delete("/models/30", headers=AS_ADMIN)).status == 204
     assert view.generation == generation + 4
     await _assert_every_page_matches(client, database_url)
 

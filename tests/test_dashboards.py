@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from tests.conftest import AppClient
+from tests.conftest import AS_SCHEDULER, SCHEDULER_TOKEN, AppClient
 from tests.scrape import scrape
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,12 +90,10 @@ def test_the_alert_rules_are_well_formed() -> None:
 
 
 async def test_every_metric_they_use_is_exported(start_app: AppClient) -> None:
-    client = await start_app(scheduler_token="tok")
+    client = await start_app(scheduler_token=SCHEDULER_TOKEN)
     # One of everything: a request, a reservation, a refusal, so every series exists.
     await client.get("/models")
-    await client.post(
-        "/reservations", json={"vram_mib": 1}, headers={"Authorization": "Bearer tok"}
-    )
+    await client.post("/reservations", json={"vram_mib": 1}, headers=AS_SCHEDULER)
     exported = {name for name, _labels in await scrape(client)}
     used = set()
     for query in _dashboard_queries(json.loads(DASHBOARD.read_text())):

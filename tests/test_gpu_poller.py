@@ -124,12 +124,12 @@ async def test_a_poll_asked_for_during_a_poll_is_not_lost() -> None:
     fake.hang.set()
     task = asyncio.create_task(poller.run())
     try:
-        await eventually(lambda: asyncio.sleep(0, fake.calls_started), lambda n: n == 1)
+        await eventually(lambda: fake.calls_started, lambda n: n == 1)
         poller.poll_now()  # while the first read is still in the driver
         fake.hang.clear()
         fake.release.set()
         # A second read follows at once, not an interval (a minute) later.
-        await eventually(lambda: asyncio.sleep(0, fake.calls_started), lambda n: n == 2)
+        await eventually(lambda: fake.calls_started, lambda n: n == 2)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

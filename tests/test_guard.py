@@ -10,7 +10,6 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -18,9 +17,10 @@ import pytest
 import trustme
 
 from registry.guard.fds import RESERVED_FDS
-from tests.conftest import SpawnDaemon
+from tests.conftest import SCHEDULER_TOKEN, SpawnDaemon
 from tests.daemon import Daemon
 from tests.sse import EventReader
+from tests.waiting import eventually
 
 HALF_HEAD = b"GET /healthz HTTP/1.1\r\nHost: registry\r\n"  # the blank line never comes
 
@@ -137,7 +137,7 @@ async def test_a_request_head_and_a_body_must_arrive_in_time(
     daemon = spawn_daemon(
         MODEL_REGISTRY_HEADER_TIMEOUT="0.5",
         MODEL_REGISTRY_BODY_TIMEOUT="0.5",
-        MODEL_REGISTRY_SCHEDULER_TOKEN="tok",
+        MODEL_REGISTRY_SCHEDULER_TOKEN=SCHEDULER_TOKEN,
     )
     await daemon.wait_ready()
     reader, _writer = await _half_open(daemon.port)
@@ -159,8 +159,10 @@ async def test_a_request_head_and_a_body_must_arrive_in_time(
     # A body that trickles: 408, then the connection is closed.
     reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
     writer.write(
-        b"POST /reservations HTTP/1.1\r\nHost: r\r\nAuthorization: Bearer tok\r\n"
-        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n" + b'{"vram_mib":'
+        b"POST /reservations HTTP/1.1\r\nHost: r\r\n"
+        + f"Authorization: Bearer {SCHEDULER_TOKEN}\r\n".encode()
+        + b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        + b'{"vram_mib":'
     )
     await writer.drain()
     answer = await asyncio.wait_for(reader.read(65536), 3.0)
@@ -204,11 +206,11 @@ async def test_https_with_a_certificate_that_is_reloaded_on_sighup(
 
     issue("second.example")  # rotated in place, as certbot or cert-manager would
     daemon.signal(signal.SIGHUP)
-    await _until(lambda: served_names() == {"second.example"})
+    await eventually(lambda: served_names() == {"second.example"}, step_s=0.05)
 
     cert_file.write_text("not a certificate")  # a broken rotation keeps the old pair
     daemon.signal(signal.SIGHUP)
-    await _until(lambda: "TLS reload failed" in daemon.log())
+    await eventually(lambda: "TLS reload failed" in daemon.log(), step_s=0.05)
     assert served_names() == {"second.example"}
     assert "Traceback" not in daemon.log()
 
@@ -240,12 +242,4 @@ async def _until_connections(daemon: Daemon, count: int) -> None:
         except (ConnectionError, KeyError):  # refused: every slot is still busy
             return False
 
-    await _until(holds)
-
-
-async def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
+    await eventually(holds, step_s=0.05)

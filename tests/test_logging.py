@@ -10,7 +10,7 @@ from typing import Any
 
 from registry.config import LogFormat
 from registry.logs import configure_logging
-from tests.conftest import AppClient
+from tests.conftest import AS_SCHEDULER, SCHEDULER_TOKEN, AppClient
 from tests.waiting import eventually
 
 
@@ -100,7 +100,6 @@ async def test_stdlib_loggers_share_the_pipeline(json_lines: Any) -> None:
 async def test_unparseable_requests_log_one_warning_without_traceback(
     start_app: AppClient, json_lines: Any
 ) -> None:
-    import asyncio
 
     client = await start_app(gpu_backend="none")
     json_lines()
@@ -140,10 +139,10 @@ async def test_gpu_changes_log_once_and_each_flipped_model_once(
     client = await start_app(poll_interval=0.05)
     poller = client.app[keys.POLLER]
     json_lines()  # start-up: the first reading is a change from "no reading yet"
-    polls = poller.polls
-    while poller.polls < polls + 5:  # several polls that see nothing new
+    for _ in range(5):  # several polls that see nothing new
+        polls = poller.polls
         poller.poll_now()
-        await asyncio.sleep(0.01)
+        await eventually(lambda: poller.polls > polls)  # noqa: B023 (awaited in this iteration)
     assert not [
         x for x in json_lines() if x["event"] in ("gpu state changed", "model availability changed")
     ]
@@ -166,8 +165,8 @@ async def _logged(json_lines: Any, event: str) -> list[dict[str, Any]]:
 async def test_default_access_log_leaves_out_reservation_traffic_but_not_its_errors(
     start_app: AppClient, json_lines: Any
 ) -> None:
-    client = await start_app(scheduler_token="tok")
-    auth = {"Authorization": "Bearer tok"}
+    client = await start_app(scheduler_token=SCHEDULER_TOKEN)
+    auth = AS_SCHEDULER
     json_lines()
     created = await client.post("/reservations", json={"vram_mib": 100}, headers=auth)
     assert created.status == 201

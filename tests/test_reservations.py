@@ -14,15 +14,11 @@ import pytest
 from gpu.nvml import NvmlBackend
 from registry import keys
 from tests.clock import ManualClock
-from tests.conftest import AppClient, LogLines
+from tests.conftest import ADMIN_TOKEN, AS_ADMIN, AS_SCHEDULER, SCHEDULER_TOKEN, AppClient, LogLines
 from tests.fake_nvml import FakeGpu, FakeNvml
 from tests.scrape import scrape
 from tests.waiting import eventually
 
-SCHEDULER = "sched-token"
-ADMIN = "admin-token"
-AS_SCHEDULER = {"Authorization": f"Bearer {SCHEDULER}"}
-AS_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
 MIB = 1024**2
 
 
@@ -57,7 +53,10 @@ def one_gpu(gpu_file: Callable[..., Path]) -> Callable[..., Path]:
 async def client(start_app: AppClient, one_gpu: Callable[..., Path]) -> Any:
     # A poll interval of a minute: anything that changes below did so without a GPU poll.
     return await start_app(
-        scheduler_token=SCHEDULER, admin_token=ADMIN, poll_interval=60, vram_margin_mib=0
+        scheduler_token=SCHEDULER_TOKEN,
+        admin_token=ADMIN_TOKEN,
+        poll_interval=60,
+        vram_margin_mib=0,
     )
 
 
@@ -107,7 +106,7 @@ async def test_the_best_fitting_device_is_booked_unless_one_is_named(
     start_app: AppClient, gpu_file: Callable[..., Path]
 ) -> None:
     gpu_file(("GPU-big", 81920, 80000), ("GPU-small", 24576, 12000))
-    client = await start_app(scheduler_token=SCHEDULER, poll_interval=60)
+    client = await start_app(scheduler_token=SCHEDULER_TOKEN, poll_interval=60)
     body = await _json(await _reserve(client, vram_mib=10000))
     assert body["gpu"] == {"uuid": "GPU-small", "index": 1}
     named = await _json(await _reserve(client, vram_mib=10000, gpu="GPU-big"))
@@ -171,7 +170,7 @@ async def test_an_unknown_gpu_state_fails_closed(
     start_app: AppClient, gpu_file: Callable[..., Path]
 ) -> None:
     gpu_file().write_text("{not json")
-    client = await start_app(scheduler_token=SCHEDULER)
+    client = await start_app(scheduler_token=SCHEDULER_TOKEN)
     refused = await _reserve(client, model="tiny")
     assert refused.status == 503
     assert (await _json(refused))["reason"] == "gpu_state_unknown"
@@ -184,7 +183,7 @@ async def test_an_unknown_gpu_state_fails_closed(
 
 
 async def test_backend_none_cannot_reserve(start_app: AppClient) -> None:
-    client = await start_app(gpu_backend="none", scheduler_token=SCHEDULER)
+    client = await start_app(gpu_backend="none", scheduler_token=SCHEDULER_TOKEN)
     refused = await _reserve(client, vram_mib=1)
     assert refused.status == 503
     body = await _json(refused)
@@ -192,12 +191,12 @@ async def test_backend_none_cannot_reserve(start_app: AppClient) -> None:
 
 
 async def test_expiry_needs_no_request(start_app: AppClient, one_gpu: Callable[..., Path]) -> None:
-    client = await start_app(scheduler_token=SCHEDULER)
+    client = await start_app(scheduler_token=SCHEDULER_TOKEN)
     book = client.app[keys.BOOK]
     created = await _json(await _reserve(client, model="large-v3", holder="crashed", ttl_s=1))
     assert len(book.open()) == 1
     # Nothing is asked of the daemon until the lease has run out.
-    await eventually(lambda: asyncio.sleep(0, book.open()), lambda open_: not open_, timeout_s=3)
+    await eventually(lambda: book.open(), lambda open_: not open_, timeout_s=3)
     assert (await client.get(f"/reservations/{created['id']}")).status == 404
     assert (await _device(client))["pending_mib"] == 0
     assert (await scrape(client))[("model_registry_reservations_expired_total", ())] == 1
@@ -207,14 +206,13 @@ async def test_expiry_is_logged_once_with_holder_model_and_age(
     start_app: AppClient, one_gpu: Callable[..., Path], json_lines: LogLines
 ) -> None:
     clock = ManualClock()
-    client = await start_app(scheduler_token=SCHEDULER, clock=clock)
+    client = await start_app(scheduler_token=SCHEDULER_TOKEN, clock=clock)
     book = client.app[keys.BOOK]
     await _reserve(client, model="large-v3", holder="crashed-7", ttl_s=30)
     clock.advance(31)
     book.wake()
-    await eventually(lambda: asyncio.sleep(0, book.open()), lambda open_: not open_)
-    book.wake()
-    await asyncio.sleep(0)
+    await eventually(lambda: book.open(), lambda open_: not open_)
+    assert book.expire_due() == []  # a second look ends nothing more, and logs nothing
     lines = [line for line in json_lines() if line["event"] == "reservation expired"]
     assert len(lines) == 1
     assert (lines[0]["holder"], lines[0]["model"], lines[0]["age_s"]) == (
@@ -228,7 +226,7 @@ async def test_renewal_extends_the_lease_from_now(
     start_app: AppClient, one_gpu: Callable[..., Path]
 ) -> None:
     clock = ManualClock()
-    client = await start_app(scheduler_token=SCHEDULER, clock=clock)
+    client = await start_app(scheduler_token=SCHEDULER_TOKEN, clock=clock)
     book = client.app[keys.BOOK]
     created = await _json(await _reserve(client, vram_mib=5000, ttl_s=10))
     location = f"/reservations/{created['id']}"
@@ -239,8 +237,7 @@ async def test_renewal_extends_the_lease_from_now(
     assert body["expires_at"] == (clock.now + timedelta(seconds=10)).isoformat()
     assert body["created_at"] == created["created_at"]
     clock.advance(5)  # 13 s after creation: the first lease would have ended
-    book.wake()
-    await asyncio.sleep(0)
+    assert book.expire_due() == []
     assert (await client.get(location)).status == 200
     clock.advance(6)
     book.wake()
@@ -255,7 +252,10 @@ async def test_a_named_process_loading_shrinks_its_reservation(start_app: AppCli
     gpu.compute_processes = [(777, 3000 * MIB)]  # already holds 3000 MiB before it reserves
     fake = FakeNvml([gpu])
     client = await start_app(
-        backend=NvmlBackend(fake), gpu_backend="nvml", scheduler_token=SCHEDULER, poll_interval=60
+        backend=NvmlBackend(fake),
+        gpu_backend="nvml",
+        scheduler_token=SCHEDULER_TOKEN,
+        poll_interval=60,
     )
     poller = client.app[keys.POLLER]
     with_pid = await _json(await _reserve(client, vram_mib=10000, pid=777))
@@ -268,7 +268,7 @@ async def test_a_named_process_loading_shrinks_its_reservation(start_app: AppCli
         gpu.graphics_processes = [(777, (3000 + mib) * MIB)] if also_graphics else []
         polls = poller.polls
         poller.poll_now()
-        await eventually(lambda: asyncio.sleep(0, poller.polls), lambda n: n > polls)
+        await eventually(lambda: poller.polls, lambda n: n > polls)
         return await _device(client)
 
     device = await loaded(4000, also_graphics=True)
@@ -288,7 +288,7 @@ async def test_a_named_process_loading_shrinks_its_reservation(start_app: AppCli
     gpu.free = 100_000 * MIB
     polls = poller.polls
     poller.poll_now()
-    await eventually(lambda: asyncio.sleep(0, poller.polls), lambda n: n > polls)
+    await eventually(lambda: poller.polls, lambda n: n > polls)
     assert (await _json(await client.get(f"/reservations/{with_pid['id']}")))[
         "pending_mib"
     ] == 10000
@@ -299,7 +299,7 @@ async def test_naming_the_process_later_by_patch(start_app: AppClient) -> None:
     client = await start_app(
         backend=NvmlBackend(FakeNvml([gpu])),
         gpu_backend="nvml",
-        scheduler_token=SCHEDULER,
+        scheduler_token=SCHEDULER_TOKEN,
         poll_interval=60,
     )
     created = await _json(await _reserve(client, vram_mib=10000))

@@ -19,13 +19,11 @@ from registry import keys
 from registry.admission.ledger import LedgerError
 from registry.cli import main
 from registry.reservation import Reservation
-from tests.conftest import AppClient, SpawnDaemon
+from tests.conftest import AS_SCHEDULER, SCHEDULER_TOKEN, AppClient, SpawnDaemon
 from tests.daemon import Daemon, NotifyListener
 from tests.db import StoppableServer
+from tests.scrape import scrape
 from tests.waiting import eventually
-
-TOKEN = "sched-durable-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
@@ -39,7 +37,7 @@ def daemons(
         defaults = {
             "MODEL_REGISTRY_POLL_INTERVAL": "0.1",
             "MODEL_REGISTRY_STATE_DIR": str(tmp_path / "state"),
-            "MODEL_REGISTRY_SCHEDULER_TOKEN": TOKEN,
+            "MODEL_REGISTRY_SCHEDULER_TOKEN": SCHEDULER_TOKEN,
             "MODEL_REGISTRY_ACCESS_LOG": "all",
         }
         return spawn_daemon(**{**defaults, **env})
@@ -61,7 +59,7 @@ async def test_a_reservation_survives_sigkill_with_its_expiry(
         "POST",
         f"{first.url}/reservations",
         json={"model": "large-v3", "holder": "session-1", "ttl_s": 3600},
-        headers=AUTH,
+        headers=AS_SCHEDULER,
     )
     assert status == 201
     first.signal(signal.SIGKILL)
@@ -75,7 +73,9 @@ async def test_a_reservation_survives_sigkill_with_its_expiry(
     assert gpus["devices"][0]["pending_mib"] == 10000
     _, large = await _call("GET", f"{second.url}/models?name=large-v3")
     assert large["data"][0]["headroom_mib"] == 81920 - 20000
-    status, _ = await _call("DELETE", f"{second.url}/reservations/{promised['id']}", headers=AUTH)
+    status, _ = await _call(
+        "DELETE", f"{second.url}/reservations/{promised['id']}", headers=AS_SCHEDULER
+    )
     assert status == 204
     second.signal(signal.SIGTERM)
     assert second.wait_exit() == 0
@@ -84,7 +84,7 @@ async def test_a_reservation_survives_sigkill_with_its_expiry(
     await third.wait_ready()
     assert (await _call("GET", f"{third.url}/reservations"))[1] == {"data": []}
     log = first.log() + second.log() + third.log()
-    assert TOKEN not in log and "Traceback" not in log
+    assert SCHEDULER_TOKEN not in log and "Traceback" not in log
 
 
 async def test_a_second_daemon_on_the_same_state_directory_is_refused(
@@ -119,7 +119,7 @@ async def test_status_line_shows_a_reservation_at_once(
         daemon = daemons(NOTIFY_SOCKET=str(notify.path), MODEL_REGISTRY_POLL_INTERVAL="60")
         notify.wait_for("READY=1")
         status, _ = await _call(
-            "POST", f"{daemon.url}/reservations", json={"vram_mib": 4096}, headers=AUTH
+            "POST", f"{daemon.url}/reservations", json={"vram_mib": 4096}, headers=AS_SCHEDULER
         )
         assert status == 201
         status_line = "STATUS=5 models, 5 active, GPU ok, 1 reservation(s) holding 4096 MiB"
@@ -132,20 +132,20 @@ async def test_reservations_keep_working_while_the_database_is_down(
     start_app: AppClient, own_server: StoppableServer, gpu_file: Callable[..., Path]
 ) -> None:
     gpu_file(("GPU-sim-0", 81920, 81920))
-    client = await start_app(database_url=own_server.start(), scheduler_token=TOKEN)
-    await eventually(
-        lambda: asyncio.sleep(0, client.app[keys.CATALOG_SYNC].listening.is_set()), bool
-    )
+    client = await start_app(database_url=own_server.start(), scheduler_token=SCHEDULER_TOKEN)
+    await eventually(lambda: client.app[keys.CATALOG_SYNC].listening.is_set(), bool)
     await asyncio.to_thread(own_server.stop)
     assert (await client.get("/readyz")).status == 503
 
-    created = await client.post("/reservations", json={"model": "large-v3"}, headers=AUTH)
+    created = await client.post("/reservations", json={"model": "large-v3"}, headers=AS_SCHEDULER)
     assert created.status == 201
     listing = await (await client.get("/models?name=large-v3")).json()
     assert listing["data"][0]["headroom_mib"] == 81920 - 20000
-    renewed = await client.patch(created.headers["Location"], json={"ttl_s": 60}, headers=AUTH)
+    renewed = await client.patch(
+        created.headers["Location"], json={"ttl_s": 60}, headers=AS_SCHEDULER
+    )
     assert renewed.status == 200
-    assert (await client.delete(created.headers["Location"], headers=AUTH)).status == 204
+    assert (await client.delete(created.headers["Location"], headers=AS_SCHEDULER)).status == 204
     listing = await (await client.get("/models?name=large-v3")).json()
     assert listing["data"][0]["headroom_mib"] == 81920 - 10000
 
@@ -155,8 +155,8 @@ async def test_a_reservation_that_cannot_be_recorded_is_not_granted(
 ) -> None:
     gpu_file(("GPU-sim-0", 81920, 81920))
     state = tmp_path / "failing-disk"
-    client = await start_app(scheduler_token=TOKEN, state_dir=state)
-    kept = await client.post("/reservations", json={"vram_mib": 1000}, headers=AUTH)
+    client = await start_app(scheduler_token=SCHEDULER_TOKEN, state_dir=state)
+    kept = await client.post("/reservations", json={"vram_mib": 1000}, headers=AS_SCHEDULER)
     assert kept.status == 201
     ledger = client.app[keys.BOOK]._ledger
     writable = os.dup(ledger._fd)
@@ -165,7 +165,7 @@ async def test_a_reservation_that_cannot_be_recorded_is_not_granted(
     os.dup2(read_only, ledger._fd)
     os.close(read_only)
     try:
-        refused = await client.post("/reservations", json={"vram_mib": 2000}, headers=AUTH)
+        refused = await client.post("/reservations", json={"vram_mib": 2000}, headers=AS_SCHEDULER)
         assert refused.status == 503
         assert "could not be recorded" in (await refused.json())["detail"]
         listed = await (await client.get("/reservations")).json()
@@ -173,14 +173,20 @@ async def test_a_reservation_that_cannot_be_recorded_is_not_granted(
         assert (await client.get("/gpus")).status == 200
         assert (await (await client.get("/gpus")).json())["devices"][0]["pending_mib"] == 1000
         before = await (await client.get(kept.headers["Location"])).json()
-        renew = await client.patch(kept.headers["Location"], json={"ttl_s": 3600}, headers=AUTH)
+        renew = await client.patch(
+            kept.headers["Location"], json={"ttl_s": 3600}, headers=AS_SCHEDULER
+        )
         assert renew.status == 503
         assert await (await client.get(kept.headers["Location"])).json() == before
     finally:
         os.dup2(writable, ledger._fd)
         os.close(writable)
-    granted = await client.post("/reservations", json={"vram_mib": 2000}, headers=AUTH)
+    granted = await client.post("/reservations", json={"vram_mib": 2000}, headers=AS_SCHEDULER)
     assert granted.status == 201
+    # Counters only grow: the grant taken back is counted on its own, not subtracted.
+    samples = await scrape(client)
+    assert samples[("model_registry_reservations_created_total", ())] == 3
+    assert samples[("model_registry_reservations_rolled_back_total", ())] == 1
     # On disk exactly what was granted: the refused ones left nothing behind.
     ledger.close()
     from registry.admission.ledger import ReservationLedger
@@ -271,12 +277,10 @@ async def test_cli_adds_lists_and_removes_on_the_running_daemon(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     gpu_file(("GPU-sim-0", 81920, 81920))
-    client = await start_app(scheduler_token=TOKEN)
+    client = await start_app(scheduler_token=SCHEDULER_TOKEN)
     url = str(client.make_url("")).rstrip("/")
-    monkeypatch.setenv("MODEL_REGISTRY_SCHEDULER_TOKEN", TOKEN)
-    await eventually(
-        lambda: asyncio.sleep(0, client.app[keys.CATALOG_SYNC].listening.is_set()), bool
-    )
+    monkeypatch.setenv("MODEL_REGISTRY_SCHEDULER_TOKEN", SCHEDULER_TOKEN)
+    await eventually(lambda: client.app[keys.CATALOG_SYNC].listening.is_set(), bool)
     capsys.readouterr()  # the daemon's start-up log
 
     async def cli(*args: str) -> tuple[int, str, str]:

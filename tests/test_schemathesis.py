@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ADMIN_TOKEN
 from tests.daemon import Daemon
 
 # Bounded so the whole suite stays within a few minutes on two cores.
@@ -29,7 +30,7 @@ async def test_schemathesis_finds_no_server_error_or_schema_violation(
             "MODEL_REGISTRY_DATABASE_URL": database_url,
             "MODEL_REGISTRY_GPU_BACKEND": "simulated",
             "MODEL_REGISTRY_GPU_SIMULATED_FILE": str(gpu_file()),
-            "MODEL_REGISTRY_ADMIN_TOKEN": "fuzz-token",
+            "MODEL_REGISTRY_ADMIN_TOKEN": ADMIN_TOKEN,
             "MODEL_REGISTRY_ACCESS_LOG": "off",
         },
         log_path=tmp_path / "daemon.log",
@@ -43,7 +44,7 @@ async def test_schemathesis_finds_no_server_error_or_schema_violation(
                 "run",
                 f"{daemon.url}/openapi.json",
                 "--header",
-                "Authorization: Bearer fuzz-token",
+                f"Authorization: Bearer {ADMIN_TOKEN}",
                 "--checks",
                 "all",
                 "--max-time",

@@ -20,6 +20,7 @@ from registry.app import spawn
 from registry.config import Settings
 from registry.sdnotify import Notifier
 from registry.service import Service, poller_alive
+from tests.conftest import ADMIN_TOKEN, AS_ADMIN, AS_SCHEDULER, SCHEDULER_TOKEN
 from tests.daemon import Daemon, NotifyListener, get_json
 from tests.waiting import eventually
 
@@ -81,7 +82,7 @@ async def test_sigterm_lets_an_in_flight_request_finish(
     start_daemon: Callable[..., Daemon],
 ) -> None:
     daemon = start_daemon(
-        {**daemon_env, "MODEL_REGISTRY_ADMIN_TOKEN": "t0ken", "NOTIFY_SOCKET": str(notify.path)}
+        {**daemon_env, "MODEL_REGISTRY_ADMIN_TOKEN": ADMIN_TOKEN, "NOTIFY_SOCKET": str(notify.path)}
     )
     await daemon.wait_ready()
     blocker = await asyncpg.connect(database_url)
@@ -93,7 +94,7 @@ async def test_sigterm_lets_an_in_flight_request_finish(
             session.post(
                 f"{daemon.url}/models",
                 json={"name": "slow-one", "vram": 1000},
-                headers={"Authorization": "Bearer t0ken"},
+                headers=AS_ADMIN,
             )
         )
         # The write is now waiting on the lock inside the daemon.
@@ -143,6 +144,46 @@ async def test_sighup_reloads_live_settings(
     assert reload_lines and set(reload_lines[0]["changed"]) == {"poll_interval", "vram_margin_mib"}
 
 
+async def test_a_reload_reaches_every_reader_retry_after_included(
+    daemon_env: dict[str, str],
+    notify: NotifyListener,
+    start_daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "registry.toml"
+    config.write_text("poll_interval = 2.0\n")
+    env = {
+        **daemon_env,
+        "NOTIFY_SOCKET": str(notify.path),
+        "MODEL_REGISTRY_SCHEDULER_TOKEN": SCHEDULER_TOKEN,
+        # No GPU file: the GPU state stays unknown, so a reservation is refused with 503.
+        "MODEL_REGISTRY_GPU_SIMULATED_FILE": str(tmp_path / "no-such-gpus.json"),
+    }
+    del env["MODEL_REGISTRY_POLL_INTERVAL"]  # the environment would win over the file
+    daemon = start_daemon(env, "--config", str(config))
+    notify.wait_for("READY=1")
+
+    async def retry_after() -> str:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{daemon.url}/reservations",
+                json={"vram_mib": 100},
+                headers=AS_SCHEDULER,
+            ) as response,
+        ):
+            assert response.status == 503
+            assert (await response.json())["reason"] == "gpu_state_unknown"
+            return response.headers["Retry-After"]
+
+    assert await retry_after() == "2"
+    config.write_text("poll_interval = 7.0\n")
+    daemon.signal(signal.SIGHUP)
+    notify.wait_for("RELOADING=1")
+    notify.wait_for("READY=1")
+    assert await retry_after() == "7"
+
+
 def test_abstract_notify_socket_addresses_work() -> None:
     name = f"model-registry-test-{time.monotonic_ns()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
@@ -168,9 +209,7 @@ async def test_a_dead_background_task_ends_the_service_non_zero(
 
     service = Service(make_settings(port=free_port()), None, {})
     running = asyncio.ensure_future(service.run())
-    await eventually(
-        lambda: asyncio.sleep(0, service.app.frozen), lambda frozen: frozen, timeout_s=15
-    )
+    await eventually(lambda: service.app.frozen, lambda frozen: frozen, timeout_s=15)
 
     async def broken() -> None:
         raise RuntimeError("boom")

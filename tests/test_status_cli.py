@@ -12,26 +12,22 @@ import pytest
 
 from registry import keys
 from registry.cli import main
-from tests.conftest import AppClient
+from tests.conftest import AS_SCHEDULER, SCHEDULER_TOKEN, AppClient
 from tests.waiting import eventually
-
-TOKEN = "status-token"
 
 
 async def test_status_shows_gpus_models_and_reservations(
     start_app: AppClient, gpu_file: Callable[..., Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     gpu_file(("GPU-sim-0", 24576, 11000))
-    client = await start_app(scheduler_token=TOKEN)
+    client = await start_app(scheduler_token=SCHEDULER_TOKEN)
     await client.post(
         "/reservations",
         json={"vram_mib": 1500, "holder": "job-77"},
-        headers={"Authorization": f"Bearer {TOKEN}"},
+        headers=AS_SCHEDULER,
     )
     url = str(client.make_url("")).rstrip("/")
-    await eventually(
-        lambda: asyncio.sleep(0, client.app[keys.CATALOG_SYNC].listening.is_set()), bool
-    )
+    await eventually(lambda: client.app[keys.CATALOG_SYNC].listening.is_set(), bool)
     capsys.readouterr()
     assert await asyncio.to_thread(main, ["status", "--url", url]) == 0
     out = capsys.readouterr().out
@@ -67,10 +63,10 @@ async def test_watch_redraws_when_something_changes(
             stderr=asyncio.subprocess.PIPE,
         )
     try:
-        await eventually(lambda: asyncio.sleep(0, screen.read_text()), lambda s: "20,000" in s)
+        await eventually(lambda: screen.read_text(), lambda s: "20,000" in s)
         gpu_file(("GPU-sim-0", 24576, 3000))
         client.app[keys.POLLER].poll_now()
-        await eventually(lambda: asyncio.sleep(0, screen.read_text()), lambda s: "3,000" in s)
+        await eventually(lambda: screen.read_text(), lambda s: "3,000" in s)
         await client.server.close()  # the daemon goes away: the watch says so and ends
         assert await asyncio.wait_for(watch.wait(), 15) == 1
         assert watch.stderr is not None and b"daemon" in await watch.stderr.read()

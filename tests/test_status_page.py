@@ -12,10 +12,7 @@ import pytest
 
 from registry import keys
 from registry.ops_view.page import memory_segments
-from tests.conftest import AppClient
-
-TOKEN = "page-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+from tests.conftest import AS_SCHEDULER, SCHEDULER_TOKEN, AppClient
 
 
 class _Assets(HTMLParser):
@@ -88,9 +85,9 @@ def busy_gpu(gpu_file: Callable[..., Path]) -> Callable[..., Path]:
 async def test_the_page_shows_gpus_models_and_reservations_with_no_outside_assets(
     start_app: AppClient, busy_gpu: Callable[..., Path]
 ) -> None:
-    client = await start_app(scheduler_token=TOKEN, vram_margin_mib=1000)
+    client = await start_app(scheduler_token=SCHEDULER_TOKEN, vram_margin_mib=1000)
     created = await client.post(
-        "/reservations", json={"vram_mib": 2000, "holder": "<b>job</b>"}, headers=AUTH
+        "/reservations", json={"vram_mib": 2000, "holder": "<b>job</b>"}, headers=AS_SCHEDULER
     )
     assert created.status == 201
     answer = await client.get("/")

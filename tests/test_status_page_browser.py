@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import SpawnDaemon
+from tests.conftest import AS_SCHEDULER, SCHEDULER_TOKEN, SpawnDaemon
 
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "status-page.png"
 # Flags for a headless browser in a sandboxed, offline machine: no sandbox as root, no GPU,
@@ -73,7 +73,7 @@ async def test_the_page_shows_the_gpu_and_models_and_follows_a_change_live(
         MODEL_REGISTRY_POLL_INTERVAL="0.2",
         MODEL_REGISTRY_HOST_ID="gpu-host-1",
         MODEL_REGISTRY_VRAM_MARGIN_MIB="2048",
-        MODEL_REGISTRY_SCHEDULER_TOKEN="page-token",
+        MODEL_REGISTRY_SCHEDULER_TOKEN=SCHEDULER_TOKEN,
     )
     problems: list[str] = []
     await daemon.wait_ready()
@@ -110,7 +110,7 @@ async def test_the_page_shows_the_gpu_and_models_and_follows_a_change_live(
                 answer = await http.post(
                     daemon.url + "/reservations",
                     json={"model": "medium", "holder": "session-42", "ttl_s": 600},
-                    headers={"Authorization": "Bearer page-token"},
+                    headers=AS_SCHEDULER,
                 )
                 assert answer.status == 201
             await page.locator("#reservations td", has_text="session-42").wait_for(timeout=2000)

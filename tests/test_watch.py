@@ -14,17 +14,15 @@ import pytest
 
 from registry import keys
 from registry.watch.feed import STREAM_BACKLOG, Batch
-from tests.conftest import AppClient, LogLines, SpawnDaemon
+from tests.conftest import ADMIN_TOKEN, AS_ADMIN, AppClient, LogLines, SpawnDaemon
+from tests.scrape import scrape_url
 from tests.sse import EventReader
 from tests.waiting import eventually
-
-TOKEN = "watch-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
 async def client(start_app: AppClient) -> Any:
-    return await start_app(admin_token=TOKEN, events_keepalive=0.2)
+    return await start_app(admin_token=ADMIN_TOKEN, events_keepalive=0.2)
 
 
 async def _change_gpus(client: Any, gpu_file: Callable[..., Path], free: int) -> None:
@@ -42,12 +40,11 @@ async def test_a_blocking_get_answers_as_soon_as_the_answer_changes(
     etag = first.headers["ETag"]
     headers = {"If-None-Match": etag, "Prefer": "wait=20"}
     waiting = asyncio.create_task(client.get("/models", headers=headers))
-    await asyncio.sleep(0.1)
+    feed = client.app[keys.FEED]
+    await eventually(lambda: feed.waiting == 1)
     assert not waiting.done(), "it waits while nothing changes"
-    started = time.monotonic()
     await _change_gpus(client, gpu_file, 9000)
     answer = await asyncio.wait_for(waiting, 5)
-    assert time.monotonic() - started < 1.0
     assert answer.status == 200
     assert answer.headers["Preference-Applied"] == "wait=20"
     assert answer.headers["ETag"] != etag
@@ -81,16 +78,17 @@ async def test_one_model_and_gpus_answer_on_their_own_changes(client: Any) -> No
     gpus_waiting = asyncio.create_task(
         client.get("/gpus", headers={"If-None-Match": gpus.headers["ETag"], "Prefer": "wait=20"})
     )
-    await asyncio.sleep(0.1)
+    feed = client.app[keys.FEED]
+    await eventually(lambda: feed.waiting == 2)
     # Another model's change moves the generation but not this answer: it keeps waiting.
-    assert (await client.patch("/models/3", json={"vram": 4000}, headers=AUTH)).status == 200
-    await asyncio.sleep(0.1)
+    assert (await client.patch("/models/3", json={"vram": 4000}, headers=AS_ADMIN)).status == 200
+    await eventually(lambda: feed.waiting == 2)  # both looked, and went back to waiting
     assert not waiting.done()
-    assert (await client.patch("/models/2", json={"vram": 2600}, headers=AUTH)).status == 200
+    assert (await client.patch("/models/2", json={"vram": 2600}, headers=AS_ADMIN)).status == 200
     answer = await asyncio.wait_for(waiting, 5)
     assert answer.status == 200 and (await answer.json())["vram"] == 2600
     # A reservation changes the books, so /gpus answers.
-    created = await client.post("/reservations", json={"vram_mib": 100}, headers=AUTH)
+    created = await client.post("/reservations", json={"vram_mib": 100}, headers=AS_ADMIN)
     assert created.status == 201
     gpus_answer = await asyncio.wait_for(gpus_waiting, 5)
     assert gpus_answer.status == 200
@@ -102,8 +100,8 @@ async def test_one_model_and_gpus_answer_on_their_own_changes(client: Any) -> No
             "/models/5", headers={"If-None-Match": last.headers["ETag"], "Prefer": "wait=20"}
         )
     )
-    await asyncio.sleep(0.05)
-    assert (await client.delete("/models/5", headers=AUTH)).status == 204
+    await eventually(lambda: feed.waiting == 1)
+    assert (await client.delete("/models/5", headers=AS_ADMIN)).status == 204
     assert (await asyncio.wait_for(gone, 5)).status == 404
 
 
@@ -136,8 +134,8 @@ async def test_a_long_wait_is_capped_at_300_seconds(client: Any) -> None:
     waiting = asyncio.create_task(
         client.get("/models", headers={"If-None-Match": etag, "Prefer": "wait=100000"})
     )
-    await asyncio.sleep(0.05)
-    await client.patch("/models/1", json={"vram": 700}, headers=AUTH)
+    await eventually(lambda: client.app[keys.FEED].waiting == 1)
+    await client.patch("/models/1", json={"vram": 700}, headers=AS_ADMIN)
     answer = await asyncio.wait_for(waiting, 5)
     assert answer.headers["Preference-Applied"] == "wait=300"
 
@@ -178,7 +176,7 @@ async def test_a_stream_starts_with_a_snapshot_then_sends_what_changes(
     assert state["reservations"] == []
 
     # A catalog write: exactly the model that changed.
-    await client.patch("/models/2", json={"vram": 2600}, headers=AUTH)
+    await client.patch("/models/2", json={"vram": 2600}, headers=AS_ADMIN)
     models = await events.next_named("models")
     assert [m["name"] for m in models.data["models"]] == ["medium"]
     assert models.data["models"][0]["vram"] == 2600 and models.data["deleted"] == []
@@ -194,19 +192,19 @@ async def test_a_stream_starts_with_a_snapshot_then_sends_what_changes(
     assert large["active"] is False and large["reason"] == "insufficient_vram"
 
     # Reservations: created, renewed, ended.
-    created = await client.post("/reservations", json={"vram_mib": 100}, headers=AUTH)
+    created = await client.post("/reservations", json={"vram_mib": 100}, headers=AS_ADMIN)
     reserved = await events.next_named("reservations")
     assert [r["id"] for r in reserved.data["reservations"]] == [(await created.json())["id"]]
-    await client.patch(created.headers["Location"], json={"ttl_s": 600}, headers=AUTH)
+    await client.patch(created.headers["Location"], json={"ttl_s": 600}, headers=AS_ADMIN)
     renewed = await events.next_named("reservations")
     assert (
         renewed.data["reservations"][0]["expires_at"]
         != reserved.data["reservations"][0]["expires_at"]
     )
-    await client.delete(created.headers["Location"], headers=AUTH)
+    await client.delete(created.headers["Location"], headers=AS_ADMIN)
     assert (await events.next_named("reservations")).data == {"reservations": []}
 
-    await client.delete("/models/4", headers=AUTH)
+    await client.delete("/models/4", headers=AS_ADMIN)
     deleted = await events.next_named("models")
     assert deleted.data == {"models": [], "deleted": [4]}
 
@@ -215,8 +213,8 @@ async def test_the_name_filter_limits_model_objects(client: Any) -> None:
     events = await _open(client, "?name=tiny,large-v3")
     snapshot = await events.next()
     assert [m["name"] for m in snapshot.data["models"]] == ["tiny", "large-v3"]
-    await client.patch("/models/2", json={"vram": 2600}, headers=AUTH)  # medium: filtered out
-    await client.patch("/models/1", json={"vram": 600}, headers=AUTH)
+    await client.patch("/models/2", json={"vram": 2600}, headers=AS_ADMIN)  # medium: filtered out
+    await client.patch("/models/1", json={"vram": 600}, headers=AS_ADMIN)
     models = await events.next_named("models")
     assert [m["name"] for m in models.data["models"]] == ["tiny"]
 
@@ -234,7 +232,7 @@ async def test_resuming_at_the_current_generation_replays_nothing(client: Any) -
     first.response.close()
 
     resumed = await _open(client, **{"Last-Event-ID": snapshot.id or ""})
-    await client.patch("/models/1", json={"vram": 700}, headers=AUTH)
+    await client.patch("/models/1", json={"vram": 700}, headers=AS_ADMIN)
     event = await resumed.next_named("models")  # no snapshot came first
     assert [m["name"] for m in event.data["models"]] == ["tiny"]
     resumed.response.close()
@@ -265,7 +263,7 @@ async def test_a_stream_that_falls_behind_gets_a_fresh_snapshot(client: Any) -> 
     relisted = await events.next_named("snapshot")
     assert len(relisted.data["models"]) == 5
     # Then it carries on with changes as usual.
-    await client.patch("/models/1", json={"vram": 700}, headers=AUTH)
+    await client.patch("/models/1", json={"vram": 700}, headers=AS_ADMIN)
     models = await events.next_named("models")
     assert [m["vram"] for m in models.data["models"]] == [700]
 
@@ -289,7 +287,7 @@ async def test_sigterm_ends_streams_and_answers_waiting_gets_at_once(
             )
             for _ in range(3)
         ]
-        await asyncio.sleep(0.2)
+        await eventually(lambda: _watchers(daemon) == {"waiting": 3, "stream": 3})
         started = time.monotonic()
         daemon.signal(signal.SIGTERM)
         answers = await asyncio.wait_for(asyncio.gather(*waiting), 5)
@@ -303,6 +301,15 @@ async def test_sigterm_ends_streams_and_answers_waiting_gets_at_once(
     assert "Traceback" not in daemon.log()
 
 
+def _watchers(daemon: Any) -> dict[str, float]:
+    samples = scrape_url(f"{daemon.url}/metrics")
+    return {
+        dict(labels)["kind"]: value
+        for (name, labels), value in samples.items()
+        if name == "model_registry_watchers"
+    }
+
+
 async def test_streams_end_when_the_client_goes(client: Any) -> None:
     events = await _open(client)
     await events.next()
@@ -310,4 +317,4 @@ async def test_streams_end_when_the_client_goes(client: Any) -> None:
     assert len(feed._subscriptions) == 1
     events.response.close()
     # The keep-alive write finds the connection gone; the subscription is dropped.
-    await eventually(lambda: asyncio.sleep(0, len(feed._subscriptions)), lambda n: n == 0)
+    await eventually(lambda: len(feed._subscriptions), lambda n: n == 0)

@@ -7,21 +7,18 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import AppClient, LogLines
+from tests.conftest import ADMIN_TOKEN, AS_ADMIN, AppClient, LogLines
 from tests.db import catalog_rows
-
-TOKEN = "s3cret-admin-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
 async def client(start_app: AppClient) -> Any:
-    return await start_app(gpu_backend="none", admin_token=f"other-token, {TOKEN}")
+    return await start_app(gpu_backend="none", admin_token=f"other-token, {ADMIN_TOKEN}")
 
 
 async def test_create_returns_201_with_location(client: Any) -> None:
     response = await client.post(
-        "/models", json={"name": "whisper-xl", "vram": 12000}, headers=AUTH
+        "/models", json={"name": "whisper-xl", "vram": 12000}, headers=AS_ADMIN
     )
     assert response.status == 201
     body = await response.json()
@@ -40,7 +37,7 @@ async def test_create_returns_201_with_location(client: Any) -> None:
 
 
 async def test_duplicate_name_is_409(client: Any) -> None:
-    response = await client.post("/models", json={"name": "tiny", "vram": 1}, headers=AUTH)
+    response = await client.post("/models", json={"name": "tiny", "vram": 1}, headers=AS_ADMIN)
     assert response.status == 409
     assert "tiny" in (await response.json())["detail"]
 
@@ -75,7 +72,7 @@ async def test_invalid_bodies_are_422_and_change_nothing(
     client: Any, database_url: str, body: Any, loc: list[str]
 ) -> None:
     before = await catalog_rows(database_url)
-    response = await client.post("/models", data=json.dumps(body), headers=AUTH)
+    response = await client.post("/models", data=json.dumps(body), headers=AS_ADMIN)
     assert response.status == 422
     issues = (await response.json())["detail"]
     assert loc in [issue["loc"] for issue in issues]
@@ -84,7 +81,7 @@ async def test_invalid_bodies_are_422_and_change_nothing(
 
 @pytest.mark.parametrize("raw", [b"{", b"not json", b'{"name": "x", "vram": 1', b"\xff\xfe"])
 async def test_malformed_json_is_a_json_error(client: Any, raw: bytes) -> None:
-    response = await client.post("/models", data=raw, headers=AUTH)
+    response = await client.post("/models", data=raw, headers=AS_ADMIN)
     assert response.status == 422
     assert response.content_type == "application/json"
     [issue] = (await response.json())["detail"]
@@ -94,14 +91,16 @@ async def test_malformed_json_is_a_json_error(client: Any, raw: bytes) -> None:
 async def test_bodies_over_64_kib_are_refused(client: Any, database_url: str) -> None:
     before = await catalog_rows(database_url)
     huge = json.dumps({"name": "big", "vram": 1, "pad": "x" * 70_000})
-    response = await client.post("/models", data=huge, headers=AUTH)
+    response = await client.post("/models", data=huge, headers=AS_ADMIN)
     assert response.status == 413
     assert response.content_type == "application/json"
     assert await catalog_rows(database_url) == before
 
 
 async def test_patch_changes_fields_and_sets_updated_at(client: Any) -> None:
-    response = await client.patch("/models/2", json={"vram": 2600, "enabled": False}, headers=AUTH)
+    response = await client.patch(
+        "/models/2", json={"vram": 2600, "enabled": False}, headers=AS_ADMIN
+    )
     assert response.status == 200
     body = await response.json()
     assert (body["name"], body["vram"], body["enabled"], body["active"]) == (
@@ -112,7 +111,7 @@ async def test_patch_changes_fields_and_sets_updated_at(client: Any) -> None:
     )
     assert body["reason"] == "disabled"
     assert body["updated_at"] is not None
-    renamed = await client.patch("/models/2", json={"name": "medium-v2"}, headers=AUTH)
+    renamed = await client.patch("/models/2", json={"name": "medium-v2"}, headers=AS_ADMIN)
     assert (await renamed.json())["name"] == "medium-v2"
     listing = await (await client.get("/models?active=false")).json()
     assert [m["name"] for m in listing["data"]] == ["medium-v2"]
@@ -130,26 +129,26 @@ async def test_patch_changes_fields_and_sets_updated_at(client: Any) -> None:
 )
 async def test_bad_patches(client: Any, database_url: str, body: Any, status: int) -> None:
     before = await catalog_rows(database_url)
-    response = await client.patch("/models/2", json=body, headers=AUTH)
+    response = await client.patch("/models/2", json=body, headers=AS_ADMIN)
     assert response.status == status
     assert response.content_type == "application/json"
     assert await catalog_rows(database_url) == before
 
 
 async def test_delete_then_404(client: Any) -> None:
-    response = await client.delete("/models/3", headers=AUTH)
+    response = await client.delete("/models/3", headers=AS_ADMIN)
     assert response.status == 204
     assert (await client.get("/models/3")).status == 404
-    assert (await client.delete("/models/3", headers=AUTH)).status == 404
-    assert (await client.patch("/models/3", json={"vram": 1}, headers=AUTH)).status == 404
+    assert (await client.delete("/models/3", headers=AS_ADMIN)).status == 404
+    assert (await client.patch("/models/3", json={"vram": 1}, headers=AS_ADMIN)).status == 404
     listing = await (await client.get("/models")).json()
     assert [m["id"] for m in listing["data"]] == [1, 2, 4, 5]
 
 
 @pytest.mark.parametrize("path", ["/models/0", "/models/99999999999999999999999"])
 async def test_writes_to_impossible_ids_are_404(client: Any, path: str) -> None:
-    assert (await client.delete(path, headers=AUTH)).status == 404
-    assert (await client.patch(path, json={"vram": 5}, headers=AUTH)).status == 404
+    assert (await client.delete(path, headers=AS_ADMIN)).status == 404
+    assert (await client.patch(path, json={"vram": 5}, headers=AS_ADMIN)).status == 404
 
 
 @pytest.mark.parametrize(
@@ -159,7 +158,7 @@ async def test_writes_to_impossible_ids_are_404(client: Any, path: str) -> None:
         ({"Authorization": "Basic dXNlcjpwYXNz"}, None),
         ({"Authorization": "Bearer"}, None),
         ({"Authorization": "Bearer wrong"}, "invalid_token"),
-        ({"Authorization": f"Bearer {TOKEN}x"}, "invalid_token"),
+        ({"Authorization": f"Bearer {ADMIN_TOKEN}x"}, "invalid_token"),
         ({"Authorization": "Bearer other-token,"}, "invalid_token"),
     ],
 )
@@ -189,14 +188,14 @@ async def test_every_configured_token_works(client: Any) -> None:
 
 async def test_writes_are_refused_without_a_configured_token(start_app: AppClient) -> None:
     client = await start_app(gpu_backend="none")
-    response = await client.post("/models", json={"name": "x", "vram": 1}, headers=AUTH)
+    response = await client.post("/models", json={"name": "x", "vram": 1}, headers=AS_ADMIN)
     assert response.status == 403
     assert "MODEL_REGISTRY_ADMIN_TOKEN" in (await response.json())["detail"]
 
 
 async def test_tokens_never_reach_the_log(start_app: AppClient, json_lines: LogLines) -> None:
-    client = await start_app(gpu_backend="none", admin_token=TOKEN, access_log="all")
-    await client.post("/models", json={"name": "logged", "vram": 1}, headers=AUTH)
+    client = await start_app(gpu_backend="none", admin_token=ADMIN_TOKEN, access_log="all")
+    await client.post("/models", json={"name": "logged", "vram": 1}, headers=AS_ADMIN)
     await client.post(
         "/models",
         json={"name": "x", "vram": 1},
@@ -204,10 +203,10 @@ async def test_tokens_never_reach_the_log(start_app: AppClient, json_lines: LogL
     )
     log = json.dumps(json_lines())
     assert '"status": 201' in log and '"status": 401' in log
-    assert TOKEN not in log and "guessed-token" not in log
+    assert ADMIN_TOKEN not in log and "guessed-token" not in log
 
 
 async def test_an_integral_float_is_an_integer_as_json_schema_says(client: Any) -> None:
-    response = await client.post("/models", data=b'{"name": "f", "vram": 1234.0}', headers=AUTH)
+    response = await client.post("/models", data=b'{"name": "f", "vram": 1234.0}', headers=AS_ADMIN)
     assert response.status == 201
     assert (await response.json())["vram"] == 1234

@@ -64,6 +64,16 @@ class ChangeFeed:
         self.closed = False
         view.subscribe(self._on_change)
 
+    @property
+    def waiting(self) -> int:
+        """Blocking GETs waiting for the next change now."""
+        return len(self._waiters)
+
+    @property
+    def streams(self) -> int:
+        """Event streams open now."""
+        return len(self._subscriptions)
+
     # -- blocking GETs --------------------------------------------------------------------
 
     async def wait_for_change(self, timeout_s: float) -> bool:

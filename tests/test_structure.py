@@ -1,0 +1,46 @@
+"""The shape of the house: the core imports no feature, and keys.py imports nothing of ours."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+CORE = [
+    "registry.config",
+    "registry.model",
+    "registry.reservation",
+    "registry.capacity",
+    "registry.view",
+    "registry.database",
+    "registry.migrations",
+    "registry.errors",
+    "registry.logs",
+    "registry.schemas",
+    "registry.metrics",
+]
+FEATURES = ("catalog", "admission", "watch", "fleet", "ops_view", "guard")
+
+
+def _loaded_after_importing(module: str) -> list[str]:
+    """Our modules a fresh interpreter holds after importing `module`."""
+    ours = "m.split('.')[0] in ('registry', 'gpu')"
+    code = (
+        f"import sys, json, {module}; print(json.dumps(sorted(m for m in sys.modules if {ours})))"
+    )
+    loaded: list[str] = json.loads(subprocess.check_output([sys.executable, "-c", code]))
+    return loaded
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_the_core_imports_no_feature_package(module: str) -> None:
+    features = [
+        m for m in _loaded_after_importing(module) if m.split(".")[1:2] in [[f] for f in FEATURES]
+    ]
+    assert features == [], f"{module} pulls in {features}"
+
+
+def test_keys_import_no_project_module_at_run_time() -> None:
+    assert _loaded_after_importing("registry.keys") == ["registry", "registry.keys"]

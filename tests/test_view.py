@@ -1,0 +1,231 @@
+"""The view's indexes against the pure rule, without a database: a hypothesis state machine
+inserts, deletes, renames (two models swapping names in one batch), changes many models at once
+(past the bulk-rebuild threshold), switches models, and moves GPU snapshots, margins and
+reservations. After every step each page (plain, active=true/false, by name, by id) is exactly
+what `assess_all` says, model by model."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from gpu import MIB, GpuDevice, GpuSnapshot, GpuState
+from registry.capacity import Margins, assess_all
+from registry.model import CatalogModel
+from registry.reservation import Reservation
+from registry.schemas import ListQuery
+from registry.view import CatalogView
+from tests.reference import model_object
+
+T0 = datetime(2026, 11, 28, tzinfo=UTC)
+NAMES = [f"m{i}" for i in range(12)]
+VRAMS = [100, 2500, 5000, 9000, 10000, 20000, 40000]
+FREE_MIB = [0, 4000, 9000, 10000, 12000, 30000, 81920]
+BULK = 300  # above the view's bulk-rebuild threshold
+MAX_MODELS = 2 * BULK + len(NAMES)
+
+
+def _device(index: int, free_mib: int, healthy: bool = True) -> GpuDevice:
+    return GpuDevice(
+        uuid=f"GPU-{index}",
+        index=index,
+        name="H200",
+        total_bytes=81920 * MIB,
+        free_bytes=free_mib * MIB,
+        healthy=healthy,
+    )
+
+
+class ViewModel(RuleBasedStateMachine):
+    """The view next to a plain dict of models: the reference needs nothing else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.models: dict[int, CatalogModel] = {}
+        self.next_id = 1
+        self.snapshot = GpuSnapshot(backend="simulated", state=GpuState.UNAVAILABLE)
+        self.margins = Margins()
+        self.reservations: list[Reservation] = []
+        self.view = CatalogView(self.snapshot, self.margins)
+        self.tick = 0
+
+    @initialize()
+    def load(self) -> None:
+        self.view.replace_catalog([])
+
+    # -- the catalog ------------------------------------------------------------------------
+
+    def _new(self, name: str, vram: int, enabled: bool) -> CatalogModel:
+        model = CatalogModel(self.next_id, name, vram, enabled, T0, None)
+        self.next_id += 1
+        return model
+
+    def _changed(self, model: CatalogModel, **fields: Any) -> CatalogModel:
+        self.tick += 1
+        return replace(model, updated_at=T0 + timedelta(seconds=self.tick), **fields)
+
+    def _apply(self, gone: list[int], written: list[CatalogModel]) -> None:
+        for model_id in gone:
+            del self.models[model_id]
+        for model in written:
+            self.models[model.id] = model
+        self.view.apply_changes([*gone, *(m.id for m in written)], written)
+
+    def _free_names(self) -> list[str]:
+        taken = {m.name for m in self.models.values()}
+        return [name for name in NAMES if name not in taken]
+
+    @precondition(lambda self: len(self.models) < MAX_MODELS)
+    @rule(data=st.data(), vram=st.sampled_from(VRAMS), enabled=st.booleans())
+    def insert(self, data: st.DataObject, vram: int, enabled: bool) -> None:
+        free = self._free_names()
+        if free:
+            self._apply([], [self._new(data.draw(st.sampled_from(free)), vram, enabled)])
+
+    @precondition(lambda self: self.models)
+    @rule(data=st.data())
+    def delete(self, data: st.DataObject) -> None:
+        self._apply([data.draw(st.sampled_from(sorted(self.models)))], [])
+
+    @precondition(lambda self: len(self.models) >= 2)
+    @rule(data=st.data())
+    def swap_names(self, data: st.DataObject) -> None:
+        first, second = data.draw(
+            st.lists(st.sampled_from(sorted(self.models)), min_size=2, max_size=2, unique=True)
+        )
+        a, b = self.models[first], self.models[second]
+        self._apply([], [self._changed(a, name=b.name), self._changed(b, name=a.name)])
+
+    @precondition(lambda self: self.models)
+    @rule(data=st.data(), vram=st.sampled_from(VRAMS), enabled=st.booleans())
+    def change(self, data: st.DataObject, vram: int, enabled: bool) -> None:
+        model = self.models[data.draw(st.sampled_from(sorted(self.models)))]
+        free = self._free_names()
+        name = data.draw(st.sampled_from([model.name, *free]))
+        self._apply([], [self._changed(model, name=name, vram=vram, enabled=enabled)])
+
+    @precondition(lambda self: len(self.models) + BULK <= MAX_MODELS)
+    @rule(vram=st.sampled_from(VRAMS))
+    def bulk_insert(self, vram: int) -> None:
+        start = self.next_id
+        fresh = [self._new(f"bulk-{start + i}", vram + i, i % 3 != 0) for i in range(BULK)]
+        self._apply([], fresh)
+
+    @precondition(lambda self: len(self.models) > BULK)
+    @rule(vram=st.sampled_from(VRAMS), delete=st.booleans())
+    def bulk_change(self, vram: int, delete: bool) -> None:
+        """More models than the threshold change in one batch: switched, resized, or deleted."""
+        chosen = sorted(self.models)[: BULK + 1]
+        if delete:
+            self._apply(chosen, [])
+        else:
+            written = [
+                self._changed(self.models[i], vram=vram, enabled=not self.models[i].enabled)
+                for i in chosen
+            ]
+            self._apply([], written)
+
+    @rule()
+    def reload_whole_catalog(self) -> None:
+        self.view.replace_catalog(list(self.models.values()))
+
+    # -- the GPU side -----------------------------------------------------------------------
+
+    @rule(
+        frees=st.lists(st.sampled_from(FREE_MIB), min_size=0, max_size=3),
+        state=st.sampled_from([GpuState.OK, GpuState.OK, GpuState.STALE, GpuState.UNAVAILABLE]),
+        unhealthy=st.booleans(),
+    )
+    def new_snapshot(self, frees: list[int], state: GpuState, unhealthy: bool) -> None:
+        devices = tuple(
+            _device(i, free, healthy=not (unhealthy and i == 0)) for i, free in enumerate(frees)
+        )
+        self.snapshot = GpuSnapshot(backend="simulated", state=state, devices=devices, as_of=T0)
+        self.view.set_snapshot(self.snapshot)
+
+    @rule(mib=st.sampled_from([0, 512, 4096]), percent=st.sampled_from([0.0, 1.0, 5.0]))
+    def new_margins(self, mib: int, percent: float) -> None:
+        self.margins = Margins(mib=mib, percent=percent)
+        self.view.set_margins(self.margins)
+
+    @precondition(lambda self: self.snapshot.devices)
+    @rule(data=st.data(), vram=st.sampled_from(VRAMS))
+    def reserve(self, data: st.DataObject, vram: int) -> None:
+        device = data.draw(st.sampled_from(self.snapshot.devices))
+        self.tick += 1
+        at = T0 + timedelta(seconds=self.tick)
+        reservation = Reservation(
+            id=f"r{self.tick}",
+            vram_mib=vram,
+            gpu_uuid=device.uuid,
+            gpu_index=device.index,
+            created_at=at,
+            expires_at=at + timedelta(minutes=2),
+        )
+        self.reservations.append(reservation)
+        self.view.set_reservations(self.reservations)
+
+    @precondition(lambda self: self.reservations)
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        self.reservations.remove(data.draw(st.sampled_from(self.reservations)))
+        self.view.set_reservations(self.reservations)
+
+    # -- what must hold after every step ------------------------------------------------------
+
+    def _expected(self) -> list[dict[str, Any]]:
+        models = sorted(self.models.values(), key=lambda m: m.id)
+        verdicts = assess_all(models, self.snapshot, self.margins, self.reservations)
+        return [model_object(m, verdicts[m.id]) for m in models]
+
+    def _page(self, **query: Any) -> dict[str, Any]:
+        parsed: dict[str, Any] = json.loads(self.view.page(ListQuery(**query)).body)
+        return parsed
+
+    @invariant()
+    def every_page_is_what_the_rule_says(self) -> None:
+        expected = self._expected()
+        for active in (None, True, False):
+            matching = [m for m in expected if active is None or m["active"] is active]
+            everything = self._page(limit=1000, active=active)["data"]
+            if len(matching) > 1000:
+                everything += self._page(skip=1000, limit=1000, active=active)["data"]
+            assert everything == matching
+            for skip, limit in ((0, 7), (5, 7), (len(matching), 3), (len(matching) + 10, 3)):
+                page = self._page(skip=skip, limit=limit, active=active)
+                assert page["data"] == matching[skip : skip + limit]
+                assert page["pagination"] == {
+                    "total_items": len(matching),
+                    "total_pages": math.ceil(len(matching) / limit),
+                    "current_page": skip // limit + 1,
+                    "per_page": limit,
+                }
+        by_name = {m["name"]: m for m in expected}
+        for name in NAMES:
+            found = self._page(name=name)["data"]
+            assert found == ([by_name[name]] if name in by_name else [])
+        assert self.view.model_count == len(expected)
+        assert self.view.active_count == sum(m["active"] for m in expected)
+
+    @invariant()
+    def every_model_by_id_is_what_the_rule_says(self) -> None:
+        for model in self._expected()[:50]:
+            single = self.view.single(model["id"])
+            assert single is not None and json.loads(single.body) == model
+        assert self.view.single(self.next_id) is None
+
+
+ViewModel.TestCase.settings = settings(
+    max_examples=30,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+test_the_view_agrees_with_the_rule = ViewModel.TestCase
