@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +45,20 @@ def test_the_core_imports_no_feature_package(module: str) -> None:
 
 def test_keys_import_no_project_module_at_run_time() -> None:
     assert _loaded_after_importing("registry.keys") == ["registry", "registry.keys"]
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_readme_stays_short_and_its_layout_names_every_package() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) <= 10_000
+    packages = [
+        p.parent.relative_to(ROOT).as_posix()
+        for top in ("registry", "gpu")
+        for p in (ROOT / top).glob("**/__init__.py")
+    ]
+    assert "registry/catalog" in packages and "gpu" in packages
+    for package in packages:
+        if package != "registry":
+            assert f"`{package}/`" in readme, package

@@ -52,6 +52,14 @@ def test_env_example_documents_every_setting() -> None:
         assert f"MODEL_REGISTRY_{name.upper()}=" in example, name
 
 
+def test_the_configuration_guide_has_a_row_for_each_setting_and_no_other() -> None:
+    guide = (SYSTEMD.parent / "docs" / "configuration.md").read_text()
+    rows = re.findall(r"^\| `(MODEL_REGISTRY_[A-Z_]+)` \|", guide, re.MULTILINE)
+    assert sorted(rows) == sorted(
+        f"MODEL_REGISTRY_{name.upper()}" for name in Settings.model_fields
+    )
+
+
 @pytest.fixture
 def installed_unit(tmp_path: Path) -> Path:
     """The unit with ExecStart pointing at this environment's console script."""
