@@ -213,7 +213,11 @@ def spawn_daemon(
     started: list[Daemon] = []
 
     def spawn(
-        *args: str, open_files: int | None = None, scheme: str = "http", **env: str
+        *args: str,
+        open_files: int | None = None,
+        scheme: str = "http",
+        port: int | None = None,
+        **env: str,
     ) -> Daemon:
         number = len(started)
         daemon = Daemon(
@@ -228,6 +232,7 @@ def spawn_daemon(
             log_path=tmp_path / f"daemon{number}.log",
             open_files=open_files,
             scheme=scheme,
+            port=port,
         )
         started.append(daemon)
         return daemon

@@ -61,8 +61,9 @@ class Daemon:
         log_path: Path,
         open_files: int | None = None,
         scheme: str = "http",
+        port: int | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = log_path.open("w")

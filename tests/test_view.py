@@ -223,7 +223,7 @@ class ViewModel(RuleBasedStateMachine):
 
 
 ViewModel.TestCase.settings = settings(
-    max_examples=30,
+    max_examples=20,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

@@ -30,3 +30,13 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s} s; last value: {value!r}")
         await asyncio.sleep(step_s)
+
+
+def until(check: Callable[[], Any], *, timeout_s: float = 5.0, step_s: float = 0.01) -> Any:
+    """`eventually` for code that blocks (a thread): call `check` until it is truthy."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s; last value: {value!r}")
+        time.sleep(step_s)
+    return value

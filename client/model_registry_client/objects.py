@@ -1,0 +1,182 @@
+"""The daemon's answers as typed objects. Fields the daemon adds later are kept in `extra`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+def _when(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def _rest(raw: dict[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
+    return {key: value for key, value in raw.items() if key not in known}
+
+
+@dataclass(frozen=True)
+class GpuRef:
+    """A device of the host: its NVML UUID and index."""
+
+    uuid: str
+    index: int
+
+
+@dataclass(frozen=True)
+class Placement:
+    gpu: str
+    index: int
+    free_mib: int
+
+
+_MODEL_FIELDS = (
+    "id",
+    "name",
+    "active",
+    "vram",
+    "created_at",
+    "updated_at",
+    "enabled",
+    "fits",
+    "reason",
+    "placement",
+    "headroom_mib",
+)
+
+
+@dataclass(frozen=True)
+class Model:
+    """One model as `GET /models` shows it."""
+
+    id: int
+    name: str
+    active: bool
+    vram: int
+    created_at: datetime
+    updated_at: datetime | None
+    enabled: bool
+    fits: bool | None
+    reason: str | None
+    placement: Placement | None
+    headroom_mib: int | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Model:
+        placement = raw.get("placement")
+        created_at = _when(raw["created_at"])
+        assert created_at is not None
+        return cls(
+            id=raw["id"],
+            name=raw["name"],
+            active=raw["active"],
+            vram=raw["vram"],
+            created_at=created_at,
+            updated_at=_when(raw.get("updated_at")),
+            enabled=raw["enabled"],
+            fits=raw.get("fits"),
+            reason=raw.get("reason"),
+            placement=None if placement is None else Placement(**placement),
+            headroom_mib=raw.get("headroom_mib"),
+            extra=_rest(raw, _MODEL_FIELDS),
+        )
+
+
+@dataclass(frozen=True)
+class GpuDevice:
+    uuid: str
+    index: int
+    name: str
+    total_mib: int
+    free_mib: int
+    usable_mib: int | None
+    pending_mib: int
+    healthy: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> GpuDevice:
+        known = (
+            "uuid",
+            "index",
+            "name",
+            "total_mib",
+            "free_mib",
+            "usable_mib",
+            "pending_mib",
+            "healthy",
+        )
+        return cls(**{key: raw.get(key) for key in known}, extra=_rest(raw, known))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Gpus:
+    """`GET /gpus`: the backend, whether its readings can be trusted, and the devices."""
+
+    backend: str
+    state: str
+    as_of: datetime | None
+    last_error: str | None
+    devices: list[GpuDevice]
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Gpus:
+        return cls(
+            backend=raw["backend"],
+            state=raw["state"],
+            as_of=_when(raw.get("as_of")),
+            last_error=raw.get("last_error"),
+            devices=[GpuDevice.from_json(d) for d in raw.get("devices", [])],
+        )
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """An open reservation as `GET /reservations` lists it."""
+
+    id: str
+    model: str | None
+    vram_mib: int
+    gpu: GpuRef
+    holder: str | None
+    pid: int | None
+    created_at: datetime
+    expires_at: datetime
+    pending_mib: int
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Reservation:
+        created_at, expires_at = _when(raw["created_at"]), _when(raw["expires_at"])
+        assert created_at is not None and expires_at is not None
+        return cls(
+            id=raw["id"],
+            model=raw.get("model"),
+            vram_mib=raw["vram_mib"],
+            gpu=GpuRef(raw["gpu"]["uuid"], raw["gpu"]["index"]),
+            holder=raw.get("holder"),
+            pid=raw.get("pid"),
+            created_at=created_at,
+            expires_at=expires_at,
+            pending_mib=raw["pending_mib"],
+        )
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A host of the fleet where a model fits now, best fit first."""
+
+    host: str
+    url: str
+    gpu: str
+    index: int
+    usable_mib: int
+
+
+@dataclass(frozen=True)
+class Event:
+    """One Server-Sent Event of `GET /events`: its name, its id (a generation) and its data."""
+
+    event: str
+    id: str
+    data: Any
