@@ -106,8 +106,8 @@ async def admission_ctx(app: web.Application, *, clock: Clock) -> AsyncIterator[
     """The reservations this host promised, from the state directory; expired ones end."""
     settings = app[keys.SETTINGS].current
     ledger = ReservationLedger(settings.state_dir)
-    book = ReservationBook(app[keys.VIEW], ledger, clock=clock)
-    held = await asyncio.to_thread(ledger.open, book.open)
+    book = ReservationBook(app[keys.VIEW], ledger, clock=clock, max_open=settings.max_reservations)
+    held = await asyncio.to_thread(ledger.open, book.open, lambda: book.open_count)
     try:
         book.load(held)
         if held:
@@ -190,7 +190,7 @@ async def fleet_ctx(app: web.Application) -> AsyncIterator[None]:
         settings.host_id,
         url,
         app[keys.VIEW],
-        reservations=lambda: _reservations(app),
+        reservations=lambda: _fleet_reservations(app[keys.VIEW]),
         heartbeat_interval_s=settings.heartbeat_interval,
     )
     await publisher.start()
@@ -216,9 +216,20 @@ async def _mark_stopping(app: web.Application) -> None:
     app[keys.FEED].close()  # waiting GETs answer and event streams end now, not at the timeout
 
 
+FLEET_ROW_RESERVATIONS = 100  # a host's row lists its newest reservations, and their count
+
+
 def _reservations(app: web.Application) -> list[dict[str, object]]:
     book = app.get(keys.BOOK)
     return [] if book is None else [book.describe(r) for r in book.open()]
+
+
+def _fleet_reservations(view: CatalogView) -> tuple[list[dict[str, Any]], int, int]:
+    """What this host's fleet row says of its reservations: the newest, their count, and the
+    memory they still hold."""
+    bookings, capacity = view.bookings, view.capacity
+    newest = [r.to_api(capacity.pending_of(r)) for r in bookings.newest(FLEET_ROW_RESERVATIONS)]
+    return newest, len(bookings), capacity.pending_total_mib
 
 
 def create_app(

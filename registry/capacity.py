@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from gpu import GpuDevice, GpuSnapshot, GpuState
+from registry.bookings import Bookings
 from registry.model import CatalogModel
 from registry.reservation import Reservation
 
@@ -100,17 +101,13 @@ class Capacity:
     """
 
     def __init__(
-        self,
-        snapshot: GpuSnapshot,
-        margins: Margins,
-        reservations: Iterable[Reservation] = (),
+        self, snapshot: GpuSnapshot, margins: Margins, bookings: Bookings | None = None
     ) -> None:
-        reservations = tuple(reservations)
         self.snapshot = snapshot
         self.disabled = snapshot.state is GpuState.DISABLED
         self.known = snapshot.known
-        self._pending_by_reservation = pending_by_reservation(reservations, snapshot)
-        pending = pending_by_device(reservations, self._pending_by_reservation)
+        self._bookings = bookings if bookings is not None else Bookings(snapshot)
+        pending = self._bookings.pending_by_device()
         self.pending_total_mib = sum(pending.values())
         self._ranked = usable_devices(snapshot, margins, pending)
         usable = {u.device.uuid: u.usable_mib for u in self._ranked}
@@ -133,8 +130,8 @@ class Capacity:
             self.threshold = self.best
 
     def pending_of(self, reservation: Reservation) -> int:
-        """MiB the reservation still holds (in full when it is not among the inputs)."""
-        return self._pending_by_reservation.get(reservation.id, reservation.vram_mib)
+        """MiB the reservation still holds (in full when it is not booked)."""
+        return self._bookings.pending_of(reservation)
 
     def healthy_devices(self, gpu: str | None = None) -> list[UsableDevice]:
         """Healthy devices (only `gpu`, when given) with their usable memory, least first."""
@@ -160,7 +157,7 @@ def assess_all(
     reservations: Iterable[Reservation] = (),
 ) -> dict[int, Assessment]:
     """The rule applied model by model: the reference every faster path must agree with."""
-    capacity = Capacity(snapshot, margins, reservations)
+    capacity = Capacity(snapshot, margins, Bookings.of(reservations, snapshot))
     return {m.id: capacity.assess(m) for m in models}
 
 
@@ -203,47 +200,3 @@ def _unknown(model: CatalogModel) -> Assessment:
         placement=None,
         headroom_mib=None,
     )
-
-
-def pending_by_reservation(
-    reservations: Iterable[Reservation], snapshot: GpuSnapshot
-) -> dict[str, int]:
-    """MiB each reservation still holds: in full, less what its named process has loaded.
-
-    A process is credited only with memory NVML shows it holding on the reservation's device
-    beyond its baseline, and that credit is shared out oldest reservation first, so several
-    reservations naming one process never shrink by more than it actually took.
-    """
-    devices = {device.uuid: device for device in snapshot.devices}
-    ordered = sorted(reservations, key=lambda r: (r.created_at, r.id))
-    credit: dict[tuple[str, int], int] = {}
-    for reservation in ordered:
-        if reservation.pid is None:
-            continue
-        key = (reservation.gpu_uuid, reservation.pid)
-        device = devices.get(reservation.gpu_uuid)
-        used = None if device is None else device.process_used_mib(reservation.pid)
-        if used is None:
-            continue
-        growth = max(0, used - reservation.pid_baseline_mib)
-        credit[key] = max(credit.get(key, 0), growth)
-    pending: dict[str, int] = {}
-    for reservation in ordered:
-        key = (reservation.gpu_uuid, reservation.pid or 0)
-        loaded = min(reservation.vram_mib, credit.get(key, 0)) if reservation.pid else 0
-        if loaded:
-            credit[key] -= loaded
-        pending[reservation.id] = reservation.vram_mib - loaded
-    return pending
-
-
-def pending_by_device(
-    reservations: Iterable[Reservation], per_reservation: Mapping[str, int]
-) -> dict[str, int]:
-    """MiB held per device uuid, from `pending_by_reservation`'s answer."""
-    totals: dict[str, int] = {}
-    for reservation in reservations:
-        totals[reservation.gpu_uuid] = (
-            totals.get(reservation.gpu_uuid, 0) + per_reservation[reservation.id]
-        )
-    return totals

@@ -105,6 +105,9 @@ class Settings(BaseSettings):
         default=15.0, ge=0.05, le=300.0, description="Seconds between /events keep-alive comments."
     )
     dcgm_metrics: bool = False
+    max_reservations: int = Field(
+        default=10_000, ge=1, description="Open reservations at most; beyond it, 429 too_many."
+    )
 
     @field_validator("log_level")
     @classmethod

@@ -1,4 +1,10 @@
-"""Numbered SQL migrations, each applied once in its own transaction under an advisory lock."""
+"""Numbered SQL migrations, each applied once in its own transaction under an advisory lock.
+
+A migration whose first line is `-- compatible: ...` only adds (a column with a default, a
+table, an index): daemons that do not know it keep working on it. A daemon refuses a database
+that holds migrations newer than its code, unless every one of them was compatible; then it
+starts and says so. That is what lets a fleet on one PostgreSQL upgrade host by host.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ log = get_logger("registry.migrations")
 # Any constant unique to this application; pg_advisory_lock takes a bigint.
 MIGRATION_LOCK_KEY = 0x6D6F64656C726567  # "modelreg"
 _FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+_COMPATIBLE_MARK = "-- compatible:"
 
 
 @dataclass(frozen=True)
@@ -23,6 +30,11 @@ class Migration:
     version: int
     name: str
     sql: str
+
+    @property
+    def compatible(self) -> bool:
+        """Whether older daemons may run on a database that has this migration."""
+        return self.sql.lstrip().startswith(_COMPATIBLE_MARK)
 
 
 class DatabaseTooNew(Exception):
@@ -54,10 +66,28 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
 
 
 async def applied_versions(conn: asyncpg.Connection) -> set[int]:
+    return set(await _applied(conn))
+
+
+async def _applied(conn: asyncpg.Connection) -> dict[int, bool]:
+    """Applied versions, each with whether older daemons may run on it."""
     exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
     if not exists:
-        return set()
-    return {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+        return {}
+    has_flag = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM information_schema.columns "
+        "WHERE table_name = 'schema_migrations' AND column_name = 'compatible')"
+    )
+    flag = "compatible" if has_flag else "false"
+    rows = await conn.fetch(f"SELECT version, {flag} AS compatible FROM schema_migrations")
+    return {row["version"]: row["compatible"] for row in rows}
+
+
+def _newer(applied: dict[int, bool], migrations: list[Migration]) -> tuple[list[int], list[int]]:
+    """Applied versions this code does not know: (compatible ones, the others)."""
+    known = {m.version for m in migrations}
+    newer = sorted(v for v in applied if v not in known)
+    return [v for v in newer if applied[v]], [v for v in newer if not applied[v]]
 
 
 async def migrate(dsn: str, migrations: list[Migration] | None = None) -> list[str]:
@@ -85,12 +115,24 @@ async def _apply_pending(conn: asyncpg.Connection, migrations: list[Migration]) 
         )
         """
     )
-    applied = await applied_versions(conn)
+    await conn.execute(
+        "ALTER TABLE schema_migrations "
+        "ADD COLUMN IF NOT EXISTS compatible boolean NOT NULL DEFAULT false"
+    )
+    applied = await _applied(conn)
     latest_known = max(m.version for m in migrations)
-    if unknown := sorted(v for v in applied if v > latest_known):
+    compatible, breaking = _newer(applied, migrations)
+    if breaking:
         raise DatabaseTooNew(
-            f"the database has migration(s) {unknown} but this model-registry knows only up to "
+            f"the database has migration(s) {breaking} but this model-registry knows only up to "
             f"{latest_known}; upgrade model-registry or point it at another database"
+        )
+    if compatible:
+        log.warning(
+            "the database is newer than this model-registry, in compatible steps only: "
+            "running on it; upgrade this host when you can",
+            newer_migrations=compatible,
+            known_up_to=latest_known,
         )
     done = []
     for migration in migrations:
@@ -99,9 +141,10 @@ async def _apply_pending(conn: asyncpg.Connection, migrations: list[Migration]) 
         async with conn.transaction():
             await conn.execute(migration.sql)
             await conn.execute(
-                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                "INSERT INTO schema_migrations (version, name, compatible) VALUES ($1, $2, $3)",
                 migration.version,
                 migration.name,
+                migration.compatible,
             )
         log.info("migration applied", migration=migration.name)
         done.append(migration.name)
@@ -110,10 +153,11 @@ async def _apply_pending(conn: asyncpg.Connection, migrations: list[Migration]) 
 
 async def pending_problem(conn: asyncpg.Connection, migrations: list[Migration]) -> str | None:
     """None when the schema matches this code, else what is wrong (for /readyz)."""
-    applied = await applied_versions(conn)
+    applied = await _applied(conn)
     known = {m.version for m in migrations}
-    if missing := sorted(known - applied):
+    if missing := sorted(known - applied.keys()):
         return f"migrations not applied: {missing}"
-    if newer := sorted(applied - known):
-        return f"database has unknown migrations: {newer}"
+    _compatible, breaking = _newer(applied, migrations)
+    if breaking:
+        return f"database has unknown migrations: {breaking}"
     return None

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from gpu import GpuSnapshot
+from registry.bookings import Bookings
 from registry.capacity import Assessment, Capacity, Margins
 from registry.logs import FLAP_EVENT, get_logger
 from registry.model import CatalogModel
@@ -91,7 +92,10 @@ class CatalogView:
     def __init__(self, snapshot: GpuSnapshot, margins: Margins) -> None:
         self._snapshot = snapshot
         self._margins = margins
-        self._reservations: tuple[Reservation, ...] = ()
+        self._bookings = Bookings(snapshot)
+        # The reservations the last change put or ended (empty for any other change), for the
+        # event streams, which send what changed rather than the whole book.
+        self.last_reservations_change: tuple[list[Reservation], list[str]] = ([], [])
         self._entries: dict[int, _Entry] = {}
         self._ids: list[int] = []  # ascending: the listing's order
         self._by_name: dict[str, _Entry] = {}
@@ -119,8 +123,15 @@ class CatalogView:
         return self._margins
 
     @property
-    def reservations(self) -> tuple[Reservation, ...]:
-        return self._reservations
+    def reservations(self) -> list[Reservation]:
+        """The open reservations, oldest first (a sort: for listings, not per change)."""
+        return self._bookings.ordered()
+
+    @property
+    def bookings(self) -> Bookings:
+        """The open reservations as the capacity rule books them. Read only: change them
+        through `book_reservations` and `set_reservations`."""
+        return self._bookings
 
     def replace_catalog(self, models: Iterable[CatalogModel]) -> None:
         """Take the whole catalog (start-up, reconnect, periodic reload)."""
@@ -141,6 +152,8 @@ class CatalogView:
 
     def set_snapshot(self, snapshot: GpuSnapshot) -> None:
         self._snapshot = snapshot
+        # A process's memory moves the pending memory of the reservations that name it.
+        self.last_reservations_change = (self._bookings.set_snapshot(snapshot), [])
         self._recompute_capacity()
 
     def set_margins(self, margins: Margins) -> None:
@@ -149,7 +162,21 @@ class CatalogView:
             self._recompute_capacity()
 
     def set_reservations(self, reservations: Iterable[Reservation]) -> None:
-        self._reservations = tuple(reservations)
+        """Take the whole book (start-up)."""
+        self._bookings.clear()
+        for reservation in reservations:
+            self._bookings.put(reservation)
+        self.last_reservations_change = (list(self._bookings), [])
+        self._recompute_capacity()
+
+    def book_reservations(self, put: Iterable[Reservation], ended: Iterable[str] = ()) -> None:
+        """Reservations made, renewed or ended: work in proportion to them, not to the book."""
+        changed, gone = list(put), list(ended)
+        for reservation in changed:
+            self._bookings.put(reservation)
+        for reservation_id in gone:
+            self._bookings.remove(reservation_id)
+        self.last_reservations_change = (changed, gone)
         self._recompute_capacity()
 
     def subscribe(self, listener: Callable[[], None]) -> None:
@@ -281,7 +308,7 @@ class CatalogView:
     def _recompute_capacity(self, *, log_flips: bool = True) -> None:
         snapshot = self._snapshot
         before = self._capacity.threshold
-        self._capacity = Capacity(snapshot, self._margins, self._reservations)
+        self._capacity = Capacity(snapshot, self._margins, self._bookings)
         if log_flips:
             self._log_flips_between(before, self.capacity.threshold)
         self._capacity_json = (
@@ -308,6 +335,7 @@ class CatalogView:
         self.generation += 1
         for listener in self._listeners:
             listener()
+        self.last_reservations_change = ([], [])
 
     def _matching_ids(self, query: ListQuery) -> list[int]:
         if query.name is not None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
+from gpu import GpuSnapshot
 from registry.capacity import Assessment
 from registry.model import CatalogModel
+from registry.reservation import Reservation
 
 
 def model_object(model: CatalogModel, verdict: Assessment) -> dict[str, Any]:
@@ -26,3 +29,31 @@ def model_object(model: CatalogModel, verdict: Assessment) -> dict[str, Any]:
         else {"gpu": placement.gpu, "index": placement.index, "free_mib": placement.free_mib},
         "headroom_mib": verdict.headroom_mib,
     }
+
+
+def pending_by_reservation(
+    reservations: Iterable[Reservation], snapshot: GpuSnapshot
+) -> dict[str, int]:
+    """MiB each reservation still holds, computed from scratch the plain way: in full, less what
+    its named process has loaded beyond its baseline, shared out oldest first per (device, pid).
+    The reference for the incremental Bookings."""
+    devices = {device.uuid: device for device in snapshot.devices}
+    ordered = sorted(reservations, key=lambda r: (r.created_at, r.id))
+    credit: dict[tuple[str, int], int] = {}
+    for reservation in ordered:
+        if reservation.pid is None:
+            continue
+        key = (reservation.gpu_uuid, reservation.pid)
+        device = devices.get(reservation.gpu_uuid)
+        used = None if device is None else device.process_used_mib(reservation.pid)
+        if used is None:
+            continue
+        credit[key] = max(credit.get(key, 0), max(0, used - reservation.pid_baseline_mib))
+    pending: dict[str, int] = {}
+    for reservation in ordered:
+        key = (reservation.gpu_uuid, reservation.pid or 0)
+        loaded = min(reservation.vram_mib, credit.get(key, 0)) if reservation.pid else 0
+        if loaded:
+            credit[key] -= loaded
+        pending[reservation.id] = reservation.vram_mib - loaded
+    return pending

@@ -135,6 +135,7 @@ async def test_a_fleet_of_three_publishes_and_places_models_best_fit_first(
     fleet = await _get(a, "/fleet")
     host_c = next(h for h in fleet["data"] if h["host"] == "host-c")
     assert [r["holder"] for r in host_c["reservations"]] == ["job-1"]
+    assert (host_c["reservations_total"], host_c["pending_mib"]) == (1, 5000)
     assert host_c["devices"][1]["pending_mib"] == 5000
 
     # SIGKILL: stale within three heartbeats; SIGTERM: offline at once. Neither is a candidate.

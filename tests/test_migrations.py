@@ -11,7 +11,14 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from registry.migrations import DatabaseTooNew, load_migrations, migrate, migrations_dir
+from registry.migrations import (
+    DatabaseTooNew,
+    load_migrations,
+    migrate,
+    migrations_dir,
+    pending_problem,
+)
+from tests.conftest import AppClient, LogLines
 from tests.db import execute, fetch
 
 
@@ -101,6 +108,33 @@ def test_serve_refuses_a_newer_database_with_a_clear_message(database_url: str) 
     assert "9999" in result.stderr
     assert "upgrade model-registry" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_an_older_daemon_runs_on_a_database_whose_newer_migrations_are_compatible(
+    database_url: str, start_app: AppClient, json_lines: LogLines
+) -> None:
+    every = load_migrations()
+    assert every[-1].compatible, "the newest migration only adds: older daemons keep working"
+    older = every[:-1]  # the code of a daemon one release behind
+    assert await migrate(database_url, older) == []
+    assert any(
+        line["event"].startswith("the database is newer than this model-registry")
+        and line["newer_migrations"] == [every[-1].version]
+        for line in json_lines()
+    )
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await pending_problem(conn, older) is None  # /readyz stays ready
+    finally:
+        await conn.close()
+    # A real daemon on a database with a compatible migration it has never heard of.
+    await execute(
+        database_url,
+        "INSERT INTO schema_migrations (version, name, compatible) VALUES (9998, '9998_x', true)",
+    )
+    client = await start_app(database_url=database_url)
+    assert (await client.get("/readyz")).status == 200
+    assert (await client.get("/models")).status == 200
 
 
 @pytest.mark.parametrize(

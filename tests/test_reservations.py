@@ -26,6 +26,10 @@ async def _json(response: Any) -> Any:
     return json.loads(await response.read())
 
 
+async def _json_get(client: Any, path: str) -> Any:
+    return await _json(await client.get(path))
+
+
 async def _model(client: Any, name: str) -> dict[str, Any]:
     body = await _json(await client.get("/models", params={"name": name}))
     model: dict[str, Any] = body["data"][0]
@@ -164,6 +168,24 @@ async def test_refusals_are_counted_by_reason(client: Any, one_gpu: Callable[...
     assert samples[(rejected, (("reason", "disabled"),))] == 1
     assert samples[(rejected, (("reason", "insufficient_vram"),))] == 1
     assert samples[(rejected, (("reason", "gpu_state_unknown"),))] == 0
+
+
+async def test_beyond_the_cap_a_reservation_is_429_too_many(
+    start_app: AppClient, one_gpu: Callable[..., Path]
+) -> None:
+    client = await start_app(scheduler_token=SCHEDULER_TOKEN, max_reservations=3)
+    granted = [await _reserve(client, vram_mib=10) for _ in range(3)]
+    assert [r.status for r in granted] == [201, 201, 201]
+    refused = await _reserve(client, vram_mib=10)
+    assert refused.status == 429 and "Retry-After" in refused.headers
+    body = await _json(refused)
+    assert body["reason"] == "too_many" and "MODEL_REGISTRY_MAX_RESERVATIONS" in body["detail"]
+    assert len((await _json(await client.get("/reservations")))["data"]) == 3
+    samples = await scrape(client)
+    assert samples[("model_registry_reservations_rejected_total", (("reason", "too_many"),))] == 1
+    location = granted[0].headers["Location"]
+    assert (await client.delete(location, headers=AS_SCHEDULER)).status == 204
+    assert (await _reserve(client, vram_mib=10)).status == 201  # room again
 
 
 async def test_an_unknown_gpu_state_fails_closed(
@@ -446,3 +468,17 @@ async def test_unknown_models_and_ids_are_404(client: Any) -> None:
         assert (await client.delete(path, headers=AS_SCHEDULER)).status == 404
         assert (await client.patch(path, json={"ttl_s": 5}, headers=AS_SCHEDULER)).status == 404
     assert (await client.put("/reservations", headers=AS_SCHEDULER)).status == 405
+
+
+async def test_the_fleet_row_lists_the_newest_hundred_and_counts_them_all(client: Any) -> None:
+    from registry.app import FLEET_ROW_RESERVATIONS
+
+    made = [await _json(await _reserve(client, vram_mib=1, holder=f"h{i}")) for i in range(105)]
+    # The row is written at most every 100 ms, and read back at most every 0.4 s.
+    fleet = await eventually(
+        lambda: _json_get(client, "/fleet"), lambda f: f["data"][0]["reservations_total"] == 105
+    )
+    [host] = fleet["data"]
+    assert (host["reservations_total"], host["pending_mib"]) == (105, 105)
+    assert len(host["reservations"]) == FLEET_ROW_RESERVATIONS
+    assert [r["id"] for r in host["reservations"]] == [r["id"] for r in reversed(made)][:100]

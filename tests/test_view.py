@@ -16,13 +16,13 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from gpu import MIB, GpuDevice, GpuSnapshot, GpuState
+from gpu import MIB, GpuDevice, GpuProcess, GpuSnapshot, GpuState
 from registry.capacity import Margins, assess_all
 from registry.model import CatalogModel
 from registry.reservation import Reservation
 from registry.schemas import ListQuery
 from registry.view import CatalogView
-from tests.reference import model_object
+from tests.reference import model_object, pending_by_reservation
 
 T0 = datetime(2026, 11, 28, tzinfo=UTC)
 NAMES = [f"m{i}" for i in range(12)]
@@ -32,7 +32,11 @@ BULK = 300  # above the view's bulk-rebuild threshold
 MAX_MODELS = 2 * BULK + len(NAMES)
 
 
-def _device(index: int, free_mib: int, healthy: bool = True) -> GpuDevice:
+PIDS = [101, 202]
+
+
+def _device(index: int, free_mib: int, healthy: bool = True, loaded: int = 0) -> GpuDevice:
+    """A device; `loaded` MiB held by each of PIDS (what a named process has loaded so far)."""
     return GpuDevice(
         uuid=f"GPU-{index}",
         index=index,
@@ -40,6 +44,7 @@ def _device(index: int, free_mib: int, healthy: bool = True) -> GpuDevice:
         total_bytes=81920 * MIB,
         free_bytes=free_mib * MIB,
         healthy=healthy,
+        processes=tuple(GpuProcess(pid, None, loaded * MIB) for pid in PIDS),
     )
 
 
@@ -142,10 +147,12 @@ class ViewModel(RuleBasedStateMachine):
         frees=st.lists(st.sampled_from(FREE_MIB), min_size=0, max_size=3),
         state=st.sampled_from([GpuState.OK, GpuState.OK, GpuState.STALE, GpuState.UNAVAILABLE]),
         unhealthy=st.booleans(),
+        loaded=st.sampled_from([0, 1000, 6000, 30000]),
     )
-    def new_snapshot(self, frees: list[int], state: GpuState, unhealthy: bool) -> None:
+    def new_snapshot(self, frees: list[int], state: GpuState, unhealthy: bool, loaded: int) -> None:
         devices = tuple(
-            _device(i, free, healthy=not (unhealthy and i == 0)) for i, free in enumerate(frees)
+            _device(i, free, healthy=not (unhealthy and i == 0), loaded=loaded)
+            for i, free in enumerate(frees)
         )
         self.snapshot = GpuSnapshot(backend="simulated", state=state, devices=devices, as_of=T0)
         self.view.set_snapshot(self.snapshot)
@@ -156,8 +163,13 @@ class ViewModel(RuleBasedStateMachine):
         self.view.set_margins(self.margins)
 
     @precondition(lambda self: self.snapshot.devices)
-    @rule(data=st.data(), vram=st.sampled_from(VRAMS))
-    def reserve(self, data: st.DataObject, vram: int) -> None:
+    @rule(
+        data=st.data(),
+        vram=st.sampled_from(VRAMS),
+        pid=st.sampled_from([None, *PIDS]),
+        baseline=st.sampled_from([0, 500]),
+    )
+    def reserve(self, data: st.DataObject, vram: int, pid: int | None, baseline: int) -> None:
         device = data.draw(st.sampled_from(self.snapshot.devices))
         self.tick += 1
         at = T0 + timedelta(seconds=self.tick)
@@ -168,15 +180,26 @@ class ViewModel(RuleBasedStateMachine):
             gpu_index=device.index,
             created_at=at,
             expires_at=at + timedelta(minutes=2),
+            pid=pid,
+            pid_baseline_mib=0 if pid is None else baseline,
         )
         self.reservations.append(reservation)
-        self.view.set_reservations(self.reservations)
+        self.view.book_reservations([reservation])
+
+    @precondition(lambda self: self.reservations)
+    @rule(data=st.data(), pid=st.sampled_from(PIDS))
+    def renew_naming_a_pid(self, data: st.DataObject, pid: int) -> None:
+        old = data.draw(st.sampled_from(self.reservations))
+        renewed = replace(old, expires_at=old.expires_at + timedelta(minutes=1)).with_pid(pid, 0)
+        self.reservations[self.reservations.index(old)] = renewed
+        self.view.book_reservations([renewed])
 
     @precondition(lambda self: self.reservations)
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
-        self.reservations.remove(data.draw(st.sampled_from(self.reservations)))
-        self.view.set_reservations(self.reservations)
+        gone = data.draw(st.sampled_from(self.reservations))
+        self.reservations.remove(gone)
+        self.view.book_reservations([], [gone.id])
 
     # -- what must hold after every step ------------------------------------------------------
 
@@ -213,6 +236,21 @@ class ViewModel(RuleBasedStateMachine):
             assert found == ([by_name[name]] if name in by_name else [])
         assert self.view.model_count == len(expected)
         assert self.view.active_count == sum(m["active"] for m in expected)
+
+    @invariant()
+    def pending_memory_is_what_a_fresh_count_says(self) -> None:
+        expected = pending_by_reservation(self.reservations, self.snapshot)
+        capacity = self.view.capacity
+        assert {r.id: capacity.pending_of(r) for r in self.reservations} == expected
+        by_device: dict[str, int] = {}
+        for reservation in self.reservations:
+            device = reservation.gpu_uuid
+            by_device[device] = by_device.get(device, 0) + expected[reservation.id]
+        for budget in capacity.budgets:
+            assert budget.pending_mib == by_device.get(budget.device.uuid, 0)
+        assert [r.id for r in self.view.reservations] == [
+            r.id for r in sorted(self.reservations, key=lambda r: (r.created_at, r.id))
+        ]
 
     @invariant()
     def every_model_by_id_is_what_the_rule_says(self) -> None:

@@ -191,18 +191,25 @@ async def test_a_stream_starts_with_a_snapshot_then_sends_what_changes(
     large = next(m for m in models.data["models"] if m["name"] == "large-v3")
     assert large["active"] is False and large["reason"] == "insufficient_vram"
 
-    # Reservations: created, renewed, ended.
+    # Reservations: created, renewed, ended; each event carries only what changed.
+    other = await client.post("/reservations", json={"vram_mib": 50}, headers=AS_ADMIN)
+    assert [r["id"] for r in (await events.next_named("reservations")).data["reservations"]] == [
+        (await other.json())["id"]
+    ]
     created = await client.post("/reservations", json={"vram_mib": 100}, headers=AS_ADMIN)
     reserved = await events.next_named("reservations")
     assert [r["id"] for r in reserved.data["reservations"]] == [(await created.json())["id"]]
+    assert reserved.data["ended"] == []
     await client.patch(created.headers["Location"], json={"ttl_s": 600}, headers=AS_ADMIN)
     renewed = await events.next_named("reservations")
+    assert [r["id"] for r in renewed.data["reservations"]] == [(await created.json())["id"]]
     assert (
         renewed.data["reservations"][0]["expires_at"]
         != reserved.data["reservations"][0]["expires_at"]
     )
     await client.delete(created.headers["Location"], headers=AS_ADMIN)
-    assert (await events.next_named("reservations")).data == {"reservations": []}
+    ended = await events.next_named("reservations")
+    assert ended.data == {"reservations": [], "ended": [(await created.json())["id"]]}
 
     await client.delete("/models/4", headers=AS_ADMIN)
     deleted = await events.next_named("models")

@@ -8,7 +8,13 @@ from typing import Any
 from aiohttp import web
 
 from registry import keys
-from registry.admission.book import NotFound, Refused, ReservationBook, ReservationRequest
+from registry.admission.book import (
+    NotFound,
+    Refused,
+    ReservationBook,
+    ReservationRequest,
+    TooMany,
+)
 from registry.admission.schemas import ReservationCreate, ReservationPatch
 from registry.auth import Role, require
 from registry.bodies import validated_body
@@ -68,6 +74,8 @@ async def create_reservation(request: web.Request) -> web.StreamResponse:
         raise http_error(web.HTTPNotFound, str(exc)) from None
     except Refused as refusal:
         return _refusal(refusal, request.app[keys.SETTINGS].current.poll_interval)
+    except TooMany as exc:
+        return _json({"detail": str(exc), "reason": "too_many"}, 429, {"Retry-After": "1"})
     try:
         await book.persist()
     except OSError as exc:

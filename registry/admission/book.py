@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +54,10 @@ class NotFound(Exception):
     """The request names a model or a GPU this host does not have."""
 
 
+class TooMany(Exception):
+    """As many reservations are open as the daemon takes (MODEL_REGISTRY_MAX_RESERVATIONS)."""
+
+
 @dataclass
 class BookCounters:
     created: int = 0
@@ -73,6 +78,7 @@ class ReservationBook:
         *,
         clock: Clock = utc_now,
         max_sleep_s: float = 1.0,
+        max_open: int = 10_000,
     ) -> None:
         self._view = view
         self._ledger = ledger
@@ -80,7 +86,11 @@ class ReservationBook:
         # Expiry is timed by the wall clock (expiries survive restarts); a bounded sleep keeps
         # a clock step from delaying it.
         self.max_sleep_s = max_sleep_s
+        self.max_open = max_open
         self._open: dict[str, Reservation] = {}
+        # (expires_at, id) of every lease term granted; an entry whose reservation has ended
+        # or been renewed since is skipped when it comes up.
+        self._expiries: list[tuple[datetime, str]] = []
         self._wake = asyncio.Event()
         self._background_save: asyncio.Task[None] | None = None
         self.counters = BookCounters()
@@ -106,11 +116,20 @@ class ReservationBook:
     def load(self, reservations: list[Reservation]) -> None:
         """Take over what the ledger held at start-up; what expired meanwhile ends now."""
         self._open = {r.id: r for r in reservations}
-        self._publish()
+        self._expiries = [(r.expires_at, r.id) for r in reservations]
+        heapq.heapify(self._expiries)
+        self._view.set_reservations(self.open())
+        self._wake.set()
         self.expire_due()
 
     def reserve(self, request: ReservationRequest) -> Reservation:
-        """Check and book in one step; raise Refused or NotFound."""
+        """Check and book in one step; raise Refused, NotFound or TooMany."""
+        if len(self._open) >= self.max_open:
+            self.counters.rejected["too_many"] = self.counters.rejected.get("too_many", 0) + 1
+            raise TooMany(
+                f"{len(self._open)} reservations are open, the most this daemon takes "
+                "(MODEL_REGISTRY_MAX_RESERVATIONS)"
+            )
         try:
             return self._reserve(request)
         except Refused as refusal:
@@ -186,10 +205,8 @@ class ReservationBook:
             pid=request.pid,
             pid_baseline_mib=baseline,
         )
-        self._open[reservation.id] = reservation
-        self._ledger.put(reservation)
+        self._keep(reservation)
         self.counters.created += 1
-        self._publish()
         return reservation
 
     def renew(
@@ -207,16 +224,12 @@ class ReservationBook:
             )
             baseline = (device.process_used_mib(pid) if device else None) or 0
             reservation = reservation.with_pid(pid, baseline)
-        self._open[reservation_id] = reservation
-        self._ledger.put(reservation)
-        self._publish()
+        self._keep(reservation)
         return reservation
 
     def restore(self, reservation: Reservation) -> None:
         """Put back a reservation as it was (a change that could not be recorded)."""
-        self._open[reservation.id] = reservation
-        self._ledger.put(reservation)
-        self._publish()
+        self._keep(reservation)
 
     def discard(self, reservation_id: str) -> None:
         """Drop a booking that was never acknowledged (counted as rolled back, never uncounted:
@@ -224,20 +237,25 @@ class ReservationBook:
         if self._open.pop(reservation_id, None) is not None:
             self._ledger.end(reservation_id)
             self.counters.rolled_back += 1
-            self._publish()
+            self._ended([reservation_id])
 
     def release(self, reservation_id: str) -> Reservation | None:
         reservation = self._open.pop(reservation_id, None)
         if reservation is not None:
             self._ledger.end(reservation_id)
             self.counters.released += 1
-            self._publish()
+            self._ended([reservation_id])
         return reservation
 
     def expire_due(self) -> list[Reservation]:
         now = self._clock()
-        expired = [r for r in self._open.values() if r.expires_at <= now]
-        for reservation in expired:
+        expired = []
+        while self._expiries and self._expiries[0][0] <= now:
+            expires_at, reservation_id = heapq.heappop(self._expiries)
+            reservation = self._open.get(reservation_id)
+            if reservation is None or reservation.expires_at != expires_at:
+                continue  # ended, or renewed since: a later entry stands for it
+            expired.append(reservation)
             del self._open[reservation.id]
             self._ledger.end(reservation.id)
             self.counters.expired += 1
@@ -251,7 +269,7 @@ class ReservationBook:
                 age_s=self._age_s(reservation),
             )
         if expired:
-            self._publish()
+            self._ended([r.id for r in expired])
         return expired
 
     async def persist(self) -> None:
@@ -280,7 +298,7 @@ class ReservationBook:
             self._wake.clear()
             if self.expire_due():
                 self.persist_soon()
-            upcoming = min((r.expires_at for r in self._open.values()), default=None)
+            upcoming = self._next_expiry()
             sleep_s = self.max_sleep_s
             if upcoming is not None:
                 until = (upcoming - self._clock()).total_seconds()
@@ -290,9 +308,30 @@ class ReservationBook:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _publish(self) -> None:
-        self._view.set_reservations(self.open())
+    def _keep(self, reservation: Reservation) -> None:
+        """Hold `reservation` as it now is: in the book, the journal, the view."""
+        self._open[reservation.id] = reservation
+        heapq.heappush(self._expiries, (reservation.expires_at, reservation.id))
+        if len(self._expiries) > 2 * len(self._open) + 1024:  # renewals left stale entries
+            self._expiries = [(r.expires_at, r.id) for r in self._open.values()]
+            heapq.heapify(self._expiries)
+        self._ledger.put(reservation)
+        self._view.book_reservations([reservation])
         self._wake.set()
+
+    def _ended(self, reservation_ids: list[str]) -> None:
+        self._view.book_reservations([], reservation_ids)
+        self._wake.set()
+
+    def _next_expiry(self) -> datetime | None:
+        expiries = self._expiries
+        while expiries:
+            expires_at, reservation_id = expiries[0]
+            reservation = self._open.get(reservation_id)
+            if reservation is not None and reservation.expires_at == expires_at:
+                return expires_at
+            heapq.heappop(expiries)  # ended or renewed: drop the stale entry
+        return None
 
     def _age_s(self, reservation: Reservation) -> float:
         return round((self._clock() - reservation.created_at).total_seconds(), 3)

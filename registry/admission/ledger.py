@@ -79,6 +79,7 @@ class ReservationLedger:
         self._fd: int | None = None
         self._compact_after = compact_after_lines
         self._current: Callable[[], list[Reservation]] = list
+        self._open_count: Callable[[], int] = int
         self._pending: list[bytes] = []  # lines recorded, not yet written
         self._recorded = 0  # lines recorded so far
         self._durable = 0  # lines known to be on disk
@@ -87,11 +88,15 @@ class ReservationLedger:
 
     # -- start and stop -------------------------------------------------------------------
 
-    def open(self, current: Callable[[], list[Reservation]]) -> list[Reservation]:
+    def open(
+        self,
+        current: Callable[[], list[Reservation]],
+        open_count: Callable[[], int] | None = None,
+    ) -> list[Reservation]:
         """Take the state directory, read what it holds and start a fresh journal.
 
         `current` returns the open reservations as the book holds them; it is what a
-        rewrite of the journal writes.
+        rewrite of the journal writes. `open_count` says how many there are, cheaply.
         """
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._take_lock()
@@ -102,6 +107,7 @@ class ReservationLedger:
             self.close()
             raise
         self._current = current
+        self._open_count = open_count or (lambda: len(current()))
         return reservations
 
     def _take_lock(self) -> None:
@@ -155,7 +161,10 @@ class ReservationLedger:
                 return  # a write that started after we recorded covered us
             lines, self._pending = self._pending, []
             covers = self._recorded
-            if self._lines_in_file + len(lines) > self._compact_after:
+            # Rewrite once the file holds twice the open reservations (and at least
+            # `compact_after` lines): a rewrite costs O(open), so it must stay rare.
+            limit = max(self._compact_after, 2 * self._open_count())
+            if self._lines_in_file + len(lines) > limit:
                 snapshot = self._current()
                 write = asyncio.to_thread(self._rewrite, snapshot)
             else:

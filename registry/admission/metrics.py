@@ -37,6 +37,6 @@ class ReservationStats(Collector):
             "Reservations refused, by reason.",
             labels=["reason"],
         )
-        for reason in Reason:
-            rejected.add_metric([reason.value], counters.rejected.get(reason.value, 0))
+        for reason in (*(r.value for r in Reason), "too_many"):
+            rejected.add_metric([reason], counters.rejected.get(reason, 0))
         yield rejected

@@ -44,7 +44,8 @@ async def fleet_hosts(request: web.Request) -> web.StreamResponse:
         f'{{"host":{json.dumps(h.host)},"url":{json.dumps(h.url)},"state":"{h.state}",'
         f'"heartbeat_at":"{h.heartbeat_at.isoformat()}","gpu_state":{json.dumps(h.gpu_state)},'
         f'"version":{json.dumps(h.version)},"devices":{h.devices_json},'
-        f'"reservations":{h.reservations_json}}}'
+        f'"reservations":{h.reservations_json},"reservations_total":{h.reservations_total},'
+        f'"pending_mib":{h.pending_mib}}}'
         for h in fleet.hosts
         if query.state is None or h.state == query.state
     ]

@@ -27,11 +27,13 @@ _RECONNECT_MAX_S = 5.0
 
 _UPSERT = """
 INSERT INTO fleet_hosts AS f (host, url, version, gpu_state, devices, reservations,
-                              heartbeat_interval_s, started_at, heartbeat_at, stopped_at)
-VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7, now(), now(), NULL)
+                              heartbeat_interval_s, started_at, heartbeat_at, stopped_at,
+                              reservations_open, pending_mib)
+VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7, now(), now(), NULL, $9, $10)
 ON CONFLICT (host) DO UPDATE
    SET url = EXCLUDED.url, version = EXCLUDED.version, gpu_state = EXCLUDED.gpu_state,
        devices = EXCLUDED.devices, reservations = EXCLUDED.reservations,
+       reservations_open = EXCLUDED.reservations_open, pending_mib = EXCLUDED.pending_mib,
        heartbeat_interval_s = EXCLUDED.heartbeat_interval_s,
        started_at = CASE WHEN $8 THEN now() ELSE f.started_at END,
        heartbeat_at = now(), stopped_at = NULL
@@ -62,7 +64,7 @@ class FleetPublisher:
         host_id: str,
         url: str,
         view: CatalogView,
-        reservations: Callable[[], list[dict[str, Any]]],
+        reservations: Callable[[], tuple[list[dict[str, Any]], int, int]],
         *,
         heartbeat_interval_s: float,
     ) -> None:
@@ -83,14 +85,14 @@ class FleetPublisher:
         self._conn = await connect_as_host(self._dsn, self.host_id)
         await self._write(self._row())
 
-    def _row(self) -> tuple[str, str]:
+    def _row(self) -> tuple[str, str, int, int]:
         devices = json.dumps(host_devices(self._view))
-        reservations = json.dumps(self._reservations(), default=str)
-        return devices, reservations
+        newest, open_count, pending_mib = self._reservations()
+        return devices, json.dumps(newest, default=str), open_count, pending_mib
 
-    async def _write(self, row: tuple[str, str]) -> None:
+    async def _write(self, row: tuple[str, str, int, int]) -> None:
         assert self._conn is not None
-        devices, reservations = row
+        devices, reservations, open_count, pending_mib = row
         await self._conn.execute(
             _UPSERT,
             self.host_id,
@@ -101,6 +103,8 @@ class FleetPublisher:
             reservations,
             self.heartbeat_interval_s,
             self._first_write,
+            open_count,
+            pending_mib,
             timeout=5,
         )
         self._first_write = False
@@ -108,7 +112,7 @@ class FleetPublisher:
 
     async def run(self) -> None:
         """Publish changes and heartbeats until cancelled; survive database outages."""
-        last_row: tuple[str, str] | None = None
+        last_row: tuple[str, str, int, int] | None = None
         last_write = time.monotonic()
         delay = 0.1
         while True:

@@ -29,7 +29,7 @@ log = get_logger("registry.fleet")
 
 _HOSTS = """
 SELECT host, url, version, gpu_state, devices::text AS devices,
-       reservations::text AS reservations, heartbeat_at,
+       reservations::text AS reservations, reservations_open, pending_mib, heartbeat_at,
        CASE WHEN stopped_at IS NOT NULL THEN 'offline'
             WHEN now() - heartbeat_at > 3 * heartbeat_interval_s * interval '1 second'
                  THEN 'stale'
@@ -69,7 +69,9 @@ class FleetHost:
     gpu_state: str
     heartbeat_at: datetime
     devices_json: str
-    reservations_json: str
+    reservations_json: str  # the newest 100
+    reservations_total: int
+    pending_mib: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +237,8 @@ class FleetReader:
                     r["heartbeat_at"],
                     r["devices"],
                     r["reservations"],
+                    r["reservations_open"],
+                    r["pending_mib"],
                 )
                 for r in rows
             ],

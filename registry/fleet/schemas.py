@@ -49,7 +49,9 @@ class FleetHostOut(BaseModel):
     gpu_state: str
     version: str
     devices: list[FleetDeviceOut]
-    reservations: list[dict[str, Any]]
+    reservations: list[dict[str, Any]] = Field(description="The newest 100 open, newest first.")
+    reservations_total: int = Field(description="Reservations open on the host.")
+    pending_mib: int = Field(description="Memory its reservations still hold, all devices.")
 
 
 class FleetOut(BaseModel):

@@ -2,7 +2,8 @@
 
 On connect: event `snapshot` (every model object, capacity, the /gpus body, the reservations).
 Then, per generation that changed them: `models` (only the objects that changed, and the ids
-deleted), `gpus`, `reservations`. Every event's id is the generation it brings the client to;
+deleted), `gpus`, `reservations` (those made or changed, and the ids that ended). Every
+event's id is the generation it brings the client to;
 a client that reconnects with `Last-Event-ID` equal to the current generation is already up to
 date, any other gets a fresh snapshot (state, not history). `?name=a,b` limits model objects to
 those names. A comment every 15 s (MODEL_REGISTRY_EVENTS_KEEPALIVE) keeps proxies from closing
@@ -84,7 +85,7 @@ def _batch_events(batch: Batch, names: frozenset[str] | None) -> list[tuple[str,
     if batch.gpus is not None:
         events.append(("gpus", batch.gpus))
     if batch.reservations is not None:
-        events.append(("reservations", f'{{"reservations":{batch.reservations}}}'))
+        events.append(("reservations", batch.reservations))
     return events
 
 

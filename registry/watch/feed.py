@@ -8,9 +8,11 @@ compared only while a stream is open: without one, a GPU change costs no work pe
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from registry.reservation import Reservation
 from registry.view import CachedBody, CatalogView
 
 STREAM_BACKLOG = 64  # batches a stream may fall behind before it gets a fresh snapshot
@@ -24,7 +26,7 @@ class Batch:
     models: dict[int, tuple[str, str]] = field(default_factory=dict)  # id -> (name, JSON)
     deleted: dict[int, str] = field(default_factory=dict)  # id -> name
     gpus: str | None = None
-    reservations: str | None = None
+    reservations: str | None = None  # {"reservations": [made or changed], "ended": [ids]}
     encoded: bytes | None = None  # as streams without a filter send it, once encoded
 
 
@@ -59,7 +61,10 @@ class ChangeFeed:
         self._subscriptions: set[Subscription] = set()
         self._models: dict[int, tuple[str, str]] | None = None  # as streams last saw them
         self._gpus_etag = ""
-        self._reservations = ""
+        # Reservations made or changed, and ended, since the last batch (only while a stream
+        # is open): a batch carries these, never the whole book.
+        self._reservations_put: dict[str, Reservation] = {}
+        self._reservations_ended: dict[str, None] = {}
         self._scheduled = False
         self.closed = False
         view.subscribe(self._on_change)
@@ -98,7 +103,6 @@ class ChangeFeed:
         if self._models is None:  # the first stream: start comparing from here
             self._models = self._current_models()
             self._gpus_etag = self.gpus_body().etag
-            self._reservations = self.reservations_json()
         subscription = Subscription()
         self._subscriptions.add(subscription)
         return subscription
@@ -107,6 +111,7 @@ class ChangeFeed:
         self._subscriptions.discard(subscription)
         if not self._subscriptions:
             self._models = None
+            self._reservations_put, self._reservations_ended = {}, {}
 
     def close(self) -> None:
         """The daemon is stopping: every waiter and stream ends now."""
@@ -124,10 +129,33 @@ class ChangeFeed:
 
     def _on_change(self) -> None:
         self._wake_waiters(True)
+        if not self._subscriptions:
+            return
+        self._note_reservations(*self._view.last_reservations_change)
         # Changes made in one turn of the event loop make one batch.
-        if self._subscriptions and not self._scheduled:
+        if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._publish)
+
+    def _note_reservations(self, put: list[Reservation], ended: list[str]) -> None:
+        for reservation in put:
+            self._reservations_put[reservation.id] = reservation
+            self._reservations_ended.pop(reservation.id, None)
+        for reservation_id in ended:
+            self._reservations_put.pop(reservation_id, None)
+            self._reservations_ended[reservation_id] = None
+
+    def _reservations_delta(self) -> str | None:
+        put, ended = self._reservations_put, self._reservations_ended
+        if not put and not ended:
+            return None
+        capacity = self._view.capacity
+        delta = {
+            "reservations": [r.to_api(capacity.pending_of(r)) for r in put.values()],
+            "ended": list(ended),
+        }
+        self._reservations_put, self._reservations_ended = {}, {}
+        return json.dumps(delta)
 
     def _current_models(self) -> dict[int, tuple[str, str]]:
         return {model_id: (name, obj) for model_id, name, obj in self._view.model_objects()}
@@ -141,15 +169,15 @@ class ChangeFeed:
         changed = {i: pair for i, pair in models.items() if previous.get(i) != pair}
         deleted = {i: name for i, (name, _obj) in previous.items() if i not in models}
         self._models = models
-        gpus, reservations = self.gpus_body(), self.reservations_json()
+        gpus = self.gpus_body()
         batch = Batch(
             self._view.generation,
             changed,
             deleted,
             gpus.body.decode() if gpus.etag != self._gpus_etag else None,
-            reservations if reservations != self._reservations else None,
+            self._reservations_delta(),
         )
-        self._gpus_etag, self._reservations = gpus.etag, reservations
+        self._gpus_etag = gpus.etag
         for subscription in self._subscriptions:
             subscription.offer(batch)
 
