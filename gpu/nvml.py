@@ -135,6 +135,7 @@ class NvmlBackend:
         self, handle: Any, *, index: int, uuid: str, name: str, parent_uuid: str | None = None
     ) -> GpuDevice:
         memory, has_reserved = self._memory(handle)
+        processes, processes_known = self._processes(handle)
         return GpuDevice(
             uuid=uuid,
             index=index,
@@ -144,14 +145,17 @@ class NvmlBackend:
             used_bytes=_optional_int(memory, "used"),
             reserved_bytes=int(memory.reserved) if has_reserved else None,
             parent_uuid=parent_uuid,
-            processes=self._processes(handle),
+            processes=processes,
+            processes_known=processes_known,
         )
 
-    def _processes(self, handle: Any) -> tuple[GpuProcess, ...]:
-        """Who holds memory on the device; empty when the driver will not say."""
+    def _processes(self, handle: Any) -> tuple[tuple[GpuProcess, ...], bool]:
+        """Who holds memory on the device, and whether the driver would say (some call
+        answered): with no answer, the list is empty and unknown, not known to be empty."""
         nvml = self._nvml
         lifecycle = self._errors(*_LIFECYCLE_ERRORS)
         used_by_pid: dict[int, int | None] = {}
+        answered = False
         for call in _PROCESS_CALLS:
             function = getattr(nvml, call, None)
             if function is None:
@@ -162,16 +166,18 @@ class NvmlBackend:
                 raise
             except nvml.NVMLError:
                 continue  # not supported, no permission: the memory figures still stand
+            answered = True
             for info in infos:
                 pid = int(info.pid)
                 raw = getattr(info, "usedGpuMemory", None)
                 used = None if raw is None else int(raw)
                 known = used_by_pid.get(pid)
                 used_by_pid[pid] = used if known is None else max(known, used or 0)
-        return tuple(
+        processes = tuple(
             GpuProcess(pid, used, self._process_name(pid))
             for pid, used in sorted(used_by_pid.items())
         )
+        return processes, answered
 
     def _process_name(self, pid: int) -> str | None:
         """The driver's name for the process, else the kernel's; asked once per process."""

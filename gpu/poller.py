@@ -43,6 +43,12 @@ class GpuPoller:
         self._on_poll = on_poll
         self._worker = DeadlineWorker(f"gpu-{backend.name}")
         self._subscribers: list[Subscriber] = []
+        # Called after every successful poll, published or not (a reading that changed nothing
+        # is not published): what counts polls, such as "absent from two polls in a row".
+        self._poll_listeners: list[Subscriber] = []
+        self._polled = asyncio.Event()  # set whenever a poll ends
+        self._polls_started = 0
+        self._last_poll_ended = 0  # the number of the last poll that ended
         self._poll_now = asyncio.Event()
         self._first = asyncio.Event()
         self._snapshot = GpuSnapshot(
@@ -64,6 +70,21 @@ class GpuPoller:
 
     def subscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.append(subscriber)
+
+    def on_each_poll(self, listener: Subscriber) -> None:
+        """Call `listener` with the snapshot after every successful poll."""
+        self._poll_listeners.append(listener)
+
+    async def poll_and_wait(self, timeout_s: float) -> GpuSnapshot:
+        """Ask for a poll now and return the snapshot once one has ended (or at the timeout)."""
+        wanted = self._polls_started + 1  # one that starts after this call, not one in flight
+        self.poll_now()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while self._last_poll_ended < wanted:
+                    self._polled.clear()
+                    await self._polled.wait()
+        return self._snapshot
 
     def poll_now(self) -> None:
         """Wake the loop for an immediate poll, ignoring any backoff."""
@@ -99,12 +120,16 @@ class GpuPoller:
             await self.aclose()
 
     async def poll_once(self) -> GpuSnapshot:
+        self._polls_started += 1
+        number = self._polls_started
         now = time.monotonic()
         if now >= self._next_attempt:
             await self._attempt()
         else:
             self._check_stale(now)
         self._first.set()
+        self._last_poll_ended = number
+        self._polled.set()
         return self._snapshot
 
     async def _attempt(self) -> None:
@@ -131,6 +156,8 @@ class GpuPoller:
         self.last_success_wall = datetime.now(UTC)
         self._report(started, ok=True)
         self._publish(GpuState.OK, tuple(devices), error=None)
+        for listener in self._poll_listeners:
+            listener(self._snapshot)
 
     def _record_unavailable(self, error: str, started: float) -> None:
         """The GPUs cannot be read (no library, no driver, device lost): retry with backoff."""

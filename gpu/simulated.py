@@ -30,7 +30,8 @@ class _SimulatedDevice(BaseModel):
     used_mib: int | None = Field(default=None, ge=0)
     reserved_mib: int | None = Field(default=None, ge=0)
     healthy: bool = True
-    processes: list[_SimulatedProcess] = []
+    # null: the driver would not list the processes (as with no permission to)
+    processes: list[_SimulatedProcess] | None = []
 
 
 class _SimulatedFile(BaseModel):
@@ -80,8 +81,10 @@ class SimulatedBackend:
                 healthy=device.healthy,
                 error=None if device.healthy else "marked unhealthy in the simulated file",
                 processes=tuple(
-                    GpuProcess(p.pid, _optional_bytes(p.used_mib), p.name) for p in device.processes
+                    GpuProcess(p.pid, _optional_bytes(p.used_mib), p.name)
+                    for p in device.processes or ()
                 ),
+                processes_known=device.processes is not None,
             )
             for position, device in enumerate(parsed.devices)
         ]

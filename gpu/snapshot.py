@@ -47,6 +47,9 @@ class GpuDevice:
     error: str | None = None
     parent_uuid: str | None = None
     processes: tuple[GpuProcess, ...] = ()
+    # False when the driver would not list the processes (permissions, some MIG or container
+    # setups): then nobody can tell whether a given process is on the device.
+    processes_known: bool = True
 
     @property
     def total_mib(self) -> int:
@@ -56,6 +59,9 @@ class GpuDevice:
     def free_mib(self) -> int:
         # Rounded down: a scheduler must never be promised memory that is not there.
         return self.free_bytes // MIB
+
+    def has_process(self, pid: int) -> bool:
+        return any(process.pid == pid for process in self.processes)
 
     def process_used_mib(self, pid: int) -> int | None:
         """MiB the driver attributes to `pid` on this device; None when it is not listed."""

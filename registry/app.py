@@ -15,8 +15,10 @@ from gpu import GpuBackend, GpuPoller, GpuSnapshot, GpuState
 from registry import keys
 from registry.admission.api import routes as admission_routes
 from registry.admission.book import Clock, ReservationBook, utc_now
+from registry.admission.instances import InstanceBook
+from registry.admission.instances_api import routes as instance_routes
 from registry.admission.ledger import ReservationLedger
-from registry.admission.metrics import ReservationStats
+from registry.admission.metrics import InstanceStats, ReservationStats
 from registry.api import routes
 from registry.capacity import Margins
 from registry.catalog.api import routes as catalog_routes
@@ -30,6 +32,7 @@ from registry.fleet.metrics import FleetStats
 from registry.fleet.publisher import FleetPublisher
 from registry.fleet.reader import FleetReader
 from registry.gpus_report import gpus_body
+from registry.instance import this_boot
 from registry.logs import get_logger
 from registry.metrics import Metrics
 from registry.observe import Observer
@@ -105,7 +108,8 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
 async def admission_ctx(app: web.Application, *, clock: Clock) -> AsyncIterator[None]:
     """The reservations this host promised, from the state directory; expired ones end."""
     settings = app[keys.SETTINGS].current
-    ledger = ReservationLedger(settings.state_dir)
+    boot = this_boot()
+    ledger = ReservationLedger(settings.state_dir, boot_id=boot)
     book = ReservationBook(app[keys.VIEW], ledger, clock=clock, max_open=settings.max_reservations)
     held = await asyncio.to_thread(ledger.open, book.open, lambda: book.open_count)
     try:
@@ -117,8 +121,19 @@ async def admission_ctx(app: web.Application, *, clock: Clock) -> AsyncIterator[
                 expired=len(held) - book.open_count,
                 file=str(ledger.path),
             )
+        instances = InstanceBook(
+            app[keys.VIEW], book, ledger, clock=clock, boot_id=boot, max_open=settings.max_instances
+        )
+        instances.load(ledger.instances)
+        if ledger.instances:
+            log.info("instances restored", open=instances.open_count)
         app[keys.BOOK] = book
-        with app[keys.METRICS].collecting(ReservationStats(book)):
+        app[keys.INSTANCES] = instances
+        metrics = app[keys.METRICS]
+        with (
+            metrics.collecting(ReservationStats(book)),
+            metrics.collecting(InstanceStats(instances)),
+        ):
             task = spawn(app, book.run_expiry(), "reservation-expiry")
             yield
             await _stop_task(task)
@@ -144,6 +159,8 @@ async def gpu_ctx(
         on_poll=app[keys.METRICS].observe_poll,
     )
     poller.subscribe(view.set_snapshot)
+    if (instances := app.get(keys.INSTANCES)) is not None:
+        poller.on_each_poll(instances.on_poll)  # absent from two polls in a row: ended
     app[keys.POLLER] = poller
     task = spawn(app, poller.run(), "gpu-poller")
     first = await poller.wait_first(settings.gpu_call_timeout + 1)
@@ -224,6 +241,11 @@ def _reservations(app: web.Application) -> list[dict[str, object]]:
     return [] if book is None else [book.describe(r) for r in book.open()]
 
 
+def _instances(app: web.Application) -> list[dict[str, object]]:
+    instances = app.get(keys.INSTANCES)
+    return [] if instances is None else [instances.describe(i) for i in instances.listed()]
+
+
 def _fleet_reservations(view: CatalogView) -> tuple[list[dict[str, Any]], int, int]:
     """What this host's fleet row says of its reservations: the newest, their count, and the
     memory they still hold."""
@@ -248,6 +270,7 @@ def create_app(
         view,
         gpus_body=lambda: gpus_body(view, app.get(keys.POLLER)),
         reservations_json=lambda: json.dumps(_reservations(app)),
+        instances_json=lambda: json.dumps(_instances(app)),
     )
     app[keys.METRICS].registry.register(WatchStats(feed))
     app.on_shutdown.append(_mark_stopping)
@@ -263,10 +286,19 @@ def create_app(
         app[keys.METRICS],
         settings.access_log,
         settings.slow_request_ms,
-        busy_routes=frozenset({"/reservations", "/reservations/{id}"}),
+        busy_routes=frozenset(
+            {"/reservations", "/reservations/{id}", "/instances", "/instances/{id}"}
+        ),
     )
     observer.add_routes(
-        app, catalog_routes, routes, admission_routes, watch_routes, fleet_routes, status_routes
+        app,
+        catalog_routes,
+        routes,
+        admission_routes,
+        instance_routes,
+        watch_routes,
+        fleet_routes,
+        status_routes,
     )
     setup_templates(app)
     return app

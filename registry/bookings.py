@@ -27,6 +27,9 @@ class Bookings:
         self._groups: dict[GroupKey, dict[str, Reservation]] = {}
         self._credit: dict[str, int] = {}  # MiB a pid has loaded, by reservation id
         self._credit_by_device: dict[str, int] = {}
+        # Memory held by other promises than reservations: an instance bound before its load
+        # showed keeps what its reservation still booked. key -> (device uuid, MiB).
+        self._holds: dict[str, tuple[str, int]] = {}
         self._snapshot = snapshot
 
     @classmethod
@@ -92,12 +95,27 @@ class Bookings:
                 self._credit_group(key)
         return reservation
 
+    def hold(self, key: str, uuid: str, mib: int) -> bool:
+        """Hold `mib` on device `uuid` under `key` (0 lets go); True when that changed it."""
+        old = self._holds.get(key)
+        if old == ((uuid, mib) if mib else None):
+            return False
+        if old is not None:
+            self._add_total(old[0], -old[1])
+            del self._holds[key]
+        if mib:
+            self._holds[key] = (uuid, mib)
+            self._add_total(uuid, mib)
+        return True
+
     def clear(self) -> None:
         self._open.clear()
         self._total_by_device.clear()
         self._groups.clear()
         self._credit.clear()
         self._credit_by_device.clear()
+        for uuid, mib in self._holds.values():
+            self._add_total(uuid, mib)
 
     def set_snapshot(self, snapshot: GpuSnapshot) -> list[Reservation]:
         """Take new GPU readings; returns the reservations whose pending memory changed."""

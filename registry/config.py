@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     max_reservations: int = Field(
         default=10_000, ge=1, description="Open reservations at most; beyond it, 429 too_many."
     )
+    max_instances: int = Field(
+        default=10_000, ge=1, description="Live instances at most; beyond it, 429 too_many."
+    )
 
     @field_validator("log_level")
     @classmethod

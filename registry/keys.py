@@ -14,6 +14,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from gpu import GpuPoller
     from registry.admission.book import ReservationBook
+    from registry.admission.instances import InstanceBook
     from registry.catalog.store import CatalogStore
     from registry.catalog.sync import CatalogSync
     from registry.config import LiveSettings
@@ -31,6 +32,7 @@ CATALOG_STORE: web.AppKey[CatalogStore] = web.AppKey("catalog_store")
 CATALOG_SYNC: web.AppKey[CatalogSync] = web.AppKey("catalog_sync")
 POLLER: web.AppKey[GpuPoller] = web.AppKey("poller")
 BOOK: web.AppKey[ReservationBook] = web.AppKey("book")
+INSTANCES: web.AppKey[InstanceBook] = web.AppKey("instances")
 FEED: web.AppKey[ChangeFeed] = web.AppKey("feed")
 FLEET: web.AppKey[FleetReader] = web.AppKey("fleet")
 # Seconds a request spent waiting by design (a blocking GET, an event stream): not slowness.

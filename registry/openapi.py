@@ -10,6 +10,9 @@ from pydantic.json_schema import models_json_schema
 
 from registry import __version__
 from registry.admission.schemas import (
+    InstanceCreate,
+    InstanceList,
+    InstanceOut,
     RefusalOut,
     ReservationCreate,
     ReservationList,
@@ -44,7 +47,14 @@ def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
 _ERRORS = {
     "422": _json(ValidationErrorOut, "Invalid parameters"),
 }
-_VALIDATED = (ModelCreate, ModelPatch, ReservationCreate, ReservationPatch, CatalogDocument)
+_VALIDATED = (
+    ModelCreate,
+    ModelPatch,
+    ReservationCreate,
+    ReservationPatch,
+    InstanceCreate,
+    CatalogDocument,
+)
 _NOT_FOUND = {"404": _json(ErrorOut, "No such model")}
 _WRITE_ERRORS = {
     "400": _json(ErrorOut, "Malformed request"),
@@ -107,6 +117,7 @@ def _reservation_paths(secured: list[dict[str, list[str]]]) -> dict[str, Any]:
                     "201": _json(ReservationOut, "Booked"),
                     "404": _json(ErrorOut, "No such model or GPU"),
                     "409": _json(RefusalOut, "Does not fit, or the model is disabled"),
+                    "429": _json(RefusalOut, "Too many open (reason too_many)"),
                     "503": _json(
                         ErrorOut,
                         "GPU state unknown (with reason gpu_state_unknown), or not recorded",
@@ -145,6 +156,60 @@ def _reservation_paths(secured: list[dict[str, list[str]]]) -> dict[str, Any]:
                 },
             },
         },
+        "/instances": {
+            "get": {
+                "summary": "Instances: models loaded on this host, oldest first",
+                "operationId": "list_instances",
+                "parameters": [
+                    {
+                        "name": "model",
+                        "in": "query",
+                        "required": False,
+                        "description": "Only this model's instances.",
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "responses": {"200": _json(InstanceList, "Live instances")},
+            },
+            "post": {
+                "summary": "Bind a reservation to its loading process, or adopt a loaded model",
+                "operationId": "create_instance",
+                "security": secured,
+                "requestBody": _body(InstanceCreate),
+                "responses": {
+                    "201": _json(InstanceOut, "Followed from now on"),
+                    "404": _json(ErrorOut, "No such reservation, model or GPU"),
+                    "409": _json(RefusalOut, "The process is not on the GPU (pid_not_on_gpu)"),
+                    "429": _json(RefusalOut, "Too many instances (too_many)"),
+                    "503": _json(
+                        ErrorOut,
+                        "Processes or GPU state unknown (with a reason), or not recorded",
+                    ),
+                    **_RESERVATION_ERRORS,
+                },
+            },
+        },
+        "/instances/{id}": {
+            "parameters": [_RESERVATION_ID],
+            "get": {
+                "summary": "One instance",
+                "operationId": "get_instance",
+                "responses": {
+                    "200": _json(InstanceOut, "The instance"),
+                    "404": _json(ErrorOut, "No such instance"),
+                },
+            },
+            "delete": {
+                "summary": "Report an unload",
+                "operationId": "delete_instance",
+                "security": secured,
+                "responses": {
+                    "204": {"description": "Ended"},
+                    "404": _json(ErrorOut, "No such instance"),
+                    **_RESERVATION_ERRORS,
+                },
+            },
+        },
     }
 
 
@@ -167,6 +232,9 @@ def openapi_document() -> dict[str, Any]:
                 ReservationPatch,
                 ReservationOut,
                 ReservationList,
+                InstanceCreate,
+                InstanceOut,
+                InstanceList,
                 RefusalOut,
                 CatalogDocument,
                 ApplyResult,

@@ -54,6 +54,12 @@ class PlacementOut(BaseModel):
     free_mib: int
 
 
+class ResidentOut(BaseModel):
+    id: str = Field(description="The instance (GET /instances/{id}).")
+    gpu: str
+    index: int
+
+
 class ModelOut(BaseModel):
     id: int
     name: str
@@ -66,6 +72,7 @@ class ModelOut(BaseModel):
     reason: Literal["disabled", "insufficient_vram", "gpu_state_unknown"] | None
     placement: PlacementOut | None
     headroom_mib: int | None
+    instances: list[ResidentOut] = Field(description="Where it is loaded on this host now.")
 
 
 class Pagination(BaseModel):

@@ -72,7 +72,7 @@ class _Entry:
             f'"updated_at":{_iso(model.updated_at)},"enabled":{_json(model.enabled)},"fits":'
         )
 
-    def render(self, assessment: Assessment) -> str:
+    def render(self, assessment: Assessment, instances_json: str) -> str:
         placement = assessment.placement
         placement_json = (
             "null"
@@ -84,7 +84,8 @@ class _Entry:
         headroom = "null" if assessment.headroom_mib is None else str(assessment.headroom_mib)
         return (
             f"{self.head}{_json(assessment.active)}{self.tail}{_json(assessment.fits)}"
-            f',"reason":{reason},"placement":{placement_json},"headroom_mib":{headroom}}}'
+            f',"reason":{reason},"placement":{placement_json},"headroom_mib":{headroom}'
+            f',"instances":{instances_json}}}'
         )
 
 
@@ -96,6 +97,10 @@ class CatalogView:
         # The reservations the last change put or ended (empty for any other change), for the
         # event streams, which send what changed rather than the whole book.
         self.last_reservations_change: tuple[list[Reservation], list[str]] = ([], [])
+        # Where each model is loaded on this host: model name -> its `instances` JSON array.
+        self._residents: dict[str, str] = {}
+        # Instances the last change made (as the API shows them) and ended, for the streams.
+        self.last_instances_change: tuple[list[dict[str, object]], list[str]] = ([], [])
         self._entries: dict[int, _Entry] = {}
         self._ids: list[int] = []  # ascending: the listing's order
         self._by_name: dict[str, _Entry] = {}
@@ -168,6 +173,38 @@ class CatalogView:
             self._bookings.put(reservation)
         self.last_reservations_change = (list(self._bookings), [])
         self._recompute_capacity()
+
+    def place_instances(
+        self,
+        residents: dict[str, list[tuple[str, str, int]]],
+        holds: Iterable[tuple[str, str, int]] = (),
+        *,
+        made: list[dict[str, object]] | None = None,
+        ended: list[str] | None = None,
+    ) -> None:
+        """Instances changed: `residents` gives, for each model concerned, its live instances
+        as (id, gpu uuid, index); `holds` what instances still hold pending, (key, uuid, MiB)."""
+        for name, instances in residents.items():
+            if instances:
+                self._residents[name] = json.dumps(
+                    [{"id": i, "gpu": gpu, "index": index} for i, gpu, index in instances],
+                    separators=(",", ":"),
+                )
+            else:
+                self._residents.pop(name, None)
+        self.last_instances_change = (made or [], ended or [])
+        held = False
+        for key, uuid, mib in holds:
+            held = self._bookings.hold(key, uuid, mib) or held
+        if held:
+            self._recompute_capacity()
+        elif residents or made or ended:
+            self._changed()
+
+    def hold(self, holds: Iterable[tuple[str, str, int]]) -> None:
+        """Pending memory that instances hold changed: (key, uuid, MiB); 0 lets go."""
+        if any([self._bookings.hold(key, uuid, mib) for key, uuid, mib in holds]):
+            self._recompute_capacity()
 
     def book_reservations(self, put: Iterable[Reservation], ended: Iterable[str] = ()) -> None:
         """Reservations made, renewed or ended: work in proportion to them, not to the book."""
@@ -253,7 +290,8 @@ class CatalogView:
         return None if entry is None else entry.model
 
     def _render(self, entry: _Entry) -> str:
-        return entry.render(self.capacity.assess(entry.model))
+        model = entry.model
+        return entry.render(self.capacity.assess(model), self._residents.get(model.name, "[]"))
 
     def _apply(self, gone: list[int], changed: list[CatalogModel]) -> None:
         capacity = self._capacity
@@ -336,6 +374,7 @@ class CatalogView:
         for listener in self._listeners:
             listener()
         self.last_reservations_change = ([], [])
+        self.last_instances_change = ([], [])
 
     def _matching_ids(self, query: ListQuery) -> list[int]:
         if query.name is not None:

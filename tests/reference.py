@@ -28,6 +28,7 @@ def model_object(model: CatalogModel, verdict: Assessment) -> dict[str, Any]:
         if placement is None
         else {"gpu": placement.gpu, "index": placement.index, "free_mib": placement.free_mib},
         "headroom_mib": verdict.headroom_mib,
+        "instances": [],
     }
 
 

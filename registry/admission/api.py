@@ -34,17 +34,19 @@ _REFUSAL_STATUS = {
 }
 
 
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_answer(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     return web.Response(status=status, text=json.dumps(data), content_type=JSON, headers=headers)
 
 
 def _refusal(refusal: Refused, retry_after_s: float) -> web.Response:
     status = _REFUSAL_STATUS[refusal.reason]
     headers = {"Retry-After": str(max(1, round(retry_after_s)))} if status == 503 else None
-    return _json({"detail": refusal.detail, "reason": refusal.reason.value}, status, headers)
+    return json_answer({"detail": refusal.detail, "reason": refusal.reason.value}, status, headers)
 
 
-def _not_recorded(exc: OSError) -> web.HTTPException:
+def not_recorded(exc: OSError) -> web.HTTPException:
     log.error("could not record reservations on disk", error=str(exc))
     return http_error(
         web.HTTPServiceUnavailable,
@@ -75,13 +77,13 @@ async def create_reservation(request: web.Request) -> web.StreamResponse:
     except Refused as refusal:
         return _refusal(refusal, request.app[keys.SETTINGS].current.poll_interval)
     except TooMany as exc:
-        return _json({"detail": str(exc), "reason": "too_many"}, 429, {"Retry-After": "1"})
+        return json_answer({"detail": str(exc), "reason": "too_many"}, 429, {"Retry-After": "1"})
     try:
         await book.persist()
     except OSError as exc:
         book.discard(reservation.id)
-        raise _not_recorded(exc) from None
-    return _json(
+        raise not_recorded(exc) from None
+    return json_answer(
         book.describe(reservation),
         status=201,
         headers={"Location": f"/reservations/{reservation.id}"},
@@ -91,12 +93,12 @@ async def create_reservation(request: web.Request) -> web.StreamResponse:
 @routes.get("/reservations")
 async def list_reservations(request: web.Request) -> web.StreamResponse:
     book = _book(request)
-    return _json({"data": [book.describe(r) for r in book.open()]})
+    return json_answer({"data": [book.describe(r) for r in book.open()]})
 
 
 @routes.get("/reservations/{id}")
 async def get_reservation(request: web.Request) -> web.StreamResponse:
-    return _json(_book(request).describe(_found(request)))
+    return json_answer(_book(request).describe(_found(request)))
 
 
 @routes.patch("/reservations/{id}")
@@ -113,8 +115,8 @@ async def renew_reservation(request: web.Request) -> web.StreamResponse:
     except OSError as exc:
         if book.get(before.id) is not None:
             book.restore(before)
-        raise _not_recorded(exc) from None
-    return _json(book.describe(renewed))
+        raise not_recorded(exc) from None
+    return json_answer(book.describe(renewed))
 
 
 @routes.delete("/reservations/{id}")

@@ -64,6 +64,7 @@ class BookCounters:
     released: int = 0
     expired: int = 0
     rolled_back: int = 0  # granted, then dropped: the grant could not be recorded
+    bound: int = 0  # ended by becoming an instance
     rejected: dict[str, int] = field(default_factory=dict)  # by reason
 
     def reject(self, reason: Reason) -> None:
@@ -238,6 +239,14 @@ class ReservationBook:
             self._ledger.end(reservation_id)
             self.counters.rolled_back += 1
             self._ended([reservation_id])
+
+    def take(self, reservation_id: str) -> Reservation | None:
+        """End a reservation because it became an instance; the caller journals the bind."""
+        reservation = self._open.pop(reservation_id, None)
+        if reservation is not None:
+            self.counters.bound += 1
+            self._ended([reservation_id])
+        return reservation
 
     def release(self, reservation_id: str) -> Reservation | None:
         reservation = self._open.pop(reservation_id, None)

@@ -1,6 +1,8 @@
 """The reservations on disk: an append-only journal in the state directory.
 
-Every change is one JSON line: `{"put": {...}}` (a reservation as it now is) or `{"end": id}`.
+Every change is one JSON line: `{"put": {...}}` (a reservation as it now is), `{"end": id}`,
+`{"instance": {...}}` (an instance as it now is), `{"end_instance": id}`, or `{"bind": {...}}`:
+a reservation that became an instance, in one line, so a crash loses neither.
 A grant is acknowledged only once its line is on disk (written and fdatasync'ed), so a daemon
 killed at any moment restarts with every promise it made. Requests that arrive while a write is
 in flight share the next one (group commit). At start-up, and whenever the journal has grown
@@ -21,6 +23,7 @@ from typing import IO
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from registry.instance import Instance
 from registry.logs import get_logger
 from registry.reservation import Reservation
 
@@ -28,11 +31,19 @@ log = get_logger("registry.admission.ledger")
 
 FILE_NAME = "reservations.jsonl"
 LOCK_NAME = "daemon.lock"
-_HEADER = b'{"format":1}\n'
+FORMAT = 2  # 2 added instances; a daemon that reads only 1 refuses the file, and says so
+_HEADER = b'{"format":2}\n'
 
 
 class LedgerError(Exception):
     """The journal cannot be used; the message says which file and what to do."""
+
+
+class _Bind(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reservation: str
+    instance: Instance
 
 
 class _Line(BaseModel):
@@ -43,6 +54,9 @@ class _Line(BaseModel):
     format: int | None = None
     put: Reservation | None = None
     end: str | None = None
+    instance: Instance | None = None
+    end_instance: str | None = None
+    bind: _Bind | None = None
 
 
 def _line(value: object) -> bytes:
@@ -72,12 +86,17 @@ def _replace_atomically(path: Path, payload: bytes) -> None:
 
 
 class ReservationLedger:
-    def __init__(self, state_dir: Path, *, compact_after_lines: int = 10_000) -> None:
+    def __init__(
+        self, state_dir: Path, *, compact_after_lines: int = 10_000, boot_id: str | None = None
+    ) -> None:
         self.path = state_dir / FILE_NAME
         self._lock_path = state_dir / LOCK_NAME
         self._lock_file: IO[str] | None = None
         self._fd: int | None = None
         self._compact_after = compact_after_lines
+        self._boot_id = boot_id  # instances of another boot are dropped at start (pids reused)
+        self.instances: list[Instance] = []  # what the journal held, read by open()
+        self._current_instances: Callable[[], list[Instance]] = list
         self._current: Callable[[], list[Reservation]] = list
         self._open_count: Callable[[], int] = int
         self._pending: list[bytes] = []  # lines recorded, not yet written
@@ -102,7 +121,7 @@ class ReservationLedger:
         self._take_lock()
         try:
             reservations = self._replay()
-            self._rewrite(reservations)
+            self._rewrite(reservations, self.instances)
         except BaseException:
             self.close()
             raise
@@ -139,6 +158,22 @@ class ReservationLedger:
 
     # -- recording ------------------------------------------------------------------------
 
+    def track_instances(self, current: Callable[[], list[Instance]]) -> None:
+        """`current` returns the live instances: what a rewrite keeps besides reservations."""
+        self._current_instances = current
+
+    def put_instance(self, instance: Instance) -> None:
+        self._record(_line({"instance": instance.to_record()}))
+
+    def end_instance(self, instance_id: str) -> None:
+        self._record(_line({"end_instance": instance_id}))
+
+    def bind(self, reservation_id: str, instance: Instance) -> None:
+        """Record, as one step, that a reservation ended by becoming `instance`."""
+        self._record(
+            _line({"bind": {"reservation": reservation_id, "instance": instance.to_record()}})
+        )
+
     def put(self, reservation: Reservation) -> None:
         """Record a reservation as it now is (new, renewed, or given a pid)."""
         self._record(_line({"put": reservation.to_record()}))
@@ -166,7 +201,8 @@ class ReservationLedger:
             limit = max(self._compact_after, 2 * self._open_count())
             if self._lines_in_file + len(lines) > limit:
                 snapshot = self._current()
-                write = asyncio.to_thread(self._rewrite, snapshot)
+                instances = self._current_instances()
+                write = asyncio.to_thread(self._rewrite, snapshot, instances)
             else:
                 write = asyncio.to_thread(self._append, b"".join(lines), len(lines))
             try:
@@ -190,14 +226,20 @@ class ReservationLedger:
             raise
         self._lines_in_file += count
 
-    def _rewrite(self, reservations: list[Reservation]) -> None:
-        """Replace the journal by one line per open reservation, atomically."""
-        payload = _HEADER + b"".join(_line({"put": r.to_record()}) for r in reservations)
+    def _rewrite(
+        self, reservations: list[Reservation], instances: list[Instance] | None = None
+    ) -> None:
+        """Replace the journal by one line per open reservation and instance, atomically."""
+        payload = (
+            _HEADER
+            + b"".join(_line({"put": r.to_record()}) for r in reservations)
+            + b"".join(_line({"instance": i.to_record()}) for i in instances or ())
+        )
         _replace_atomically(self.path, payload)
         if self._fd is not None:
             os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        self._lines_in_file = len(reservations)
+        self._lines_in_file = len(reservations) + len(instances or ())
 
     # -- reading --------------------------------------------------------------------------
 
@@ -214,6 +256,7 @@ class ReservationLedger:
             # A write cut short by a crash was never acknowledged: drop it.
             log.warning("dropping an unfinished last line of the journal", file=str(self.path))
         held: dict[str, Reservation] = {}
+        instances: dict[str, Instance] = {}
         for number, line in enumerate(complete, start=1):
             try:
                 parsed = _Line.model_validate_json(line)
@@ -223,10 +266,25 @@ class ReservationLedger:
                     f"({exc.errors()[0]['msg']}); the file holds promises made to schedulers: "
                     "move it aside only once no load depends on them"
                 ) from None
-            if parsed.format is not None and parsed.format != 1:
-                raise LedgerError(f"{self.path} has format {parsed.format}; this daemon reads 1")
+            if parsed.format is not None and parsed.format > FORMAT:
+                raise LedgerError(
+                    f"{self.path} has format {parsed.format}; this daemon reads up to {FORMAT}: "
+                    "it was written by a newer model-registry, which is the one to run here"
+                )
             if parsed.put is not None:
                 held[parsed.put.id] = parsed.put
             if parsed.end is not None:
                 held.pop(parsed.end, None)
+            if parsed.bind is not None:
+                held.pop(parsed.bind.reservation, None)
+                instances[parsed.bind.instance.id] = parsed.bind.instance
+            if parsed.instance is not None:
+                instances[parsed.instance.id] = parsed.instance
+            if parsed.end_instance is not None:
+                instances.pop(parsed.end_instance, None)
+        self.instances = [i for i in instances.values() if i.boot_id == self._boot_id]
+        if dropped := len(instances) - len(self.instances):
+            log.info(
+                "instances of an earlier boot dropped: their pids mean nothing now", count=dropped
+            )
         return list(held.values())

@@ -117,4 +117,72 @@ class ReservationList(BaseModel):
 
 class RefusalOut(BaseModel):
     detail: str
-    reason: Literal["insufficient_vram", "disabled", "gpu_state_unknown"]
+    reason: Literal[
+        "insufficient_vram",
+        "disabled",
+        "gpu_state_unknown",
+        "too_many",
+        "pid_not_on_gpu",
+        "processes_unknown",
+    ]
+
+
+def _bind_or_adopt(schema: dict[str, Any]) -> None:
+    schema["oneOf"] = [
+        {
+            "required": ["reservation"],
+            "properties": {
+                "reservation": {"type": "string"},
+                "model": {"type": "null"},
+                "gpu": {"type": "null"},
+            },
+        },
+        {
+            "required": ["model", "gpu", "pid"],
+            "properties": {
+                "reservation": {"type": "null"},
+                "model": {"type": "string"},
+                "gpu": {"type": "string"},
+                "pid": {"type": "integer"},
+            },
+        },
+    ]
+
+
+class InstanceCreate(BaseModel):
+    """Bind: `reservation` (and `pid`, unless the reservation names one). Adopt: `model`,
+    `gpu` and `pid`, for a model that is already loaded."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_bind_or_adopt)
+
+    reservation: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    model: ModelName | None = None
+    gpu: GpuUuid | None = None
+    pid: Pid | None = None
+    holder: Holder | None = None
+
+    @model_validator(mode="after")
+    def _bind_or_adopt(self) -> InstanceCreate:
+        if self.reservation is not None:
+            if self.model is not None or self.gpu is not None:
+                raise ValueError("a bind names the reservation only: not model or gpu")
+        elif self.model is None or self.gpu is None or self.pid is None:
+            raise ValueError("give a reservation to bind, or model, gpu and pid to adopt")
+        return self
+
+
+class InstanceOut(BaseModel):
+    id: str
+    model: str | None
+    gpu: ReservedGpu
+    pid: int
+    holder: str | None
+    reservation: str | None = Field(description="The reservation it was bound from.")
+    loaded_at: datetime
+    used_mib: int | None = Field(description="What NVML attributes to pid on the device.")
+    peak_mib: int = Field(description="The most used_mib seen.")
+    pending_mib: int = Field(description="What its reservation still books, until the load shows.")
+
+
+class InstanceList(BaseModel):
+    data: list[InstanceOut]

@@ -2,8 +2,8 @@
 
 On connect: event `snapshot` (every model object, capacity, the /gpus body, the reservations).
 Then, per generation that changed them: `models` (only the objects that changed, and the ids
-deleted), `gpus`, `reservations` (those made or changed, and the ids that ended). Every
-event's id is the generation it brings the client to;
+deleted), `gpus`, `reservations` (those made or changed, and the ids that ended) and `instances`
+(those made, and the ids that ended). Every event's id is the generation it brings the client to;
 a client that reconnects with `Last-Event-ID` equal to the current generation is already up to
 date, any other gets a fresh snapshot (state, not history). `?name=a,b` limits model objects to
 those names. A comment every 15 s (MODEL_REGISTRY_EVENTS_KEEPALIVE) keeps proxies from closing
@@ -52,10 +52,11 @@ def _snapshot(request: web.Request, names: frozenset[str] | None) -> tuple[int, 
     )
     feed = app[keys.FEED]
     gpus = feed.gpus_body().body.decode()
-    reservations = feed.reservations_json()
+    reservations, instances = feed.reservations_json(), feed.instances_json()
     data = (
         f'{{"generation":{view.generation},"models":[{models}],'
-        f'"capacity":{view.capacity_json},"gpus":{gpus},"reservations":{reservations}}}'
+        f'"capacity":{view.capacity_json},"gpus":{gpus},"reservations":{reservations},'
+        f'"instances":{instances}}}'
     )
     return view.generation, data
 
@@ -86,6 +87,8 @@ def _batch_events(batch: Batch, names: frozenset[str] | None) -> list[tuple[str,
         events.append(("gpus", batch.gpus))
     if batch.reservations is not None:
         events.append(("reservations", batch.reservations))
+    if batch.instances is not None:
+        events.append(("instances", batch.instances))
     return events
 
 

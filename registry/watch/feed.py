@@ -27,6 +27,7 @@ class Batch:
     deleted: dict[int, str] = field(default_factory=dict)  # id -> name
     gpus: str | None = None
     reservations: str | None = None  # {"reservations": [made or changed], "ended": [ids]}
+    instances: str | None = None  # {"instances": [made], "ended": [ids]}
     encoded: bytes | None = None  # as streams without a filter send it, once encoded
 
 
@@ -53,10 +54,14 @@ class ChangeFeed:
         view: CatalogView,
         gpus_body: Callable[[], CachedBody],
         reservations_json: Callable[[], str],
+        instances_json: Callable[[], str] = lambda: "[]",
     ) -> None:
         self._view = view
         self.gpus_body = gpus_body
         self.reservations_json = reservations_json
+        self.instances_json = instances_json
+        self._instances_made: dict[str, dict[str, object]] = {}
+        self._instances_ended: dict[str, None] = {}
         self._waiters: set[asyncio.Future[bool]] = set()
         self._subscriptions: set[Subscription] = set()
         self._models: dict[int, tuple[str, str]] | None = None  # as streams last saw them
@@ -112,6 +117,7 @@ class ChangeFeed:
         if not self._subscriptions:
             self._models = None
             self._reservations_put, self._reservations_ended = {}, {}
+            self._instances_made, self._instances_ended = {}, {}
 
     def close(self) -> None:
         """The daemon is stopping: every waiter and stream ends now."""
@@ -132,6 +138,12 @@ class ChangeFeed:
         if not self._subscriptions:
             return
         self._note_reservations(*self._view.last_reservations_change)
+        made, ended = self._view.last_instances_change
+        for instance in made:
+            self._instances_made[str(instance["id"])] = instance
+        for instance_id in ended:
+            if self._instances_made.pop(instance_id, None) is None:
+                self._instances_ended[instance_id] = None
         # Changes made in one turn of the event loop make one batch.
         if not self._scheduled:
             self._scheduled = True
@@ -144,6 +156,16 @@ class ChangeFeed:
         for reservation_id in ended:
             self._reservations_put.pop(reservation_id, None)
             self._reservations_ended[reservation_id] = None
+
+    def _instances_delta(self) -> str | None:
+        if not self._instances_made and not self._instances_ended:
+            return None
+        delta = {
+            "instances": list(self._instances_made.values()),
+            "ended": list(self._instances_ended),
+        }
+        self._instances_made, self._instances_ended = {}, {}
+        return json.dumps(delta)
 
     def _reservations_delta(self) -> str | None:
         put, ended = self._reservations_put, self._reservations_ended
@@ -176,6 +198,7 @@ class ChangeFeed:
             deleted,
             gpus.body.decode() if gpus.etag != self._gpus_etag else None,
             self._reservations_delta(),
+            self._instances_delta(),
         )
         self._gpus_etag = gpus.etag
         for subscription in self._subscriptions:

@@ -1,0 +1,113 @@
+"""/instances: bind a reservation to the process that loaded it, adopt a loaded model, list,
+and report an unload."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from registry import keys
+from registry.admission.api import json_answer, not_recorded
+from registry.admission.book import NotFound, TooMany
+from registry.admission.instances import InstanceBook, PidNotOnGpu, ProcessesUnknown
+from registry.admission.schemas import InstanceCreate
+from registry.auth import Role, require
+from registry.bodies import validated_body
+from registry.errors import http_error, unprocessable
+from registry.instance import Instance
+
+routes = web.RouteTableDef()
+
+
+def _instances(request: web.Request) -> InstanceBook:
+    return request.app[keys.INSTANCES]
+
+
+def _found(request: web.Request) -> Instance:
+    instance = _instances(request).get(request.match_info["id"])
+    if instance is None:
+        raise http_error(web.HTTPNotFound, "Not Found")
+    return instance
+
+
+def _refusal(status: int, reason: str, detail: str) -> web.Response:
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return json_answer({"detail": detail, "reason": reason}, status, headers)
+
+
+@routes.post("/instances")
+async def create_instance(request: web.Request) -> web.StreamResponse:
+    require(request, Role.SCHEDULER)
+    data = await validated_body(request, InstanceCreate)
+    app = request.app
+    view, instances, book = app[keys.VIEW], _instances(request), app[keys.BOOK]
+    reservation = None
+    if data.reservation is not None:
+        reservation = book.get(data.reservation)
+        if reservation is None:
+            raise http_error(web.HTTPNotFound, f"no open reservation {data.reservation!r}")
+        gpu, model = reservation.gpu_uuid, reservation.model
+    else:
+        assert data.gpu is not None and data.model is not None
+        gpu, model = data.gpu, data.model
+        if view.model_by_name(model) is None:
+            raise http_error(web.HTTPNotFound, f"no model named {model!r} in the catalog")
+    pid = data.pid or (reservation.pid if reservation is not None else None)
+    if pid is None:
+        issue = {"type": "missing", "loc": ["body", "pid"], "msg": "Field required", "input": None}
+        raise unprocessable(
+            [{**issue, "msg": "give the loading process: this reservation names none"}]
+        )
+    snapshot = view.snapshot
+    if not snapshot.known:
+        return _refusal(503, "gpu_state_unknown", f"GPU state is {snapshot.state.value}")
+    device = next((d for d in snapshot.devices if d.uuid == gpu), None)
+    if device is None:
+        raise http_error(web.HTTPNotFound, f"no GPU with uuid {gpu!r} on this host")
+    if device.processes_known and not device.has_process(pid):
+        # Not in the latest poll: maybe it just made its CUDA context. Look again, now.
+        poller = app.get(keys.POLLER)
+        if poller is not None:
+            fresh = await poller.poll_and_wait(app[keys.SETTINGS].current.gpu_call_timeout + 1)
+            device = next((d for d in fresh.devices if d.uuid == gpu), device)
+        if data.reservation is not None and (reservation := book.get(data.reservation)) is None:
+            raise http_error(web.HTTPNotFound, f"no open reservation {data.reservation!r}")
+    try:
+        if reservation is not None:
+            instance = instances.bind(reservation, pid, device)
+        else:
+            assert data.model is not None
+            instance = instances.adopt(data.model, device, pid, data.holder)
+    except ProcessesUnknown as exc:
+        return _refusal(503, "processes_unknown", str(exc))
+    except PidNotOnGpu as exc:
+        return _refusal(409, "pid_not_on_gpu", str(exc))
+    except TooMany as exc:
+        return _refusal(429, "too_many", str(exc))
+    except NotFound as exc:
+        raise http_error(web.HTTPNotFound, str(exc)) from None
+    try:
+        await book.persist()
+    except OSError as exc:
+        instances.undo(instance, reservation)
+        raise not_recorded(exc) from None
+    return json_answer(instances.describe(instance), 201, {"Location": f"/instances/{instance.id}"})
+
+
+@routes.get("/instances")
+async def list_instances(request: web.Request) -> web.StreamResponse:
+    model = request.query.get("model")
+    instances = _instances(request)
+    return json_answer({"data": [instances.describe(i) for i in instances.listed(model)]})
+
+
+@routes.get("/instances/{id}")
+async def get_instance(request: web.Request) -> web.StreamResponse:
+    return json_answer(_instances(request).describe(_found(request)))
+
+
+@routes.delete("/instances/{id}")
+async def delete_instance(request: web.Request) -> web.StreamResponse:
+    require(request, Role.SCHEDULER)
+    if _instances(request).end(request.match_info["id"], "unloaded") is None:
+        raise http_error(web.HTTPNotFound, "Not Found")
+    return web.Response(status=204)

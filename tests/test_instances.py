@@ -1,0 +1,247 @@
+"""Instances through the real app on the simulated backend: bind a reservation to the process
+that loads it (its pending memory carried over until the load shows), adopt a loaded model,
+end with the process, survive a restart but not another boot, and show where models are warm."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from registry import keys
+from tests.conftest import AS_SCHEDULER, SCHEDULER_TOKEN, AppClient, LogLines
+from tests.scrape import scrape
+from tests.sse import EventReader
+
+GPU = "GPU-sim-0"
+TOTAL = 81920
+WORKER = 4242
+
+
+@pytest.fixture
+def gpus(gpu_file: Callable[..., Path]) -> Callable[..., Path]:
+    """gpus(free_mib, {pid: used_mib}, processes_known=True): one 80 GiB device."""
+
+    def write(free: int, processes: dict[int, int] | None = None, known: bool = True) -> Path:
+        listed = [{"pid": pid, "used_mib": used} for pid, used in (processes or {}).items()]
+        return gpu_file(
+            {
+                "uuid": GPU,
+                "name": "Simulated GPU",
+                "total_mib": TOTAL,
+                "free_mib": free,
+                "processes": listed if known else None,
+            }
+        )
+
+    write(TOTAL)
+    return write
+
+
+async def _poll(client: Any) -> None:
+    await client.app[keys.POLLER].poll_and_wait(5)
+
+
+async def _json(response: Any) -> Any:
+    return json.loads(await response.read())
+
+
+async def _reserve(client: Any, **body: Any) -> dict[str, Any]:
+    answer = await client.post("/reservations", json=body, headers=AS_SCHEDULER)
+    assert answer.status == 201, await answer.text()
+    reservation: dict[str, Any] = await _json(answer)
+    return reservation
+
+
+async def _bind(client: Any, **body: Any) -> Any:
+    return await client.post("/instances", json=body, headers=AS_SCHEDULER)
+
+
+async def _pending(client: Any) -> int:
+    device = (await _json(await client.get("/gpus")))["devices"][0]
+    pending: int = device["pending_mib"]
+    return pending
+
+
+async def _large(client: Any) -> dict[str, Any]:
+    body = await _json(await client.get("/models?name=large-v3"))
+    model: dict[str, Any] = body["data"][0]
+    return model
+
+
+@pytest.fixture
+async def client(start_app: AppClient, gpus: Callable[..., Path]) -> Any:
+    # A poll a minute: every poll in these tests is one the test asked for.
+    return await start_app(scheduler_token=SCHEDULER_TOKEN, poll_interval=60)
+
+
+async def test_a_bind_right_after_the_worker_starts_carries_the_booking_until_the_load_shows(
+    client: Any, gpus: Callable[..., Path]
+) -> None:
+    reservation = await _reserve(client, model="large-v3", holder="session-1")
+    assert await _pending(client) == 10000
+    # The worker has its CUDA context (500 MiB), not the model yet.
+    gpus(TOTAL - 500, {WORKER: 500})
+    await _poll(client)
+    answer = await _bind(client, reservation=reservation["id"], pid=WORKER)
+    assert answer.status == 201, await answer.text()
+    instance = await _json(answer)
+    assert answer.headers["Location"] == f"/instances/{instance['id']}"
+    assert instance["model"] == "large-v3" and instance["gpu"] == {"uuid": GPU, "index": 0}
+    assert (instance["pid"], instance["holder"]) == (WORKER, "session-1")
+    assert instance["reservation"] == reservation["id"]
+    assert (instance["used_mib"], instance["pending_mib"]) == (500, 9500)
+    assert (await client.get(f"/reservations/{reservation['id']}")).status == 404
+    assert await _pending(client) == 9500  # what the reservation still booked lives on
+    assert (await _large(client))["instances"] == [{"id": instance["id"], "gpu": GPU, "index": 0}]
+
+    gpus(TOTAL - 6000, {WORKER: 6000})  # loading
+    await _poll(client)
+    assert await _pending(client) == 4000
+    gpus(TOTAL - 10500, {WORKER: 10500})  # loaded: its memory is in NVML's used figure now
+    await _poll(client)
+    assert await _pending(client) == 0
+    shown = await _json(await client.get(f"/instances/{instance['id']}"))
+    assert (shown["used_mib"], shown["peak_mib"], shown["pending_mib"]) == (10500, 10500, 0)
+    listed = await _json(await client.get("/instances?model=large-v3"))
+    assert [i["id"] for i in listed["data"]] == [instance["id"]]
+    assert (await _json(await client.get("/instances?model=tiny")))["data"] == []
+
+
+async def test_an_instance_ends_when_its_process_leaves_the_gpu_for_two_polls(
+    client: Any, gpus: Callable[..., Path], json_lines: LogLines
+) -> None:
+    gpus(TOTAL - 3000, {WORKER: 3000})
+    await _poll(client)
+    answer = await _bind(client, model="medium", gpu=GPU, pid=WORKER, holder="job-7")
+    assert answer.status == 201, await answer.text()
+    instance = await _json(answer)
+    assert instance["reservation"] is None and instance["pending_mib"] == 0
+    gpus(TOTAL)  # the process exited
+    await _poll(client)
+    assert (await client.get(f"/instances/{instance['id']}")).status == 200  # one poll: not yet
+    gpus(TOTAL, known=False)  # a poll that cannot see the processes ends nothing
+    await _poll(client)
+    assert (await client.get(f"/instances/{instance['id']}")).status == 200
+    gpus(TOTAL)
+    await _poll(client)
+    assert (await client.get(f"/instances/{instance['id']}")).status == 404
+    ended = [x for x in json_lines() if x["event"] == "instance ended"]
+    assert [(x["instance"], x["reason"], x["holder"]) for x in ended] == [
+        (instance["id"], "process_exited", "job-7")
+    ]
+    samples = await scrape(client)
+    ended_total = "model_registry_instances_ended_total"
+    assert samples[(ended_total, (("reason", "process_exited"),))] == 1
+    assert samples[("model_registry_instances_open", ())] == 0
+    assert (await _json(await client.get("/models?name=medium")))["data"][0]["instances"] == []
+
+
+async def test_adoption_needs_the_pid_on_the_gpu_and_a_readable_process_list(
+    client: Any, gpus: Callable[..., Path]
+) -> None:
+    refused = await _bind(client, model="tiny", gpu=GPU, pid=WORKER)
+    assert refused.status == 409
+    assert (await _json(refused))["reason"] == "pid_not_on_gpu"
+    # It started meanwhile: the daemon polls again before it says no.
+    gpus(TOTAL - 700, {WORKER: 700})
+    accepted = await _bind(client, model="tiny", gpu=GPU, pid=WORKER)
+    assert accepted.status == 201, await accepted.text()
+    gpus(TOTAL - 700, known=False)
+    await _poll(client)
+    unknown = await _bind(client, model="medium", gpu=GPU, pid=WORKER)
+    assert unknown.status == 503 and unknown.headers["Retry-After"]
+    assert (await _json(unknown))["reason"] == "processes_unknown"
+
+
+async def test_bad_binds_and_adoptions_are_refused_and_change_nothing(
+    client: Any, gpus: Callable[..., Path]
+) -> None:
+    gpus(TOTAL - 700, {WORKER: 700})
+    await _poll(client)
+    reservation = await _reserve(client, vram_mib=1000)
+    no_pid = await _bind(client, reservation=reservation["id"])
+    assert no_pid.status == 422 and (await _json(no_pid))["detail"][0]["loc"] == ["body", "pid"]
+    for body, status in (
+        ({"reservation": "no-such"}, 404),
+        ({"model": "no-such", "gpu": GPU, "pid": WORKER}, 404),
+        ({"model": "tiny", "gpu": "GPU-nope", "pid": WORKER}, 404),
+        ({"model": "tiny", "pid": WORKER}, 422),
+        ({"reservation": reservation["id"], "model": "tiny", "pid": WORKER}, 422),
+        ({"model": "tiny", "gpu": GPU, "pid": 0}, 422),
+        ({"model": "tiny", "gpu": GPU, "pid": WORKER, "holder": "a\nb"}, 422),
+    ):
+        answer = await _bind(client, **body)
+        assert answer.status == status, (body, await answer.text())
+    assert (
+        await client.post("/instances", json={"model": "tiny", "gpu": GPU, "pid": 1})
+    ).status == 401
+    assert (await client.get(f"/reservations/{reservation['id']}")).status == 200
+    assert (await _json(await client.get("/instances")))["data"] == []
+    assert (await client.delete("/instances/nope", headers=AS_SCHEDULER)).status == 404
+
+
+async def test_a_reported_unload_ends_it_and_the_cap_holds(
+    start_app: AppClient, gpus: Callable[..., Path]
+) -> None:
+    client = await start_app(scheduler_token=SCHEDULER_TOKEN, poll_interval=60, max_instances=1)
+    gpus(TOTAL - 700, {WORKER: 700, WORKER + 1: 700})
+    await _poll(client)
+    first = await _json(await _bind(client, model="tiny", gpu=GPU, pid=WORKER))
+    too_many = await _bind(client, model="tiny", gpu=GPU, pid=WORKER + 1)
+    assert too_many.status == 429 and (await _json(too_many))["reason"] == "too_many"
+    gone = await client.delete(f"/instances/{first['id']}", headers=AS_SCHEDULER)
+    assert gone.status == 204
+    assert (await _bind(client, model="tiny", gpu=GPU, pid=WORKER + 1)).status == 201
+
+
+async def test_events_tell_of_instances_made_and_ended(
+    client: Any, gpus: Callable[..., Path]
+) -> None:
+    gpus(TOTAL - 700, {WORKER: 700})
+    await _poll(client)
+    response = await client.get("/events")
+    events = EventReader(response)
+    snapshot = await events.next()
+    assert snapshot.event == "snapshot" and snapshot.data["instances"] == []
+    made = await _json(await _bind(client, model="tiny", gpu=GPU, pid=WORKER))
+    event = await events.next_named("instances")
+    assert [i["id"] for i in event.data["instances"]] == [made["id"]] and event.data["ended"] == []
+    await client.delete(f"/instances/{made['id']}", headers=AS_SCHEDULER)
+    event = await events.next_named("instances")
+    assert event.data == {"instances": [], "ended": [made["id"]]}
+    response.close()
+
+
+async def test_instances_survive_a_restart_but_not_another_boot(
+    start_app: AppClient, gpus: Callable[..., Path], tmp_path: Path
+) -> None:
+    state = tmp_path / "kept-state"
+    gpus(TOTAL - 700, {WORKER: 700})
+    first = await start_app(scheduler_token=SCHEDULER_TOKEN, poll_interval=60, state_dir=state)
+    await _poll(first)
+    made = await _json(await _bind(first, model="tiny", gpu=GPU, pid=WORKER))
+    await first.close()
+
+    again = await start_app(scheduler_token=SCHEDULER_TOKEN, poll_interval=60, state_dir=state)
+    assert [i["id"] for i in (await _json(await again.get("/instances")))["data"]] == [made["id"]]
+    tiny = (await _json(await again.get("/models?name=tiny")))["data"][0]
+    assert [i["id"] for i in tiny["instances"]] == [made["id"]]
+    await again.close()
+
+    # The same journal read after a reboot: its pids mean nothing now.
+    journal = state / "reservations.jsonl"
+    journal.write_text(journal.read_text().replace(again.app[keys.INSTANCES].boot_id, "another"))
+    rebooted = await start_app(scheduler_token=SCHEDULER_TOKEN, poll_interval=60, state_dir=state)
+    assert (await _json(await rebooted.get("/instances")))["data"] == []
+
+
+def test_a_daemon_that_reads_only_the_old_journal_format_says_why(tmp_path: Path) -> None:
+    from registry.admission.ledger import LedgerError, ReservationLedger
+
+    (tmp_path / "reservations.jsonl").write_text('{"format":3}\n')
+    with pytest.raises(LedgerError, match=r"format 3.*newer model-registry"):
+        ReservationLedger(tmp_path).open(list)
