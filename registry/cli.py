@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from registry import __version__
 from registry.admission import cli as reservations_cli
+from registry.admission import instances_cli
 from registry.admission.ledger import LedgerError
 from registry.catalog import cli as catalog_cli
 from registry.catalog.cli import CliError
@@ -49,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
     catalog_cli.add_parser(commands, common)
     reservations_cli.add_parser(commands, common)
+    instances_cli.add_parser(commands, common)
 
     status = commands.add_parser(
         "status", parents=[common], help="show GPUs, models and reservations of a running daemon"
@@ -86,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(serve(settings, args.config, overrides))
         if args.command == "reservations":
             return reservations_cli.run(args, settings)
+        if args.command == "instances":
+            return instances_cli.run(args, settings)
         if args.command == "status":
             from registry.ops_view import terminal
 

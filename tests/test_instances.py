@@ -4,6 +4,7 @@ end with the process, survive a restart but not another boot, and show where mod
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -245,3 +246,33 @@ def test_a_daemon_that_reads_only_the_old_journal_format_says_why(tmp_path: Path
     (tmp_path / "reservations.jsonl").write_text('{"format":3}\n')
     with pytest.raises(LedgerError, match=r"format 3.*newer model-registry"):
         ReservationLedger(tmp_path).open(list)
+
+
+async def test_the_command_line_status_and_page_show_instances(
+    client: Any,
+    gpus: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from registry.cli import main
+
+    monkeypatch.setenv("MODEL_REGISTRY_SCHEDULER_TOKEN", SCHEDULER_TOKEN)
+    gpus(TOTAL - 3000, {WORKER: 3000})
+    await _poll(client)
+    url = str(client.make_url("")).rstrip("/")
+    capsys.readouterr()
+    adopt = ["instances", "add", "medium", "--gpu", GPU, "--pid", str(WORKER), "--url", url]
+    assert await asyncio.to_thread(main, [*adopt, "--holder", "job-<9>"]) == 0
+    added = capsys.readouterr().out
+    assert "medium" in added and str(WORKER) in added and "3000" in added
+    [instance] = (await _json(await client.get("/instances")))["data"]
+    assert await asyncio.to_thread(main, ["instances", "list", "--url", url]) == 0
+    assert instance["id"] in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["status", "--url", url]) == 0
+    status = capsys.readouterr().out
+    assert "Instances · 1 loaded" in status and "job-<9>" in status and "3,000" in status
+    page = await (await client.get("/")).text()
+    assert "Instances <span" in page and "job-&lt;9&gt;" in page and "3,000" in page
+    gone = ["instances", "remove", instance["id"], "--url", url]
+    assert await asyncio.to_thread(main, gone) == 0
+    assert (await _json(await client.get("/instances")))["data"] == []

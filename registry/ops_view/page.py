@@ -89,6 +89,11 @@ def _reservations(view: CatalogView, now: datetime) -> list[dict[str, Any]]:
     ]
 
 
+def _instances(app: web.Application) -> list[dict[str, Any]]:
+    instances = app.get(keys.INSTANCES)
+    return [] if instances is None else [instances.describe(i) for i in instances.listed()]
+
+
 async def _fleet(request: web.Request) -> list[Any]:
     reader = request.app.get(keys.FLEET)
     if reader is None:
@@ -130,6 +135,7 @@ async def status_page(request: web.Request) -> web.StreamResponse:
         "active_filter": active,
         "max_rows": MAX_ROWS,
         "reservations": _reservations(view, now),
+        "instances": _instances(app),
         "fleet": await _fleet(request),
         "generation": view.generation,
     }

@@ -19,7 +19,7 @@ from registry.ops_view.page import memory_segments
 
 BAR_WIDTH = 40
 _COLOURS = {"used": "magenta", "pending": "yellow", "margin": "bright_black", "usable": "green"}
-_REDRAW_ON = frozenset({"snapshot", "models", "gpus", "reservations"})
+_REDRAW_ON = frozenset({"snapshot", "models", "gpus", "reservations", "instances"})
 
 
 def _bar(total: int, free: int, pending: int, margin: int) -> Text:
@@ -96,6 +96,23 @@ def _reservations(reservations: dict[str, Any]) -> Table:
     return table
 
 
+def _instances(instances: dict[str, Any]) -> Table:
+    table = Table(title=f"Instances · {len(instances['data'])} loaded", title_justify="left")
+    for header in ("model", "GPU", "pid", "used MiB", "peak MiB", "pending MiB", "holder"):
+        table.add_column(header, justify="right" if "MiB" in header or header == "pid" else "left")
+    for i in instances["data"]:
+        table.add_row(
+            i["model"] or "—",
+            f"GPU {i['gpu']['index']}",
+            str(i["pid"]),
+            "—" if i["used_mib"] is None else f"{i['used_mib']:,}",
+            f"{i['peak_mib']:,}",
+            f"{i['pending_mib']:,}",
+            i["holder"] or "—",
+        )
+    return table
+
+
 def render(base: str) -> Group:
     """The whole view, read now from the daemon at `base`."""
     return Group(
@@ -105,6 +122,7 @@ def render(base: str) -> Group:
             call(base, "GET", "/models?active=true&limit=1")["pagination"]["total_items"],
         ),
         _reservations(call(base, "GET", "/reservations")),
+        _instances(call(base, "GET", "/instances")),
     )
 
 

@@ -1,0 +1,68 @@
+"""`model-registry instances ...`: look at, adopt or end instances of a running daemon."""
+
+from __future__ import annotations
+
+import argparse
+import urllib.parse
+from typing import Any
+
+from registry.config import Settings
+from registry.http_client import base_url, call
+from registry.tables import text_table
+
+
+def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    instances = commands.add_parser(
+        "instances", help="look at, adopt or end the models loaded on a running daemon's host"
+    )
+    connection = argparse.ArgumentParser(add_help=False, parents=[common])
+    connection.add_argument(
+        "--url", help="the daemon's base URL (default: from the configured host and port)"
+    )
+    actions = instances.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", parents=[connection], help="print the live instances")
+    listing.add_argument("--model", help="only this model's")
+    add = actions.add_parser(
+        "add", parents=[connection], help="adopt a model already loaded by a process"
+    )
+    add.add_argument("model")
+    add.add_argument("--gpu", metavar="UUID", required=True, help="the device it is loaded on")
+    add.add_argument("--pid", type=int, required=True, help="the process (the host's pid)")
+    add.add_argument("--holder", help="who holds it, shown to operators")
+    remove = actions.add_parser("remove", parents=[connection], help="report an unload")
+    remove.add_argument("id")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    base = base_url(settings, args.url)
+    tokens = settings.admin_tokens() + settings.scheduler_tokens()
+    token = tokens[0] if tokens else None
+    if args.action == "list":
+        query = "" if args.model is None else "?" + urllib.parse.urlencode({"model": args.model})
+        print(format_instances(call(base, "GET", f"/instances{query}")["data"]))
+    elif args.action == "add":
+        body = {"model": args.model, "gpu": args.gpu, "pid": args.pid, "holder": args.holder}
+        body = {key: value for key, value in body.items() if value is not None}
+        print(format_instances([call(base, "POST", "/instances", body, token)]))
+    elif args.action == "remove":
+        call(base, "DELETE", f"/instances/{urllib.parse.quote(args.id, safe='')}", None, token)
+        print(f"ended {args.id}")
+    return 0
+
+
+def format_instances(instances: list[dict[str, Any]]) -> str:
+    headers = ("ID", "MODEL", "GPU", "PID", "USED_MIB", "PEAK_MIB", "PENDING_MIB", "HOLDER")
+    rows = [
+        (
+            i["id"],
+            i["model"] or "-",
+            f"{i['gpu']['index']} {i['gpu']['uuid']}",
+            str(i["pid"]),
+            "-" if i["used_mib"] is None else str(i["used_mib"]),
+            str(i["peak_mib"]),
+            str(i["pending_mib"]),
+            i["holder"] or "-",
+        )
+        for i in instances
+    ]
+    return text_table(headers, rows, "(no instances)")
