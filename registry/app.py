@@ -208,6 +208,7 @@ async def fleet_ctx(app: web.Application) -> AsyncIterator[None]:
         url,
         app[keys.VIEW],
         reservations=lambda: _fleet_reservations(app[keys.VIEW]),
+        instances=lambda: _fleet_instances(app),
         heartbeat_interval_s=settings.heartbeat_interval,
     )
     await publisher.start()
@@ -244,6 +245,12 @@ def _reservations(app: web.Application) -> list[dict[str, object]]:
 def _instances(app: web.Application) -> list[dict[str, object]]:
     instances = app.get(keys.INSTANCES)
     return [] if instances is None else [instances.describe(i) for i in instances.listed()]
+
+
+def _fleet_instances(app: web.Application) -> list[dict[str, Any]]:
+    """Where this host has models loaded: one entry per model and device, with a count."""
+    instances = app.get(keys.INSTANCES)
+    return [] if instances is None else instances.spots()
 
 
 def _fleet_reservations(view: CatalogView) -> tuple[list[dict[str, Any]], int, int]:

@@ -16,6 +16,7 @@ from registry import keys
 from tests.conftest import AS_SCHEDULER, SCHEDULER_TOKEN, AppClient, LogLines
 from tests.scrape import scrape
 from tests.sse import EventReader
+from tests.waiting import eventually
 
 GPU = "GPU-sim-0"
 TOTAL = 81920
@@ -276,3 +277,35 @@ async def test_the_command_line_status_and_page_show_instances(
     gone = ["instances", "remove", instance["id"], "--url", url]
     assert await asyncio.to_thread(main, gone) == 0
     assert (await _json(await client.get("/instances")))["data"] == []
+
+
+async def test_the_fleet_says_where_a_model_is_warm(
+    start_app: AppClient, gpus: Callable[..., Path]
+) -> None:
+    gpus(TOTAL - 700, {WORKER: 700})
+    here = await start_app(
+        scheduler_token=SCHEDULER_TOKEN, poll_interval=60, heartbeat_interval=0.5
+    )
+    there = await start_app(heartbeat_interval=0.5)
+    await _poll(here)
+    made = await _bind(here, model="tiny", gpu=GPU, pid=WORKER)
+    assert made.status == 201
+
+    async def tiny_in_fleet() -> dict[str, Any]:
+        body = await _json(await there.get("/fleet/models?name=tiny"))
+        model: dict[str, Any] = body["data"][0]
+        return model
+
+    tiny = await eventually(tiny_in_fleet, lambda m: m["warm_total"] == 1)
+    assert tiny["warm"] == [
+        {
+            "host": here.app[keys.SETTINGS].current.host_id,
+            "url": here.app[keys.SETTINGS].current.advertised_url(),
+            "gpu": GPU,
+            "index": 0,
+            "instances": 1,
+        }
+    ]
+    assert (await tiny_in_fleet()) == tiny
+    medium = (await _json(await there.get("/fleet/models?name=medium")))["data"][0]
+    assert (medium["warm_total"], medium["warm"]) == (0, [])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gpu import GpuDevice, GpuSnapshot
 from registry.admission.book import Clock, NotFound, ReservationBook, TooMany
@@ -87,6 +88,18 @@ class InstanceBook:
         """Live instances, oldest first; of one model when named."""
         found = self._open if model is None else self._by_model.get(model, {})
         return sorted(found.values(), key=lambda i: (i.loaded_at, i.id))
+
+    def spots(self) -> list[dict[str, Any]]:
+        """Per model and device, how many instances: what the fleet row publishes."""
+        counts: dict[tuple[str, str, int], int] = {}
+        for instance in self._open.values():
+            if instance.model is not None:
+                key = (instance.model, instance.gpu_uuid, instance.gpu_index)
+                counts[key] = counts.get(key, 0) + 1
+        return [
+            {"model": model, "gpu": gpu, "index": index, "count": count}
+            for (model, gpu, index), count in sorted(counts.items())
+        ]
 
     def describe(self, instance: Instance) -> dict[str, object]:
         live = self._live[instance.id]

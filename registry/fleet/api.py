@@ -75,6 +75,7 @@ def _model_object(model: CatalogModel, fleet: Placements, hosts_limit: int) -> s
         }
         for c in fleet.best_fits(model.vram, hosts_limit)
     ]
+    warm = fleet.warm.get(model.name, [])
     return json.dumps(
         {
             "id": model.id,
@@ -87,6 +88,17 @@ def _model_object(model: CatalogModel, fleet: Placements, hosts_limit: int) -> s
             "reason": reason,
             "hosts_total": total,
             "hosts": hosts,
+            "warm_total": sum(spot.instances for spot in warm),
+            "warm": [
+                {
+                    "host": spot.host,
+                    "url": spot.url,
+                    "gpu": spot.gpu,
+                    "index": spot.index,
+                    "instances": spot.instances,
+                }
+                for spot in warm
+            ],
         },
         separators=(",", ":"),
     )

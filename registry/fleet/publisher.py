@@ -28,12 +28,13 @@ _RECONNECT_MAX_S = 5.0
 _UPSERT = """
 INSERT INTO fleet_hosts AS f (host, url, version, gpu_state, devices, reservations,
                               heartbeat_interval_s, started_at, heartbeat_at, stopped_at,
-                              reservations_open, pending_mib)
-VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7, now(), now(), NULL, $9, $10)
+                              reservations_open, pending_mib, instances)
+VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7, now(), now(), NULL, $9, $10, $11::jsonb)
 ON CONFLICT (host) DO UPDATE
    SET url = EXCLUDED.url, version = EXCLUDED.version, gpu_state = EXCLUDED.gpu_state,
        devices = EXCLUDED.devices, reservations = EXCLUDED.reservations,
        reservations_open = EXCLUDED.reservations_open, pending_mib = EXCLUDED.pending_mib,
+       instances = EXCLUDED.instances,
        heartbeat_interval_s = EXCLUDED.heartbeat_interval_s,
        started_at = CASE WHEN $8 THEN now() ELSE f.started_at END,
        heartbeat_at = now(), stopped_at = NULL
@@ -65,6 +66,7 @@ class FleetPublisher:
         url: str,
         view: CatalogView,
         reservations: Callable[[], tuple[list[dict[str, Any]], int, int]],
+        instances: Callable[[], list[dict[str, Any]]] = list,
         *,
         heartbeat_interval_s: float,
     ) -> None:
@@ -73,6 +75,7 @@ class FleetPublisher:
         self.url = url
         self._view = view
         self._reservations = reservations
+        self._instances = instances
         self.heartbeat_interval_s = heartbeat_interval_s
         self._conn: asyncpg.Connection | None = None
         self._changed = asyncio.Event()
@@ -85,14 +88,15 @@ class FleetPublisher:
         self._conn = await connect_as_host(self._dsn, self.host_id)
         await self._write(self._row())
 
-    def _row(self) -> tuple[str, str, int, int]:
+    def _row(self) -> tuple[str, str, int, int, str]:
         devices = json.dumps(host_devices(self._view))
         newest, open_count, pending_mib = self._reservations()
-        return devices, json.dumps(newest, default=str), open_count, pending_mib
+        instances = json.dumps(self._instances())
+        return devices, json.dumps(newest, default=str), open_count, pending_mib, instances
 
-    async def _write(self, row: tuple[str, str, int, int]) -> None:
+    async def _write(self, row: tuple[str, str, int, int, str]) -> None:
         assert self._conn is not None
-        devices, reservations, open_count, pending_mib = row
+        devices, reservations, open_count, pending_mib, instances = row
         await self._conn.execute(
             _UPSERT,
             self.host_id,
@@ -105,6 +109,7 @@ class FleetPublisher:
             self._first_write,
             open_count,
             pending_mib,
+            instances,
             timeout=5,
         )
         self._first_write = False
@@ -112,7 +117,7 @@ class FleetPublisher:
 
     async def run(self) -> None:
         """Publish changes and heartbeats until cancelled; survive database outages."""
-        last_row: tuple[str, str, int, int] | None = None
+        last_row: tuple[str, str, int, int, str] | None = None
         last_write = time.monotonic()
         delay = 0.1
         while True:

@@ -59,6 +59,27 @@ SELECT coalesce(array_agg(usable_mib ORDER BY usable_mib, host, index), '{}') AS
   FROM d
 """
 
+# Where models are loaded now, on hosts that are up: one row per model and device.
+_WARM = """
+SELECT w.model, h.host, h.url, w.gpu, w.index, w.count
+  FROM fleet_hosts AS h,
+       jsonb_to_recordset(h.instances) AS w(model text, gpu text, index int, count int)
+ WHERE h.stopped_at IS NULL
+   AND now() - h.heartbeat_at <= 3 * h.heartbeat_interval_s * interval '1 second'
+ ORDER BY w.model, h.host, w.index
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class WarmSpot:
+    """A device of an up host where a model is loaded, and how many instances of it."""
+
+    host: str
+    url: str
+    gpu: str
+    index: int
+    instances: int
+
 
 @dataclass(frozen=True, slots=True)
 class FleetHost:
@@ -93,6 +114,7 @@ class Placements:
     gpus: list[str] = field(default_factory=list)
     indexes: list[int] = field(default_factory=list)
     host_best: list[int] = field(default_factory=list)  # each up host's most usable, sorted
+    warm: dict[str, list[WarmSpot]] = field(default_factory=dict)  # model name -> where
     version: int = 0
     stale: bool = True
 
@@ -211,6 +233,11 @@ class FleetReader:
     async def _read_placements(self) -> Placements:
         async with self._pool.acquire() as conn:
             row = await conn.fetchrow(_CANDIDATES)
+            warm_rows = await conn.fetch(_WARM)
+        warm: dict[str, list[WarmSpot]] = {}
+        for w in warm_rows:
+            spot = WarmSpot(w["host"], w["url"], w["gpu"], w["index"], w["count"])
+            warm.setdefault(w["model"], []).append(spot)
         self._versions += 1
         return Placements(
             row["usable"],
@@ -219,6 +246,7 @@ class FleetReader:
             row["gpus"],
             row["indexes"],
             row["host_best"],
+            warm=warm,
             version=self._versions,
             stale=False,
         )

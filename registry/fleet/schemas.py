@@ -70,6 +70,14 @@ class CandidateHostOut(BaseModel):
     headroom_mib: int
 
 
+class WarmSpotOut(BaseModel):
+    host: str
+    url: str
+    gpu: str
+    index: int
+    instances: int
+
+
 class FleetModelOut(BaseModel):
     id: int
     name: str
@@ -81,6 +89,8 @@ class FleetModelOut(BaseModel):
     reason: Literal["disabled", "insufficient_vram", "gpu_state_unknown"] | None
     hosts_total: int = Field(description="Hosts, up, where it fits now.")
     hosts: list[CandidateHostOut] = Field(description="Best fit first, at most hosts_limit.")
+    warm_total: int = Field(description="Instances of it loaded now, on hosts that are up.")
+    warm: list[WarmSpotOut] = Field(description="Where it is loaded now: host and device.")
 
 
 class FleetModelList(BaseModel):
