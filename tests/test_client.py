@@ -350,3 +350,80 @@ def test_the_client_depends_on_httpx_and_httpx_sse_only() -> None:
         "if m in sys.modules])"
     )
     assert subprocess.check_output([sys.executable, "-c", code]).decode().strip() == "[]"
+
+
+# -- binding a lease to the worker that loads ---------------------------------------------------
+
+
+WORKER = 4242
+
+
+async def test_bind_waits_for_the_worker_then_the_lease_ends_without_a_release(
+    daemon: Any, gpu_file: Callable[..., Path]
+) -> None:
+    """The scheduler's whole protocol: reserve, start the worker, bind as soon as it runs."""
+    url = _url(daemon)
+    poller = daemon.app[keys.POLLER]
+    polls_before = poller.polls
+
+    def start_worker() -> None:
+        # The worker gets its CUDA context only after the daemon looked once and did not
+        # find it: the first bind is answered pid_not_on_gpu, and the client tries again.
+        until(lambda: poller.polls > polls_before, timeout_s=10)
+        device = {"uuid": "GPU-sim-0", "name": "Simulated GPU", "total_mib": 81920}
+        gpu_file({**device, "free_mib": 29500, "processes": [{"pid": WORKER, "used_mib": 500}]})
+
+    def schedule() -> tuple[Any, bool, bool]:
+        worker = threading.Thread(target=start_worker)
+        with (
+            Registry(url, token=SCHEDULER_TOKEN) as reg,
+            reg.reserve("large-v3", holder="session-3", ttl_s=TTL_S) as lease,
+        ):
+            worker.start()
+            instance = lease.bind(WORKER, wait_s=10)
+            renewer = lease._renewer
+            assert renewer is not None
+            until(lambda: not renewer.is_alive())  # renewal ended with the reservation
+            renewals = lease.renewals
+        worker.join()
+        return instance, lease.lost, renewals == lease.renewals
+
+    instance, lost, no_renewal_after = await asyncio.to_thread(schedule)
+    assert not lost and no_renewal_after  # no renewal of a reservation that is gone
+    assert (instance.model, instance.pid, instance.holder) == ("large-v3", WORKER, "session-3")
+    assert (instance.used_mib, instance.pending_mib) == (500, 10000 - 500)
+    assert [i.id for i in await asyncio.to_thread(_instances, url)] == [instance.id]
+    book = daemon.app[keys.BOOK]
+    assert (book.open_count, book.counters.released, book.counters.bound) == (0, 0, 1)
+
+
+async def test_the_async_lease_binds_and_the_fleet_says_where_it_is_warm(
+    daemon: Any, gpu_file: Callable[..., Path], spawn_daemon: SpawnDaemon
+) -> None:
+    device = {"uuid": "GPU-sim-0", "name": "Simulated GPU", "total_mib": 81920}
+    gpu_file({**device, "free_mib": 29300, "processes": [{"pid": WORKER, "used_mib": 700}]})
+    await daemon.app[keys.POLLER].poll_and_wait(5)
+    async with AsyncRegistry(_url(daemon), token=SCHEDULER_TOKEN) as reg:
+        async with reg.reserve("tiny", ttl_s=TTL_S) as lease:
+            instance = await lease.bind(WORKER)
+        assert not lease.lost and instance.model == "tiny"
+        assert [i.id for i in await reg.instances(model="tiny")] == [instance.id]
+    # Another daemon of the fleet (same database) says where tiny is warm.
+    other = spawn_daemon(MODEL_REGISTRY_HOST_ID="elsewhere")
+    await other.wait_ready()
+    async with AsyncFleet(other.url) as fleet:
+        spots = await eventually(lambda: fleet.warm("tiny"), bool)
+    assert [(s.gpu, s.instances) for s in spots] == [("GPU-sim-0", 1)]
+    assert spots[0].host == daemon.app[keys.SETTINGS].current.host_id
+
+    def warm_elsewhere() -> Any:
+        with Fleet(other.url) as fleet:
+            return fleet.warm("tiny"), fleet.warm("medium")
+
+    tiny, medium = await asyncio.to_thread(warm_elsewhere)
+    assert tiny == spots and medium == []
+
+
+def _instances(url: str) -> list[Any]:
+    with Registry(url) as reg:
+        return reg.instances()

@@ -21,9 +21,11 @@ from model_registry_client.objects import (
     GpuDevice,
     GpuRef,
     Gpus,
+    Instance,
     Model,
     Placement,
     Reservation,
+    WarmSpot,
 )
 from model_registry_client.sync import Fleet, Lease, Registry, Watch
 
@@ -39,6 +41,7 @@ __all__ = [
     "GpuDevice",
     "GpuRef",
     "Gpus",
+    "Instance",
     "Lease",
     "LeaseLost",
     "Model",
@@ -50,5 +53,6 @@ __all__ = [
     "RegistryUnavailable",
     "Reservation",
     "Unauthorized",
+    "WarmSpot",
     "Watch",
 ]

@@ -19,7 +19,14 @@ from model_registry_client.errors import (
     RegistryUnavailable,
     Unauthorized,
 )
-from model_registry_client.objects import Candidate, Event, GpuRef, Reservation
+from model_registry_client.objects import (
+    Candidate,
+    Event,
+    GpuRef,
+    Instance,
+    Reservation,
+    WarmSpot,
+)
 
 log = logging.getLogger("model_registry_client")
 
@@ -94,6 +101,7 @@ class LeaseState:
         self.renewals = 0
         self._reservation: Reservation | None = None
         self._lapses_at = 0.0
+        self.instance: Instance | None = None  # what it became, once bound
 
     @property
     def reservation(self) -> Reservation:
@@ -193,6 +201,16 @@ def candidates(model: str, answer: Any) -> list[Candidate]:
         Candidate(h["host"], h["url"], h["gpu"], h["index"], h["usable_mib"])
         for h in answer["data"][0]["hosts"]
     ]
+
+
+def warm_spots(model: str, answer: Any) -> list[WarmSpot]:
+    """Where a `/fleet/models?name=` answer says the model is loaded now."""
+    if not answer["data"]:
+        raise NotFound(f"no model named {model!r} in the catalog", 404)
+    return [WarmSpot(**spot) for spot in answer["data"][0].get("warm", [])]
+
+
+BIND_RETRY_S = 0.25  # between binds while the worker has no CUDA context yet
 
 
 def nowhere(model: str, refusal: Refused | None) -> Refused:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
@@ -25,8 +26,10 @@ from model_registry_client.objects import (
     Candidate,
     Event,
     Gpus,
+    Instance,
     Model,
     Reservation,
+    WarmSpot,
 )
 
 log = logging.getLogger("model_registry_client")
@@ -61,6 +64,7 @@ class AsyncLease(protocol.LeaseState):
         self._http = http
         self._owns_http = owns_http
         self._renewer: asyncio.Task[None] | None = None
+        self._bind_lock = asyncio.Lock()
 
     async def grant(self) -> AsyncLease:
         if self._reservation is None:
@@ -82,17 +86,42 @@ class AsyncLease(protocol.LeaseState):
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
+        await self._stop_renewing()
         try:
-            if not self.lost:
+            if not self.lost and self.instance is None:
                 await self._release()
         finally:
             await self._close_http()
         if self.lost and exc_type is None:
             raise self._lost_error()
+
+    async def bind(self, pid: int | None = None, wait_s: float = 60.0) -> Instance:
+        """Turn the lease into an instance of `pid`; retries pid_not_on_gpu for up to `wait_s`
+        while the lease is still renewed. Once bound, renewal stops and nothing is released."""
+        body: dict[str, Any] = {"reservation": self.id}
+        if pid is not None:
+            body["pid"] = pid
+        deadline = time.monotonic() + wait_s
+        while True:
+            async with self._bind_lock:  # no renewal in flight meanwhile
+                try:
+                    answer = await self._http.call("POST", "/instances", json=body)
+                except Refused as exc:
+                    if exc.reason != "pid_not_on_gpu" or time.monotonic() >= deadline:
+                        raise
+                else:
+                    self.instance = Instance.from_json(answer)
+            if self.instance is not None:
+                await self._stop_renewing()
+                return self.instance
+            await asyncio.sleep(protocol.BIND_RETRY_S)
+
+    async def _stop_renewing(self) -> None:
+        renewer, self._renewer = self._renewer, None
+        if renewer is not None:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
 
     async def _renew_loop(self) -> None:
         while True:
@@ -104,9 +133,12 @@ class AsyncLease(protocol.LeaseState):
         delay = 0.1
         while True:
             try:
-                answer = await self._http.call(
-                    "PATCH", f"/reservations/{self.id}", json={"ttl_s": self.ttl_s}
-                )
+                async with self._bind_lock:
+                    if self.instance is not None:
+                        return True  # bound: the reservation is gone, nothing to renew
+                    answer = await self._http.call(
+                        "PATCH", f"/reservations/{self.id}", json={"ttl_s": self.ttl_s}
+                    )
             except NotFound:
                 self._lose("the daemon no longer has it")
                 return False
@@ -239,6 +271,11 @@ class AsyncRegistry:
         answer = await self._http.call("GET", "/reservations")
         return [Reservation.from_json(r) for r in answer["data"]]
 
+    async def instances(self, model: str | None = None) -> list[Instance]:
+        params = {} if model is None else {"model": model}
+        answer = await self._http.call("GET", "/instances", params=params)
+        return [Instance.from_json(i) for i in answer["data"]]
+
     def reserve(
         self,
         model: str | None = None,
@@ -279,6 +316,10 @@ class AsyncFleet:
             "GET", "/fleet/models", params={"name": model, "hosts_limit": 1000}
         )
         return protocol.candidates(model, answer)
+
+    async def warm(self, model: str) -> list[WarmSpot]:
+        answer = await self._http.call("GET", "/fleet/models", params={"name": model})
+        return protocol.warm_spots(model, answer)
 
     async def place(self, model: str, **reserve_kwargs: Any) -> AsyncLease:
         """Reserve on the first candidate host that grants; Refused when none did."""

@@ -180,3 +180,47 @@ class Event:
     event: str
     id: str
     data: Any
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A model loaded on a host by a process, as `GET /instances` lists it."""
+
+    id: str
+    model: str | None
+    gpu: GpuRef
+    pid: int
+    holder: str | None
+    reservation: str | None
+    loaded_at: datetime
+    used_mib: int | None
+    peak_mib: int
+    pending_mib: int
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Instance:
+        loaded_at = _when(raw["loaded_at"])
+        assert loaded_at is not None
+        return cls(
+            id=raw["id"],
+            model=raw.get("model"),
+            gpu=GpuRef(raw["gpu"]["uuid"], raw["gpu"]["index"]),
+            pid=raw["pid"],
+            holder=raw.get("holder"),
+            reservation=raw.get("reservation"),
+            loaded_at=loaded_at,
+            used_mib=raw.get("used_mib"),
+            peak_mib=raw["peak_mib"],
+            pending_mib=raw["pending_mib"],
+        )
+
+
+@dataclass(frozen=True)
+class WarmSpot:
+    """Where a model is loaded now in a fleet: a host's device, and how many instances."""
+
+    host: str
+    url: str
+    gpu: str
+    index: int
+    instances: int

@@ -28,8 +28,10 @@ from model_registry_client.objects import (
     Candidate,
     Event,
     Gpus,
+    Instance,
     Model,
     Reservation,
+    WarmSpot,
 )
 
 log = logging.getLogger("model_registry_client")
@@ -65,6 +67,7 @@ class Lease(protocol.LeaseState):
         self._http = http
         self._owns_http = owns_http
         self._stop = threading.Event()
+        self._bind_lock = threading.Lock()
         self._renewer: threading.Thread | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -97,12 +100,35 @@ class Lease(protocol.LeaseState):
         if self._renewer is not None:
             self._renewer.join()
         try:
-            if not self.lost:
+            if not self.lost and self.instance is None:
                 self._release()
         finally:
             self._close_http()
         if self.lost and exc_type is None:
             raise self._lost_error()
+
+    def bind(self, pid: int | None = None, wait_s: float = 60.0) -> Instance:
+        """Turn the lease into an instance of `pid` (the host's pid of the worker that loads).
+        It may come as soon as the worker starts: while the daemon answers pid_not_on_gpu (no
+        CUDA context yet) it retries, the lease still renewed, for up to `wait_s`. Once bound,
+        renewal stops and leaving the block releases nothing."""
+        body: dict[str, Any] = {"reservation": self.id}
+        if pid is not None:
+            body["pid"] = pid
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self._bind_lock:  # no renewal in flight meanwhile
+                try:
+                    answer = self._http.call("POST", "/instances", json=body)
+                except Refused as exc:
+                    if exc.reason != "pid_not_on_gpu" or time.monotonic() >= deadline:
+                        raise
+                else:
+                    # The reservation is gone: renewal ends here, so no false LeaseLost.
+                    self.instance = Instance.from_json(answer)
+                    self._stop.set()
+                    return self.instance
+            self._stop.wait(protocol.BIND_RETRY_S)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -116,9 +142,12 @@ class Lease(protocol.LeaseState):
         delay = 0.1
         while True:
             try:
-                answer = self._http.call(
-                    "PATCH", f"/reservations/{self.id}", json={"ttl_s": self.ttl_s}
-                )
+                with self._bind_lock:
+                    if self.instance is not None:
+                        return True  # bound meanwhile: nothing left to renew
+                    answer = self._http.call(
+                        "PATCH", f"/reservations/{self.id}", json={"ttl_s": self.ttl_s}
+                    )
             except NotFound:
                 self._lose("the daemon no longer has it")
                 return False
@@ -252,6 +281,12 @@ class Registry:
     def reservations(self) -> list[Reservation]:
         return [Reservation.from_json(r) for r in self._http.call("GET", "/reservations")["data"]]
 
+    def instances(self, model: str | None = None) -> list[Instance]:
+        """Models loaded on the host now, oldest first; of one model when named."""
+        params = {} if model is None else {"model": model}
+        answer = self._http.call("GET", "/instances", params=params)
+        return [Instance.from_json(i) for i in answer["data"]]
+
     def reserve(
         self,
         model: str | None = None,
@@ -294,6 +329,12 @@ class Fleet:
             model,
             self._http.call("GET", "/fleet/models", params={"name": model, "hosts_limit": 1000}),
         )
+
+    def warm(self, model: str) -> list[WarmSpot]:
+        """Where `model` is loaded now across the fleet (host, url, device, instances), so a
+        session can go where it is warm instead of waiting for a new load."""
+        answer = self._http.call("GET", "/fleet/models", params={"name": model})
+        return protocol.warm_spots(model, answer)
 
     def place(self, model: str, **reserve_kwargs: Any) -> Lease:
         """Reserve on the first candidate host that grants; the lease is granted already and
