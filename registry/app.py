@@ -31,6 +31,10 @@ from registry.fleet.identity import is_loopback
 from registry.fleet.metrics import FleetStats
 from registry.fleet.publisher import FleetPublisher
 from registry.fleet.reader import FleetReader
+from registry.footprint import Footprints
+from registry.footprints.api import routes as footprint_routes
+from registry.footprints.recorder import FootprintRecorder
+from registry.footprints.store import FootprintStore
 from registry.gpus_report import gpus_body
 from registry.instance import this_boot
 from registry.logs import get_logger
@@ -122,7 +126,13 @@ async def admission_ctx(app: web.Application, *, clock: Clock) -> AsyncIterator[
                 file=str(ledger.path),
             )
         instances = InstanceBook(
-            app[keys.VIEW], book, ledger, clock=clock, boot_id=boot, max_open=settings.max_instances
+            app[keys.VIEW],
+            book,
+            ledger,
+            clock=clock,
+            boot_id=boot,
+            max_open=settings.max_instances,
+            on_sample=app[keys.FOOTPRINTS].sample,
         )
         instances.load(ledger.instances)
         if ledger.instances:
@@ -187,6 +197,16 @@ async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
     await sync.load()
     app[keys.CATALOG_SYNC] = sync
     task = spawn(app, sync.run(), "catalog-sync")
+    yield
+    await _stop_task(task)
+
+
+async def footprints_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Samples of this host's loads to PostgreSQL, every host's footprints into the view."""
+    database, recorder = app[keys.DATABASE], app[keys.FOOTPRINTS]
+    store = app[keys.FOOTPRINT_STORE] = FootprintStore(database.pool)
+    await recorder.load(store)
+    task = spawn(app, recorder.run(database.dsn, store), "footprints")
     yield
     await _stop_task(task)
 
@@ -270,8 +290,10 @@ def create_app(
     app[keys.SETTINGS] = LiveSettings(settings)
     app[keys.STOP] = asyncio.Event()
     app[keys.FATAL] = asyncio.Event()
-    view = CatalogView(_initial_snapshot(settings), margins_from(settings))
+    footprints = Footprints(settings.vram_source, settings.footprint_min_samples)
+    view = CatalogView(_initial_snapshot(settings), margins_from(settings), footprints)
     app[keys.VIEW] = view
+    app[keys.FOOTPRINTS] = FootprintRecorder(view, settings.host_id)
     app[keys.METRICS] = Metrics(view, dcgm=settings.dcgm_metrics)
     feed = app[keys.FEED] = ChangeFeed(
         view,
@@ -286,6 +308,7 @@ def create_app(
         database_ctx,
         functools.partial(gpu_ctx, backend_override=gpu_backend),
         catalog_ctx,
+        footprints_ctx,
         fleet_ctx,
     ]
     app.cleanup_ctx.extend(contexts)
@@ -300,6 +323,7 @@ def create_app(
     observer.add_routes(
         app,
         catalog_routes,
+        footprint_routes,
         routes,
         admission_routes,
         instance_routes,

@@ -63,6 +63,10 @@ class Bookings:
     def __iter__(self) -> Iterator[Reservation]:
         return iter(self._open.values())
 
+    def naming(self, uuid: str, pid: int) -> list[Reservation]:
+        """The open reservations that name process `pid` on device `uuid`."""
+        return list(self._groups.get((uuid, pid), {}).values())
+
     def pending_of(self, reservation: Reservation) -> int:
         """MiB the reservation still holds (in full when it is not booked here)."""
         return reservation.vram_mib - self._credit.get(reservation.id, 0)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from gpu import GpuDevice, GpuSnapshot, GpuState
 from registry.bookings import Bookings
+from registry.footprint import Footprints, product
 from registry.model import CatalogModel
 from registry.reservation import Reservation
 
@@ -101,9 +102,14 @@ class Capacity:
     """
 
     def __init__(
-        self, snapshot: GpuSnapshot, margins: Margins, bookings: Bookings | None = None
+        self,
+        snapshot: GpuSnapshot,
+        margins: Margins,
+        bookings: Bookings | None = None,
+        footprints: Footprints | None = None,
     ) -> None:
         self.snapshot = snapshot
+        self.footprints = footprints if footprints is not None else Footprints()
         self.disabled = snapshot.state is GpuState.DISABLED
         self.known = snapshot.known
         self._bookings = bookings if bookings is not None else Bookings(snapshot)
@@ -139,15 +145,55 @@ class Capacity:
             return list(self._ranked)
         return [u for u in self._ranked if u.device.uuid == gpu]
 
+    def need(self, model: CatalogModel, device: GpuDevice) -> int:
+        """What admission books for `model` on `device`: its effective size there."""
+        return self.footprints.effective(model, product(device))
+
     def is_active(self, model: CatalogModel) -> bool:
-        return model.enabled and model.vram <= self.threshold
+        if not model.enabled:
+            return False
+        if not self.footprints.learned(model.name) or self.disabled or not self.known:
+            return model.vram <= self.threshold
+        return self.place(model) is not None
+
+    def place(self, model: CatalogModel, gpu: str | None = None) -> UsableDevice | None:
+        """The healthy device with the least usable memory that still holds the model's
+        effective size there (only `gpu`, when given)."""
+        candidates = self.healthy_devices(gpu)
+        if not self.footprints.learned(model.name):
+            return best_fit(candidates, model.vram)
+        return next((u for u in candidates if u.usable_mib >= self.need(model, u.device)), None)
+
+    def sizes(self, model: CatalogModel, assessment: Assessment) -> tuple[int | None, int]:
+        """(vram_observed, vram_effective) on the placement's device, else the roomiest."""
+        device = None
+        if assessment.placement is not None:
+            device = next(
+                u.device for u in self._ranked if u.device.uuid == assessment.placement.gpu
+            )
+        elif self._ranked:
+            device = self._ranked[-1].device
+        if device is None:
+            return None, self.footprints.effective(model, "")
+        gpu_product = product(device)
+        return self.footprints.observed(model.name, gpu_product), self.need(model, device)
 
     def assess(self, model: CatalogModel) -> Assessment:
         if self.disabled:
             return _without_gpu(model)
         if not self.known:
             return _unknown(model)
+        if self.footprints.learned(model.name):
+            return self._assess_learned(model)
         return _assess(model, self._ranked, self.best)
+
+    def _assess_learned(self, model: CatalogModel) -> Assessment:
+        """A model whose effective size differs by product: device by device."""
+        chosen = self.place(model)
+        headroom = max(
+            (u.usable_mib - self.need(model, u.device) for u in self._ranked), default=None
+        )
+        return _verdict(model, chosen, headroom)
 
 
 def assess_all(
@@ -163,6 +209,10 @@ def assess_all(
 
 def _assess(model: CatalogModel, devices: Sequence[UsableDevice], best: int | None) -> Assessment:
     chosen = best_fit(devices, model.vram)
+    return _verdict(model, chosen, None if best is None else best - model.vram)
+
+
+def _verdict(model: CatalogModel, chosen: UsableDevice | None, headroom: int | None) -> Assessment:
     placement = None
     if chosen is not None:
         placement = Placement(chosen.device.uuid, chosen.device.index, chosen.device.free_mib)
@@ -178,7 +228,7 @@ def _assess(model: CatalogModel, devices: Sequence[UsableDevice], best: int | No
         fits=fits,
         reason=reason,
         placement=placement,
-        headroom_mib=None if best is None else best - model.vram,
+        headroom_mib=headroom,
     )
 
 

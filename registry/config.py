@@ -18,6 +18,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from registry.footprint import VramSource
+
 ENV_PREFIX = "MODEL_REGISTRY_"
 _config_file: ContextVar[Path | None] = ContextVar("config_file", default=None)
 
@@ -110,6 +112,13 @@ class Settings(BaseSettings):
     )
     max_instances: int = Field(
         default=10_000, ge=1, description="Live instances at most; beyond it, 429 too_many."
+    )
+    vram_source: VramSource = Field(
+        default=VramSource.MAX,
+        description="What admission books: max(declared, observed), declared, or observed.",
+    )
+    footprint_min_samples: int = Field(
+        default=3, ge=1, le=100, description="Samples before an observed size counts."
     )
 
     @field_validator("log_level")

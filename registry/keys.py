@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from registry.config import LiveSettings
     from registry.database import Database
     from registry.fleet.reader import FleetReader
+    from registry.footprints.recorder import FootprintRecorder
+    from registry.footprints.store import FootprintStore
     from registry.metrics import Metrics
     from registry.view import CatalogView
     from registry.watch.feed import ChangeFeed
@@ -35,6 +37,8 @@ BOOK: web.AppKey[ReservationBook] = web.AppKey("book")
 INSTANCES: web.AppKey[InstanceBook] = web.AppKey("instances")
 FEED: web.AppKey[ChangeFeed] = web.AppKey("feed")
 FLEET: web.AppKey[FleetReader] = web.AppKey("fleet")
+FOOTPRINTS: web.AppKey[FootprintRecorder] = web.AppKey("footprints")
+FOOTPRINT_STORE: web.AppKey[FootprintStore] = web.AppKey("footprint_store")
 # Seconds a request spent waiting by design (a blocking GET, an event stream): not slowness.
 WAITED_S: web.RequestKey[float] = web.RequestKey("waited_s")
 STOP: web.AppKey[asyncio.Event] = web.AppKey("stop", asyncio.Event)

@@ -20,6 +20,7 @@ class CatalogModel:
     enabled: bool
     created_at: datetime
     updated_at: datetime | None
+    learn: bool = True  # whether its loads teach its footprint
 
     @classmethod
     def from_row(cls, row: Any) -> CatalogModel:
@@ -30,4 +31,5 @@ class CatalogModel:
             enabled=row["enabled"],
             created_at=row["created_at"],
             updated_at=row["updated_at"],
+            learn=row["learn"],
         )

@@ -73,6 +73,12 @@ class ModelOut(BaseModel):
     placement: PlacementOut | None
     headroom_mib: int | None
     instances: list[ResidentOut] = Field(description="Where it is loaded on this host now.")
+    learn: bool = Field(description="Whether its loads teach its footprint.")
+    vram_observed: int | None = Field(
+        description="What its loads took (p95, MiB) on the placement's GPU product; null until "
+        "there are enough samples."
+    )
+    vram_effective: int = Field(description="What admission books for it there, MiB.")
 
 
 class Pagination(BaseModel):

@@ -20,6 +20,7 @@ from typing import TypeVar
 from gpu import GpuSnapshot
 from registry.bookings import Bookings
 from registry.capacity import Assessment, Capacity, Margins
+from registry.footprint import Footprints, Observed
 from registry.logs import FLAP_EVENT, get_logger
 from registry.model import CatalogModel
 from registry.reservation import Reservation
@@ -62,7 +63,7 @@ def _iso(value: object) -> str:
 class _Entry:
     """One model, with the parts of its JSON that do not depend on the GPU state."""
 
-    __slots__ = ("head", "model", "tail")
+    __slots__ = ("head", "learn", "model", "tail")
 
     def __init__(self, model: CatalogModel) -> None:
         self.model = model
@@ -71,8 +72,11 @@ class _Entry:
             f',"vram":{model.vram},"created_at":{_iso(model.created_at)},'
             f'"updated_at":{_iso(model.updated_at)},"enabled":{_json(model.enabled)},"fits":'
         )
+        self.learn = f',"learn":{_json(model.learn)}'
 
-    def render(self, assessment: Assessment, instances_json: str) -> str:
+    def render(
+        self, assessment: Assessment, instances_json: str, sizes: tuple[int | None, int]
+    ) -> str:
         placement = assessment.placement
         placement_json = (
             "null"
@@ -85,14 +89,18 @@ class _Entry:
         return (
             f"{self.head}{_json(assessment.active)}{self.tail}{_json(assessment.fits)}"
             f',"reason":{reason},"placement":{placement_json},"headroom_mib":{headroom}'
-            f',"instances":{instances_json}}}'
+            f',"instances":{instances_json}{self.learn}'
+            f',"vram_observed":{_json(sizes[0])},"vram_effective":{sizes[1]}}}'
         )
 
 
 class CatalogView:
-    def __init__(self, snapshot: GpuSnapshot, margins: Margins) -> None:
+    def __init__(
+        self, snapshot: GpuSnapshot, margins: Margins, footprints: Footprints | None = None
+    ) -> None:
         self._snapshot = snapshot
         self._margins = margins
+        self._footprints = footprints if footprints is not None else Footprints()
         self._bookings = Bookings(snapshot)
         # The reservations the last change put or ended (empty for any other change), for the
         # event streams, which send what changed rather than the whole book.
@@ -105,6 +113,9 @@ class CatalogView:
         self._ids: list[int] = []  # ascending: the listing's order
         self._by_name: dict[str, _Entry] = {}
         self._enabled: list[tuple[int, int]] = []  # (vram, id) of enabled models, ascending
+        # Enabled models whose effective size was learned, so may differ by GPU product: few
+        # (those loaded here or in the fleet), assessed one by one instead of by bisection.
+        self._learned: set[int] = set()
         self._listeners: list[Callable[[], None]] = []
         self._capacity = Capacity(snapshot, margins)
         self._capacity_json = ""
@@ -174,6 +185,24 @@ class CatalogView:
         self.last_reservations_change = (list(self._bookings), [])
         self._recompute_capacity()
 
+    @property
+    def footprints(self) -> Footprints:
+        """Learned sizes as the rule applies them. Change them through `set_footprint`."""
+        return self._footprints
+
+    def set_footprint(self, name: str, by_product: dict[str, Observed]) -> None:
+        """What a model's loads took, per GPU product (from PostgreSQL, any host's loads)."""
+        entry = self._by_name.get(name)
+        before = entry is not None and self._capacity.is_active(entry.model)
+        if not self._footprints.set_model(name, by_product):
+            return
+        if entry is not None:
+            self._remove(entry.model.id)
+            self._insert(entry)
+            if before != self._capacity.is_active(entry.model):
+                _log_flip(entry.model, self._capacity.assess(entry.model))
+        self._changed()
+
     def place_instances(
         self,
         residents: dict[str, list[tuple[str, str, int]]],
@@ -238,7 +267,9 @@ class CatalogView:
 
     @property
     def active_count(self) -> int:
-        return bisect.bisect_right(self._enabled, (self.capacity.threshold, math.inf))
+        declared = bisect.bisect_right(self._enabled, (self.capacity.threshold, math.inf))
+        entries, is_active = self._entries, self.capacity.is_active
+        return declared + sum(is_active(entries[i].model) for i in self._learned)
 
     def models(self) -> Iterator[CatalogModel]:
         """Every model, in id order."""
@@ -251,6 +282,9 @@ class CatalogView:
         for model_id in self._ids:
             entry = entries[model_id]
             yield model_id, entry.model.name, self._render(entry)
+
+    def model(self, model_id: int) -> CatalogModel | None:
+        return self._model(model_id)
 
     def model_by_name(self, name: str) -> CatalogModel | None:
         entry = self._by_name.get(name)
@@ -290,8 +324,10 @@ class CatalogView:
         return None if entry is None else entry.model
 
     def _render(self, entry: _Entry) -> str:
-        model = entry.model
-        return entry.render(self.capacity.assess(model), self._residents.get(model.name, "[]"))
+        model, capacity = entry.model, self._capacity
+        assessment = capacity.assess(model)
+        residents = self._residents.get(model.name, "[]")
+        return entry.render(assessment, residents, capacity.sizes(model, assessment))
 
     def _apply(self, gone: list[int], changed: list[CatalogModel]) -> None:
         capacity = self._capacity
@@ -319,7 +355,10 @@ class CatalogView:
             entries[model.id] = _Entry(model)
         self._ids = sorted(entries)
         self._by_name = {entries[i].model.name: entries[i] for i in self._ids}
-        self._enabled = sorted((e.model.vram, i) for i, e in entries.items() if e.model.enabled)
+        enabled = [(i, e.model) for i, e in entries.items() if e.model.enabled]
+        learned = self._footprints.learned
+        self._learned = {i for i, model in enabled if learned(model.name)}
+        self._enabled = sorted((m.vram, i) for i, m in enabled if i not in self._learned)
 
     def _insert(self, entry: _Entry) -> None:
         model = entry.model
@@ -329,7 +368,9 @@ class CatalogView:
             self._ids.append(model.id)  # new models have the highest ids
         else:
             bisect.insort(self._ids, model.id)
-        if model.enabled:
+        if model.enabled and self._footprints.learned(model.name):
+            self._learned.add(model.id)
+        elif model.enabled:
             bisect.insort(self._enabled, (model.vram, model.id))
 
     def _remove(self, model_id: int) -> None:
@@ -340,15 +381,21 @@ class CatalogView:
         if self._by_name.get(model.name) is entry:
             del self._by_name[model.name]
         del self._ids[bisect.bisect_left(self._ids, model_id)]
-        if model.enabled:
+        if model.id in self._learned:
+            self._learned.discard(model.id)
+        elif model.enabled:
             del self._enabled[bisect.bisect_left(self._enabled, (model.vram, model.id))]
 
     def _recompute_capacity(self, *, log_flips: bool = True) -> None:
         snapshot = self._snapshot
-        before = self._capacity.threshold
-        self._capacity = Capacity(snapshot, self._margins, self._bookings)
+        previous = self._capacity
+        self._capacity = Capacity(snapshot, self._margins, self._bookings, self._footprints)
         if log_flips:
-            self._log_flips_between(before, self.capacity.threshold)
+            self._log_flips_between(previous.threshold, self._capacity.threshold)
+            for model_id in self._learned:
+                model = self._entries[model_id].model
+                if previous.is_active(model) != self._capacity.is_active(model):
+                    _log_flip(model, self._capacity.assess(model))
         self._capacity_json = (
             f'{{"state":"{snapshot.state.value}","as_of":{_iso(snapshot.as_of)},'
             f'"backend":{_json(snapshot.backend)}}}'

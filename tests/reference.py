@@ -29,6 +29,9 @@ def model_object(model: CatalogModel, verdict: Assessment) -> dict[str, Any]:
         else {"gpu": placement.gpu, "index": placement.index, "free_mib": placement.free_mib},
         "headroom_mib": verdict.headroom_mib,
         "instances": [],
+        "learn": model.learn,
+        "vram_observed": None,
+        "vram_effective": model.vram,
     }
 
 

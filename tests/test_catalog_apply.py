@@ -246,7 +246,12 @@ def test_cli_apply_prints_the_plan_and_export_round_trips(
         back = run_cli("models", "apply", str(path), "--prune", env=env)
         assert back.stdout.splitlines() == ["0 created, 0 updated, 0 deleted, 3 unchanged"]
     exported_json = json.loads((tmp_path / "export.json").read_text())
-    assert exported_json["models"][0] == {"name": "medium", "vram": 5000, "enabled": True}
+    assert exported_json["models"][0] == {
+        "name": "medium",
+        "vram": 5000,
+        "enabled": True,
+        "learn": True,
+    }
 
 
 def test_cli_apply_names_every_problem_and_changes_nothing(

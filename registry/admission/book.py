@@ -19,6 +19,7 @@ from gpu import GpuDevice, GpuState
 from registry.admission.ledger import ReservationLedger
 from registry.capacity import Reason, UsableDevice, best_fit
 from registry.logs import get_logger
+from registry.model import CatalogModel
 from registry.reservation import Reservation
 from registry.view import CatalogView
 
@@ -138,10 +139,19 @@ class ReservationBook:
             raise
 
     def _reserve(self, request: ReservationRequest) -> Reservation:
-        vram = self._vram_asked(request)
+        model = self._model_asked(request)
         self._check_gpu_state()
         candidates = self._candidates(request.gpu)
-        chosen = best_fit(candidates, vram)
+        if model is None:
+            assert request.vram_mib is not None  # the schema asks for one of the two
+            vram = request.vram_mib
+            chosen = best_fit(candidates, vram)
+        else:
+            # By name: what its loads really took on each device's product, when learned.
+            capacity = self._view.capacity
+            chosen = capacity.place(model, request.gpu)
+            roomiest = chosen or (candidates[-1] if candidates else None)
+            vram = model.vram if roomiest is None else capacity.need(model, roomiest.device)
         if chosen is None:
             best = candidates[-1].usable_mib if candidates else 0
             where = f"GPU {request.gpu} has" if request.gpu else "the roomiest GPU has"
@@ -150,17 +160,16 @@ class ReservationBook:
             )
         return self._record(request, vram, chosen.device)
 
-    def _vram_asked(self, request: ReservationRequest) -> int:
-        """The MiB to book: the named model's need, or the figure given."""
+    def _model_asked(self, request: ReservationRequest) -> CatalogModel | None:
+        """The catalog model asked for by name (None when a figure was given)."""
         if request.model is None:
-            assert request.vram_mib is not None  # the schema asks for one of the two
-            return request.vram_mib
+            return None
         model = self._view.model_by_name(request.model)
         if model is None:
             raise NotFound(f"no model named {request.model!r} in the catalog")
         if not model.enabled:
             raise Refused(Reason.DISABLED, f"model {model.name!r} is disabled")
-        return model.vram
+        return model
 
     def _check_gpu_state(self) -> None:
         """Refuse unless the GPUs have been measured: there is nothing to promise otherwise."""
@@ -246,6 +255,7 @@ class ReservationBook:
         if reservation is not None:
             self.counters.bound += 1
             self._ended([reservation_id])
+            self._rebase_siblings(reservation)
         return reservation
 
     def release(self, reservation_id: str) -> Reservation | None:
@@ -254,6 +264,7 @@ class ReservationBook:
             self._ledger.end(reservation_id)
             self.counters.released += 1
             self._ended([reservation_id])
+            self._rebase_siblings(reservation)
         return reservation
 
     def expire_due(self) -> list[Reservation]:
@@ -279,6 +290,8 @@ class ReservationBook:
             )
         if expired:
             self._ended([r.id for r in expired])
+            for reservation in expired:
+                self._rebase_siblings(reservation)
         return expired
 
     async def persist(self) -> None:
@@ -331,6 +344,20 @@ class ReservationBook:
     def _ended(self, reservation_ids: list[str]) -> None:
         self._view.book_reservations([], reservation_ids)
         self._wake.set()
+
+    def _rebase_siblings(self, ended: Reservation) -> None:
+        """A reservation naming a process ended (or became an instance): what that process
+        holds now is a load that is done, so the others naming it count only what it takes
+        from here on. Otherwise a sibling would be credited with the finished model."""
+        if ended.pid is None:
+            return
+        device = next((d for d in self._view.snapshot.devices if d.uuid == ended.gpu_uuid), None)
+        used = None if device is None else device.process_used_mib(ended.pid)
+        if used is None:
+            return
+        for sibling in self._view.bookings.naming(ended.gpu_uuid, ended.pid):
+            if sibling.pid_baseline_mib < used:
+                self._keep(sibling.with_pid(ended.pid, used))
 
     def _next_expiry(self) -> datetime | None:
         expiries = self._expiries

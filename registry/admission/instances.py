@@ -11,13 +11,14 @@ ends while the GPU state is unknown or the device's process list cannot be read.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from gpu import GpuDevice, GpuSnapshot
 from registry.admission.book import Clock, NotFound, ReservationBook, TooMany
 from registry.admission.ledger import ReservationLedger
+from registry.footprint import product
 from registry.instance import Instance
 from registry.logs import get_logger
 from registry.reservation import Reservation
@@ -26,6 +27,9 @@ from registry.view import CatalogView
 log = get_logger("registry.admission.instances")
 
 ABSENT_POLLS_TO_END = 2
+SAMPLE_AFTER_S = 60.0  # a live instance gives its first sample after this long
+# (instance id, model, GPU product, peak MiB): one load's footprint, for the footprints store.
+SampleSink = Callable[[str, str, str, int], None]
 
 
 class PidNotOnGpu(Exception):
@@ -44,6 +48,9 @@ class _Live:
     peak_mib: int = 0
     absent_polls: int = 0
     settled: bool = False  # its booking has ended: it holds no pending memory any more
+    product: str | None = None  # of its device, as last seen
+    measured: bool = False  # the driver reported the process's memory at least once
+    sampled_mib: int = 0  # the peak last given as a sample
 
 
 @dataclass
@@ -63,6 +70,7 @@ class InstanceBook:
         clock: Clock,
         boot_id: str,
         max_open: int = 10_000,
+        on_sample: SampleSink | None = None,
     ) -> None:
         self._view = view
         self._reservations = reservations
@@ -73,6 +81,8 @@ class InstanceBook:
         self._open: dict[str, Instance] = {}
         self._by_model: dict[str, dict[str, Instance]] = {}  # model name -> its instances
         self._live: dict[str, _Live] = {}
+        self._by_process: dict[tuple[str, int], int] = {}  # (gpu, pid) -> instances
+        self._on_sample = on_sample
         self.counters = InstanceCounters()
 
     # -- reading ----------------------------------------------------------------------------
@@ -167,6 +177,7 @@ class InstanceBook:
         instance = self._open.get(instance_id)
         if instance is None:
             return None
+        self._sample(instance, self._live[instance_id])
         self._drop(instance)
         self._ledger.end_instance(instance_id)
         self.counters.ended[reason] = self.counters.ended.get(reason, 0) + 1
@@ -201,8 +212,9 @@ class InstanceBook:
                     gone.append(instance.id)
                 continue
             live.absent_polls = 0
-            live.used_mib = device.process_used_mib(instance.pid)
-            live.peak_mib = max(live.peak_mib, live.used_mib or 0)
+            self._observe(live, device, instance.pid)
+            if (now - instance.loaded_at).total_seconds() >= SAMPLE_AFTER_S:
+                self._sample(instance, live)
             if not live.settled:
                 if live.peak_mib >= instance.booked_mib or instance.booking_over(now):
                     live.settled = True
@@ -231,9 +243,33 @@ class InstanceBook:
                 "context there (pids are the host's, not a container's)"
             )
 
+    def _observe(self, live: _Live, device: GpuDevice, pid: int) -> None:
+        live.used_mib = device.process_used_mib(pid)
+        live.peak_mib = max(live.peak_mib, live.used_mib or 0)
+        live.measured = live.measured or live.used_mib is not None
+        live.product = product(device)
+
+    def _sample(self, instance: Instance, live: _Live) -> None:
+        """Give the instance's peak as a footprint sample, when it is one: what its own load
+        took, measured, of a model that learns, and larger than the last one given."""
+        if self._on_sample is None or instance.model is None or live.product is None:
+            return
+        if not live.measured or live.peak_mib <= live.sampled_mib:
+            return
+        model = self._view.model_by_name(instance.model)
+        if model is None or not model.learn:
+            return
+        # The process holds another instance, or a reservation still names it: what it holds
+        # cannot be told apart, so it teaches nothing.
+        key = (instance.gpu_uuid, instance.pid)
+        if self._by_process.get(key, 0) > 1 or self._view.bookings.naming(*key):
+            return
+        live.sampled_mib = live.peak_mib
+        self._on_sample(instance.id, instance.model, live.product, live.peak_mib)
+
     def _start(self, instance: Instance, device: GpuDevice) -> None:
-        live = _Live(used_mib=device.process_used_mib(instance.pid))
-        live.peak_mib = live.used_mib or 0
+        live = _Live()
+        self._observe(live, device, instance.pid)
         live.settled = live.peak_mib >= instance.booked_mib
         self._index(instance)
         self._live[instance.id] = live
@@ -242,12 +278,19 @@ class InstanceBook:
 
     def _index(self, instance: Instance) -> None:
         self._open[instance.id] = instance
+        key = (instance.gpu_uuid, instance.pid)
+        self._by_process[key] = self._by_process.get(key, 0) + 1
         if instance.model is not None:
             self._by_model.setdefault(instance.model, {})[instance.id] = instance
 
     def _drop(self, instance: Instance) -> None:
         del self._open[instance.id]
         del self._live[instance.id]
+        key = (instance.gpu_uuid, instance.pid)
+        if self._by_process[key] > 1:
+            self._by_process[key] -= 1
+        else:
+            del self._by_process[key]
         if instance.model is not None:
             of_model = self._by_model[instance.model]
             del of_model[instance.id]

@@ -55,6 +55,11 @@ async def list_models(request: web.Request) -> web.Response:
     return await watched_json(request, current, request.app[keys.FEED])
 
 
+def model_id_of(request: web.Request) -> int:
+    """The `{id}` of a /models/{id} path: 422 when it is no integer, 404 when out of range."""
+    return _model_id(request)
+
+
 def _model_id(request: web.Request) -> int:
     raw = request.match_info["id"]
     try:
@@ -114,7 +119,7 @@ async def create_model(request: web.Request) -> web.StreamResponse:
     data = await validated_body(request, ModelCreate)
     store = request.app[keys.CATALOG_STORE]
     try:
-        model = await store.create(data.name, data.vram, data.enabled)
+        model = await store.create(data.name, data.vram, data.enabled, data.learn)
     except DuplicateName as exc:
         raise http_error(web.HTTPConflict, str(exc)) from None
     cached = _show_written(request, model)
@@ -135,13 +140,15 @@ async def patch_model(request: web.Request) -> web.StreamResponse:
                     "type": "missing",
                     "loc": ["body"],
                     "input": {},
-                    "msg": "give at least one of name, vram, enabled",
+                    "msg": "give at least one of name, vram, enabled, learn",
                 }
             ]
         )
     store = request.app[keys.CATALOG_STORE]
     try:
-        model = await store.update(model_id, name=data.name, vram=data.vram, enabled=data.enabled)
+        model = await store.update(
+            model_id, name=data.name, vram=data.vram, enabled=data.enabled, learn=data.learn
+        )
     except DuplicateName as exc:
         raise http_error(web.HTTPConflict, str(exc)) from None
     if model is None:

@@ -24,6 +24,7 @@ class CatalogEntryIn(BaseModel):
     name: ModelName
     vram: Vram
     enabled: bool | None = None  # absent: true for a new model, unchanged for an existing one
+    learn: bool | None = None  # the same: whether its loads teach its footprint
 
 
 def _unique_entries(schema: dict[str, Any]) -> None:
@@ -44,6 +45,7 @@ class CatalogEntry:
     name: str
     vram: int
     enabled: bool | None
+    learn: bool | None = None
 
 
 class CatalogInvalid(Exception):
@@ -62,7 +64,7 @@ def parse_catalog(document: object, location: str = "body") -> list[CatalogEntry
         issues = validation_issues(exc, location)
         issues.extend(_repeated_names(document, location))
         raise CatalogInvalid(issues) from None
-    entries = [CatalogEntry(e.name, e.vram, e.enabled) for e in parsed.models]
+    entries = [CatalogEntry(e.name, e.vram, e.enabled, e.learn) for e in parsed.models]
     if repeated := _repeated_names(document, location):
         raise CatalogInvalid(repeated)
     return entries
@@ -107,7 +109,9 @@ def load_catalog_text(text: str, source: str) -> object:
 
 
 def export_json(models: Iterable[CatalogModel]) -> str:
-    entries = [{"name": m.name, "vram": m.vram, "enabled": m.enabled} for m in models]
+    entries = [
+        {"name": m.name, "vram": m.vram, "enabled": m.enabled, "learn": m.learn} for m in models
+    ]
     return json.dumps({"models": entries}, indent=2) + "\n"
 
 
@@ -116,6 +120,7 @@ def export_toml(models: Iterable[CatalogModel]) -> str:
     tables = [
         f"[[models]]\nname = {json.dumps(m.name)}\nvram = {m.vram}\n"
         f"enabled = {'true' if m.enabled else 'false'}\n"
+        f"learn = {'true' if m.learn else 'false'}\n"
         for m in models
     ]
     return "\n".join(tables)

@@ -15,6 +15,7 @@ class Update:
     before: CatalogModel
     vram: int
     enabled: bool
+    learn: bool
 
     def describe(self) -> str:
         changes = []
@@ -22,6 +23,8 @@ class Update:
             changes.append(f"vram {self.before.vram} -> {self.vram}")
         if self.enabled != self.before.enabled:
             changes.append(f"enabled {_yes_no(self.before.enabled)} -> {_yes_no(self.enabled)}")
+        if self.learn != self.before.learn:
+            changes.append(f"learn {_yes_no(self.before.learn)} -> {_yes_no(self.learn)}")
         return f"~ {self.before.name}: {', '.join(changes)}"
 
 
@@ -66,8 +69,8 @@ class Plan:
 def plan_apply(current: Iterable[CatalogModel], desired: list[CatalogEntry], prune: bool) -> Plan:
     """Upsert `desired` by name; with `prune`, also delete what it does not list.
 
-    An entry without `enabled` creates an enabled model and leaves an existing one's switch
-    as it is.
+    An entry without `enabled` (or `learn`) creates an enabled (learning) model and leaves an
+    existing one's switch as it is.
     """
     existing = {model.name: model for model in current}
     plan = Plan()
@@ -77,10 +80,11 @@ def plan_apply(current: Iterable[CatalogModel], desired: list[CatalogEntry], pru
             plan.create.append(entry)
             continue
         enabled = model.enabled if entry.enabled is None else entry.enabled
-        if (entry.vram, enabled) == (model.vram, model.enabled):
+        learn = model.learn if entry.learn is None else entry.learn
+        if (entry.vram, enabled, learn) == (model.vram, model.enabled, model.learn):
             plan.unchanged += 1
         else:
-            plan.update.append(Update(model, entry.vram, enabled))
+            plan.update.append(Update(model, entry.vram, enabled, learn))
     if prune:
         listed = {entry.name for entry in desired}
         plan.delete = sorted(

@@ -33,6 +33,7 @@ class ModelCreate(BaseModel):
     name: ModelName
     vram: Vram
     enabled: bool = True
+    learn: bool = Field(default=True, description="Whether its loads teach its footprint.")
 
 
 def _patch_schema(schema: dict[str, Any]) -> None:
@@ -53,8 +54,9 @@ class ModelPatch(BaseModel):
     name: ModelName | None = None
     vram: Vram | None = None
     enabled: bool | None = None
+    learn: bool | None = None
 
-    @field_validator("name", "vram", "enabled", mode="before")
+    @field_validator("name", "vram", "enabled", "learn", mode="before")
     @classmethod
     def _not_null(cls, value: object) -> object:
         if value is None:

@@ -12,7 +12,7 @@ from registry.catalog.document import CatalogEntry
 from registry.catalog.plan import Plan, plan_apply
 from registry.model import CatalogModel
 
-_COLUMNS = "id, name, vram, enabled, created_at, updated_at"
+_COLUMNS = "id, name, vram, enabled, created_at, updated_at, learn"
 _SEED_LOCK_KEY = 0x6D6F64656C736564  # "modelsed"
 _SEEDED_KEY = "default_catalog_seeded"
 CHANNEL = "model_registry_catalog"
@@ -73,14 +73,17 @@ class CatalogStore:
         row = await self._pool.fetchrow(f"SELECT {_COLUMNS} FROM models WHERE name = $1", name)
         return None if row is None else CatalogModel.from_row(row)
 
-    async def create(self, name: str, vram: int, enabled: bool = True) -> CatalogModel:
+    async def create(
+        self, name: str, vram: int, enabled: bool = True, learn: bool = True
+    ) -> CatalogModel:
         try:
             row = await self._pool.fetchrow(
-                "INSERT INTO models (name, vram, enabled) VALUES ($1, $2, $3)"
+                "INSERT INTO models (name, vram, enabled, learn) VALUES ($1, $2, $3, $4)"
                 f" RETURNING {_COLUMNS}",
                 name,
                 vram,
                 enabled,
+                learn,
             )
         except asyncpg.UniqueViolationError as exc:
             raise DuplicateName(name) from exc
@@ -93,6 +96,7 @@ class CatalogStore:
         name: str | None = None,
         vram: int | None = None,
         enabled: bool | None = None,
+        learn: bool | None = None,
     ) -> CatalogModel | None:
         """Change the given fields (None: leave as is); None when there is no such model."""
         try:
@@ -101,7 +105,8 @@ class CatalogStore:
                 UPDATE models
                    SET name = COALESCE($2, name),
                        vram = COALESCE($3, vram),
-                       enabled = COALESCE($4, enabled)
+                       enabled = COALESCE($4, enabled),
+                       learn = COALESCE($5, learn)
                  WHERE id = $1
              RETURNING {_COLUMNS}
                 """,
@@ -109,6 +114,7 @@ class CatalogStore:
                 name,
                 vram,
                 enabled,
+                learn,
             )
         except asyncpg.UniqueViolationError as exc:
             raise DuplicateName(name or "") from exc
@@ -136,27 +142,30 @@ class CatalogStore:
             )
             updated = await conn.fetch(
                 f"""
-                UPDATE models AS m SET vram = u.vram, enabled = u.enabled
-                  FROM unnest($1::bigint[], $2::int[], $3::bool[]) AS u(id, vram, enabled)
+                UPDATE models AS m SET vram = u.vram, enabled = u.enabled, learn = u.learn
+                  FROM unnest($1::bigint[], $2::int[], $3::bool[], $4::bool[])
+                       AS u(id, vram, enabled, learn)
                  WHERE m.id = u.id
              RETURNING {", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(","))}
                 """,
                 [u.before.id for u in plan.update],
                 [u.vram for u in plan.update],
                 [u.enabled for u in plan.update],
+                [u.learn for u in plan.update],
             )
             created = await conn.fetch(
                 f"""
-                INSERT INTO models (name, vram, enabled)
-                SELECT name, vram, enabled
-                  FROM unnest($1::text[], $2::int[], $3::bool[])
-                       WITH ORDINALITY AS e(name, vram, enabled, position)
+                INSERT INTO models (name, vram, enabled, learn)
+                SELECT name, vram, enabled, learn
+                  FROM unnest($1::text[], $2::int[], $3::bool[], $4::bool[])
+                       WITH ORDINALITY AS e(name, vram, enabled, learn, position)
                  ORDER BY position
              RETURNING {_COLUMNS}
                 """,
                 [e.name for e in plan.create],
                 [e.vram for e in plan.create],
                 [True if e.enabled is None else e.enabled for e in plan.create],
+                [True if e.learn is None else e.learn for e in plan.create],
             )
             applied = Applied(
                 plan,

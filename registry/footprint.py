@@ -1,0 +1,79 @@
+"""What loads really took, and what admission books: a model's effective VRAM per GPU product.
+
+A model's footprint is learned from its instances: each gives one sample, its peak memory, kept
+per (model, GPU product). `observed` is the p95 of the recent samples once there are at least
+`min_samples`; the effective size is the declared one, the observed one, or the larger of the
+two (the default, so a declared size stays a floor), as `source` says.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from gpu import GpuDevice
+from registry.model import CatalogModel
+
+RECENT_SAMPLES = 20  # observed is the p95 of this many newest samples
+
+
+class VramSource(enum.StrEnum):
+    MAX = "max"
+    DECLARED = "declared"
+    OBSERVED = "observed"
+
+
+def product(device: GpuDevice) -> str:
+    """The GPU product a device belongs to: a MIG slice counts as its parent's product."""
+    return device.name.partition(" MIG ")[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    p95_mib: int
+    recent: int  # samples the p95 is taken over (at most RECENT_SAMPLES)
+
+
+@dataclass
+class Footprints:
+    source: VramSource = VramSource.MAX
+    min_samples: int = 3
+    _by_model: dict[str, dict[str, Observed]] = field(default_factory=dict)
+
+    def set_model(self, name: str, by_product: dict[str, Observed]) -> bool:
+        """Take a model's observations; True when that changed anything."""
+        if self._by_model.get(name, {}) == by_product:
+            return False
+        if by_product:
+            self._by_model[name] = dict(by_product)
+        else:
+            self._by_model.pop(name, None)
+        return True
+
+    def observed(self, name: str, gpu_product: str) -> int | None:
+        """The learned size on this product, once there are enough samples."""
+        found = self._by_model.get(name, {}).get(gpu_product)
+        if found is None or found.recent < self.min_samples:
+            return None
+        return found.p95_mib
+
+    def effective(self, model: CatalogModel, gpu_product: str) -> int:
+        """What admission books for `model` on a device of `gpu_product`."""
+        if self.source is VramSource.DECLARED:
+            return model.vram
+        observed = self.observed(model.name, gpu_product)
+        if observed is None:
+            return model.vram
+        return observed if self.source is VramSource.OBSERVED else max(model.vram, observed)
+
+    def learned(self, name: str) -> bool:
+        """Whether the model's effective size may differ from its declared one somewhere."""
+        if self.source is VramSource.DECLARED:
+            return False
+        return any(o.recent >= self.min_samples for o in self._by_model.get(name, {}).values())
+
+    def models(self) -> list[str]:
+        return list(self._by_model)
+
+    def of_model(self, name: str) -> dict[str, Observed]:
+        return dict(self._by_model.get(name, {}))
