@@ -152,7 +152,7 @@ class Capacity:
     def is_active(self, model: CatalogModel) -> bool:
         if not model.enabled:
             return False
-        if not self.footprints.learned(model.name) or self.disabled or not self.known:
+        if not self.footprints.learned(model) or self.disabled or not self.known:
             return model.vram <= self.threshold
         return self.place(model) is not None
 
@@ -160,7 +160,7 @@ class Capacity:
         """The healthy device with the least usable memory that still holds the model's
         effective size there (only `gpu`, when given)."""
         candidates = self.healthy_devices(gpu)
-        if not self.footprints.learned(model.name):
+        if not self.footprints.learned(model):
             return best_fit(candidates, model.vram)
         return next((u for u in candidates if u.usable_mib >= self.need(model, u.device)), None)
 
@@ -183,7 +183,7 @@ class Capacity:
             return _without_gpu(model)
         if not self.known:
             return _unknown(model)
-        if self.footprints.learned(model.name):
+        if self.footprints.learned(model):
             return self._assess_learned(model)
         return _assess(model, self._ranked, self.best)
 

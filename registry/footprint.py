@@ -58,19 +58,21 @@ class Footprints:
         return found.p95_mib
 
     def effective(self, model: CatalogModel, gpu_product: str) -> int:
-        """What admission books for `model` on a device of `gpu_product`."""
-        if self.source is VramSource.DECLARED:
+        """What admission books for `model` on a device of `gpu_product`. A model that does
+        not learn (a server that preallocates most of a GPU) books what it declares."""
+        if self.source is VramSource.DECLARED or not model.learn:
             return model.vram
         observed = self.observed(model.name, gpu_product)
         if observed is None:
             return model.vram
         return observed if self.source is VramSource.OBSERVED else max(model.vram, observed)
 
-    def learned(self, name: str) -> bool:
+    def learned(self, model: CatalogModel) -> bool:
         """Whether the model's effective size may differ from its declared one somewhere."""
-        if self.source is VramSource.DECLARED:
+        if self.source is VramSource.DECLARED or not model.learn:
             return False
-        return any(o.recent >= self.min_samples for o in self._by_model.get(name, {}).values())
+        observed = self._by_model.get(model.name, {}).values()
+        return any(o.recent >= self.min_samples for o in observed)
 
     def models(self) -> list[str]:
         return list(self._by_model)

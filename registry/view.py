@@ -357,7 +357,7 @@ class CatalogView:
         self._by_name = {entries[i].model.name: entries[i] for i in self._ids}
         enabled = [(i, e.model) for i, e in entries.items() if e.model.enabled]
         learned = self._footprints.learned
-        self._learned = {i for i, model in enabled if learned(model.name)}
+        self._learned = {i for i, model in enabled if learned(model)}
         self._enabled = sorted((m.vram, i) for i, m in enabled if i not in self._learned)
 
     def _insert(self, entry: _Entry) -> None:
@@ -368,7 +368,7 @@ class CatalogView:
             self._ids.append(model.id)  # new models have the highest ids
         else:
             bisect.insort(self._ids, model.id)
-        if model.enabled and self._footprints.learned(model.name):
+        if model.enabled and self._footprints.learned(model):
             self._learned.add(model.id)
         elif model.enabled:
             bisect.insort(self._enabled, (model.vram, model.id))

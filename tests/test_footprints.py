@@ -1,0 +1,249 @@
+"""Footprints learned from real loads, through the real app on the simulated backend (and the
+fake pynvml): samples from instances, the observed size in /models, admission booking it, the
+policies, opting out, sharing between daemons, and what gives no sample."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpu.nvml import NvmlBackend
+from registry import keys
+from tests.conftest import (
+    ADMIN_TOKEN,
+    AS_ADMIN,
+    AS_SCHEDULER,
+    SCHEDULER_TOKEN,
+    AppClient,
+)
+from tests.db import fetch
+from tests.fake_nvml import FakeGpu, FakeNvml
+from tests.waiting import eventually
+
+GPU = "GPU-sim-0"
+TOTAL = 81920
+
+
+@pytest.fixture
+def gpus(gpu_file: Callable[..., Path]) -> Callable[..., Path]:
+    """gpus(free_mib, {pid: used_mib}): one 80 GiB simulated device."""
+
+    def write(free: int, processes: dict[int, int | None] | None = None) -> Path:
+        listed = [{"pid": pid, "used_mib": used} for pid, used in (processes or {}).items()]
+        device = {"uuid": GPU, "name": "Simulated GPU", "total_mib": TOTAL, "free_mib": free}
+        return gpu_file({**device, "processes": listed})
+
+    write(TOTAL)
+    return write
+
+
+async def _json(response: Any) -> Any:
+    return json.loads(await response.read())
+
+
+async def _model(client: Any, name: str) -> dict[str, Any]:
+    body = await _json(await client.get(f"/models?name={name}"))
+    found: dict[str, Any] = body["data"][0]
+    return found
+
+
+async def _poll(client: Any) -> None:
+    await client.app[keys.POLLER].poll_and_wait(5)
+
+
+async def _load_and_exit(
+    client: Any, gpus: Callable[..., Path], model: str, pid: int, used: int | None
+) -> None:
+    """A process loads `model` (adopted as an instance), then exits: one sample, its peak."""
+    gpus(TOTAL - (used or 0), {pid: used})
+    await _poll(client)
+    adopted = await client.post(
+        "/instances", json={"model": model, "gpu": GPU, "pid": pid}, headers=AS_SCHEDULER
+    )
+    assert adopted.status == 201, await adopted.text()
+    gpus(TOTAL)
+    await _poll(client)
+    await _poll(client)  # absent from two polls: ended, and its sample given
+    assert (await _json(await client.get("/instances")))["data"] == []
+
+
+async def _learn(client: Any, gpus: Callable[..., Path], model: str, used: int, loads: int = 3):  # type: ignore[no-untyped-def]
+    for pid in range(5000, 5000 + loads):
+        await _load_and_exit(client, gpus, model, pid, used)
+
+
+@pytest.fixture
+async def client(start_app: AppClient, gpus: Callable[..., Path]) -> Any:
+    return await start_app(
+        admin_token=ADMIN_TOKEN, scheduler_token=SCHEDULER_TOKEN, poll_interval=60
+    )
+
+
+async def test_learned_sizes_move_a_model_to_insufficient_vram_and_reservations_book_them(
+    client: Any, gpus: Callable[..., Path]
+) -> None:
+    before = await _model(client, "medium")
+    assert (before["vram_observed"], before["vram_effective"], before["learn"]) == (
+        None,
+        2500,
+        True,
+    )
+    await _learn(client, gpus, "medium", 6000, loads=2)
+    # Two samples, three needed: not observed yet.
+    assert (await _model(client, "medium"))["vram_observed"] is None
+    await _learn(client, gpus, "medium", 6000, loads=1)
+    medium = await eventually(lambda: _model(client, "medium"), lambda m: m["vram_observed"])
+    assert (medium["vram_observed"], medium["vram_effective"]) == (6000, 6000)
+
+    # 5,000 MiB usable: the declared 2,500 would fit, what loads really take does not.
+    gpus(5000)
+    await _poll(client)
+    medium = await _model(client, "medium")
+    assert (medium["active"], medium["reason"]) == (False, "insufficient_vram")
+    assert medium["headroom_mib"] == 5000 - 6000
+    refused = await client.post("/reservations", json={"model": "medium"}, headers=AS_SCHEDULER)
+    assert refused.status == 409
+    gpus(TOTAL)
+    await _poll(client)
+    granted = await client.post("/reservations", json={"model": "medium"}, headers=AS_SCHEDULER)
+    assert (await _json(granted))["vram_mib"] == 6000
+
+    footprint = await _json(await client.get(f"/models/{medium['id']}/footprint"))
+    assert footprint["declared_mib"] == 2500 and footprint["effective_mib"] == 6000
+    assert footprint["source"] == "observed"
+    [observed] = footprint["observed"]
+    assert (observed["gpu_name"], observed["samples"], observed["peak_mib"]) == (
+        "Simulated GPU",
+        3,
+        6000,
+    )
+    assert observed["p95_mib"] == 6000
+    # The serving setup changed: the samples go, the declared size is back.
+    assert (await client.delete(f"/models/{medium['id']}/footprint")).status == 401
+    gone = await client.delete(f"/models/{medium['id']}/footprint", headers=AS_ADMIN)
+    assert gone.status == 204
+    medium = await _model(client, "medium")
+    assert (medium["vram_observed"], medium["vram_effective"]) == (None, 2500)
+
+
+async def test_the_observed_policy_books_less_than_declared_and_max_never_does(
+    start_app: AppClient, gpus: Callable[..., Path]
+) -> None:
+    observed = await start_app(
+        admin_token=ADMIN_TOKEN,
+        scheduler_token=SCHEDULER_TOKEN,
+        poll_interval=60,
+        vram_source="observed",
+    )
+    await _learn(observed, gpus, "large-v3", 7000)
+    large = await eventually(lambda: _model(observed, "large-v3"), lambda m: m["vram_observed"])
+    assert (large["vram"], large["vram_observed"], large["vram_effective"]) == (10000, 7000, 7000)
+    booked = await observed.post("/reservations", json={"model": "large-v3"}, headers=AS_SCHEDULER)
+    assert (await _json(booked))["vram_mib"] == 7000
+    # Another daemon on the same samples with the default policy: the declared size is a floor.
+    default = await start_app(poll_interval=60)
+    large = await eventually(lambda: _model(default, "large-v3"), lambda m: m["vram_observed"])
+    assert (large["vram_observed"], large["vram_effective"]) == (7000, 10000)
+
+
+async def test_a_model_that_opts_out_teaches_nothing_and_books_what_it_declares(
+    client: Any, gpus: Callable[..., Path], database_url: str
+) -> None:
+    tiny = await _model(client, "tiny")
+    patched = await client.patch(f"/models/{tiny['id']}", json={"learn": False}, headers=AS_ADMIN)
+    assert patched.status == 200 and (await _json(patched))["learn"] is False
+    await _learn(client, gpus, "tiny", 40000)
+    await _control_sample(client, gpus, database_url)
+    tiny = await _model(client, "tiny")
+    assert (tiny["vram_observed"], tiny["vram_effective"]) == (None, 625)
+    # The switch travels with the catalog file too.
+    document = {"models": [{"name": "tiny", "vram": 625, "learn": True}]}
+    applied = await _json(await client.put("/models", json=document, headers=AS_ADMIN))
+    assert applied["updated"] == ["tiny"]
+    assert (await _model(client, "tiny"))["learn"] is True
+
+
+async def _control_sample(client: Any, gpus: Callable[..., Path], database_url: str) -> None:
+    """A load that does teach, then wait until it is written: every sample given before it has
+    been written too, so what is not in the table was never given."""
+    await _load_and_exit(client, gpus, "large_v1", 9999, 5100)
+    rows = await eventually(
+        lambda: fetch(database_url, "SELECT model, peak_mib FROM footprint_samples"), bool
+    )
+    assert [(r["model"], r["peak_mib"]) for r in rows] == [("large_v1", 5100)]
+
+
+async def test_samples_are_shared_by_the_daemons_of_one_database(
+    start_app: AppClient, gpus: Callable[..., Path]
+) -> None:
+    here = await start_app(scheduler_token=SCHEDULER_TOKEN, poll_interval=60)
+    there = await start_app(poll_interval=60)
+    await eventually(lambda: there.app[keys.FOOTPRINTS].listening.is_set())
+    await _learn(here, gpus, "medium", 3000)
+    medium = await eventually(
+        lambda: _model(there, "medium"), lambda m: m["vram_observed"] == 3000, timeout_s=2
+    )
+    assert medium["vram_effective"] == 3000
+
+
+async def test_a_process_that_holds_a_reservation_or_unreported_memory_gives_no_sample(
+    client: Any, gpus: Callable[..., Path], start_app: AppClient, database_url: str
+) -> None:
+    # The worker still named by an open reservation: what it holds is not one model's.
+    gpus(TOTAL - 4000, {7001: 4000})
+    await _poll(client)
+    held = await client.post(
+        "/reservations", json={"vram_mib": 1000, "pid": 7001}, headers=AS_SCHEDULER
+    )
+    assert held.status == 201
+    adopted = await client.post(
+        "/instances", json={"model": "medium", "gpu": GPU, "pid": 7001}, headers=AS_SCHEDULER
+    )
+    assert adopted.status == 201
+    gpus(TOTAL)
+    await _poll(client)
+    await _poll(client)
+    # A driver that reports no per-process memory (the fake pynvml's None).
+    fake = FakeNvml([FakeGpu(uuid="GPU-nvml-0", compute_processes=[(7002, None)])])
+    nvml = await start_app(
+        backend=NvmlBackend(fake), gpu_backend="nvml", scheduler_token=SCHEDULER_TOKEN
+    )
+    adopted = await nvml.post(
+        "/instances",
+        json={"model": "medium", "gpu": "GPU-nvml-0", "pid": 7002},
+        headers=AS_SCHEDULER,
+    )
+    assert adopted.status == 201, await adopted.text()
+    instance = await _json(adopted)
+    assert instance["used_mib"] is None
+    gone = await nvml.delete(f"/instances/{instance['id']}", headers=AS_SCHEDULER)
+    assert gone.status == 204
+    assert nvml.app[keys.FOOTPRINTS].waiting == 0  # nothing given: nothing waits to be written
+    await _control_sample(client, gpus, database_url)
+
+
+async def test_a_finished_load_does_not_shrink_a_sibling_reservation(
+    client: Any, gpus: Callable[..., Path]
+) -> None:
+    worker = 7100
+    gpus(TOTAL - 500, {worker: 500})
+    await _poll(client)
+
+    async def reserve() -> dict[str, Any]:
+        answer = await client.post(
+            "/reservations", json={"vram_mib": 4000, "pid": worker}, headers=AS_SCHEDULER
+        )
+        reservation: dict[str, Any] = await _json(answer)
+        return reservation
+
+    first, second = await reserve(), await reserve()
+    gpus(TOTAL - 4500, {worker: 4500})  # the first load is done: 4,000 MiB more
+    await _poll(client)
+    assert (await client.delete(f"/reservations/{first['id']}", headers=AS_SCHEDULER)).status == 204
+    # The second has loaded nothing yet: it still holds all it booked.
+    sibling = await _json(await client.get(f"/reservations/{second['id']}"))
+    assert sibling["pending_mib"] == 4000
