@@ -96,7 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return terminal.run(args.url, settings, watch=args.watch)
         if args.command == "migrate":
             return asyncio.run(_with_dsn(settings, _migrate_only))
-        return asyncio.run(_with_dsn(settings, lambda dsn: catalog_cli.run(dsn, args, document)))
+        return asyncio.run(
+            _with_dsn(
+                settings,
+                lambda dsn: catalog_cli.run(dsn, args, document, settings.footprint_min_samples),
+            )
+        )
     except DatabaseTooNew as exc:
         log.error("refusing to start: database is newer than this code", error=str(exc))
         print(f"model-registry: {exc}", file=sys.stderr)

@@ -61,6 +61,7 @@ class _StateCollector(Collector):
             assessment = view.assessment(model.id)
             per_model.add_metric([model.name], 1.0 if assessment and assessment.active else 0.0)
         yield per_model
+        yield _footprint_metrics(view)
         last = GaugeMetricFamily(
             "model_registry_gpu_last_successful_poll_timestamp_seconds",
             "Unix time of the last successful GPU poll.",
@@ -68,6 +69,30 @@ class _StateCollector(Collector):
         if (when := self._last_success()) is not None:
             last.add_metric([], when)
         yield last
+
+
+def _footprint_metrics(view: CatalogView) -> Metric:
+    """Declared, observed and effective VRAM of the models that have samples, per product:
+    the drift between what a model declares and what its loads take."""
+    family = GaugeMetricFamily(
+        "model_registry_model_vram_bytes",
+        "A model's VRAM per GPU product: declared, observed (p95 of loads), effective (booked).",
+        labels=["model", "gpu_name", "kind"],
+    )
+    footprints = view.footprints
+    for name in footprints.models():
+        model = view.model_by_name(name)
+        if model is None:
+            continue
+        for gpu_name in footprints.of_model(name):
+            observed = footprints.observed(name, gpu_name)
+            family.add_metric([name, gpu_name, "declared"], model.vram * MIB)
+            if observed is not None:
+                family.add_metric([name, gpu_name, "observed"], observed * MIB)
+            family.add_metric(
+                [name, gpu_name, "effective"], footprints.effective(model, gpu_name) * MIB
+            )
+    return family
 
 
 def _gpu_metrics(view: CatalogView, dcgm: bool) -> Iterator[Metric]:

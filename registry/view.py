@@ -116,6 +116,7 @@ class CatalogView:
         # Enabled models whose effective size was learned, so may differ by GPU product: few
         # (those loaded here or in the fleet), assessed one by one instead of by bisection.
         self._learned: set[int] = set()
+        self._drift_logged: set[str] = set()  # models whose drift was logged
         self._listeners: list[Callable[[], None]] = []
         self._capacity = Capacity(snapshot, margins)
         self._capacity_json = ""
@@ -197,11 +198,32 @@ class CatalogView:
         if not self._footprints.set_model(name, by_product):
             return
         if entry is not None:
+            self._note_drift(entry.model)
+        if entry is not None:
             self._remove(entry.model.id)
             self._insert(entry)
             if before != self._capacity.is_active(entry.model):
                 _log_flip(entry.model, self._capacity.assess(entry.model))
         self._changed()
+
+    def _note_drift(self, model: CatalogModel) -> None:
+        """Log once per model when what its loads take first exceeds its declared size by
+        more than 10%: the catalog is wrong, and operators should hear of it."""
+        if model.name in self._drift_logged:
+            return
+        for gpu_name in self._footprints.of_model(model.name):
+            observed = self._footprints.observed(model.name, gpu_name)
+            if observed is not None and observed > 1.1 * model.vram:
+                self._drift_logged.add(model.name)
+                log.warning(
+                    "a model's loads take more than it declares",
+                    model=model.name,
+                    gpu_name=gpu_name,
+                    declared_mib=model.vram,
+                    observed_mib=observed,
+                    learn=model.learn,
+                )
+                return
 
     def place_instances(
         self,

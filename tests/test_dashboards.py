@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from tests.conftest import AS_SCHEDULER, SCHEDULER_TOKEN, AppClient
+from tests.db import execute
 from tests.scrape import scrape
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +81,7 @@ def test_the_alert_rules_are_well_formed() -> None:
         "ModelRegistryPollerFailing",
         "ModelRegistryNoModelActive",
         "ModelRegistryFleetHostStale",
+        "ModelRegistryFootprintAboveDeclared",
     }
     for rule in rules:
         assert set(rule) == {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]
@@ -89,7 +91,13 @@ def test_the_alert_rules_are_well_formed() -> None:
         assert _balanced(rule["expr"]), rule["expr"]
 
 
-async def test_every_metric_they_use_is_exported(start_app: AppClient) -> None:
+async def test_every_metric_they_use_is_exported(start_app: AppClient, database_url: str) -> None:
+    # A model with samples, so its footprint series exist.
+    await execute(
+        database_url,
+        "INSERT INTO footprint_samples (instance_id, model, gpu_name, peak_mib, host) "
+        "SELECT 'i' || n, 'medium', 'Simulated GPU', 3000, 'h' FROM generate_series(1, 3) AS n",
+    )
     client = await start_app(scheduler_token=SCHEDULER_TOKEN)
     # One of everything: a request, a reservation, a refusal, so every series exists.
     await client.get("/models")

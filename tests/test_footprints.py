@@ -4,6 +4,7 @@ policies, opting out, sharing between daemons, and what gives no sample."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from gpu import MIB
 from gpu.nvml import NvmlBackend
 from registry import keys
 from tests.conftest import (
@@ -19,9 +21,11 @@ from tests.conftest import (
     AS_SCHEDULER,
     SCHEDULER_TOKEN,
     AppClient,
+    LogLines,
 )
 from tests.db import fetch
 from tests.fake_nvml import FakeGpu, FakeNvml
+from tests.scrape import scrape
 from tests.waiting import eventually
 
 GPU = "GPU-sim-0"
@@ -247,3 +251,42 @@ async def test_a_finished_load_does_not_shrink_a_sibling_reservation(
     # The second has loaded nothing yet: it still holds all it booked.
     sibling = await _json(await client.get(f"/reservations/{second['id']}"))
     assert sibling["pending_mib"] == 4000
+
+
+async def test_operators_see_the_drift_in_metrics_a_log_line_and_an_export(
+    client: Any,
+    gpus: Callable[..., Path],
+    json_lines: LogLines,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    database_url: str,
+) -> None:
+    from registry.cli import main
+
+    samples = await scrape(client)
+    assert not [key for key in samples if key[0] == "model_registry_model_vram_bytes"]
+    await _learn(client, gpus, "medium", 6000)
+    await eventually(lambda: _model(client, "medium"), lambda m: m["vram_observed"])
+    await _learn(client, gpus, "medium", 6000)  # more loads: still one log line
+    samples = await scrape(client)
+    labels = {"model": "medium", "gpu_name": "Simulated GPU"}
+    vram = {
+        dict(key[1])["kind"]: value / MIB
+        for key, value in samples.items()
+        if key[0] == "model_registry_model_vram_bytes" and labels.items() <= dict(key[1]).items()
+    }
+    assert vram == {"declared": 2500, "observed": 6000, "effective": 6000}
+    drift = [x for x in json_lines() if x["event"] == "a model's loads take more than it declares"]
+    assert [(x["model"], x["declared_mib"], x["observed_mib"]) for x in drift] == [
+        ("medium", 2500, 6000)
+    ]
+    monkeypatch.setenv("MODEL_REGISTRY_DATABASE_URL", database_url)
+    capsys.readouterr()
+    assert (
+        await asyncio.to_thread(main, ["models", "export", "--observed", "--format", "json"]) == 0
+    )
+    exported = {m["name"]: m["vram"] for m in json.loads(capsys.readouterr().out)["models"]}
+    assert (exported["medium"], exported["tiny"]) == (6000, 625)
+    other_gpu = ["models", "export", "--observed", "--format", "json", "--gpu-name", "H100"]
+    assert await asyncio.to_thread(main, other_gpu) == 0
+    assert json.loads(capsys.readouterr().out)["models"][1]["vram"] == 2500

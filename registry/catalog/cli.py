@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from registry.catalog.document import (
 )
 from registry.catalog.schemas import ModelPatch
 from registry.catalog.store import CatalogStore
+from registry.footprints.store import FootprintStore
 from registry.model import CatalogModel
 from registry.tables import text_table
 
@@ -56,6 +58,14 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         "export", parents=[common], help="print the catalog in a form `apply` takes back"
     )
     export.add_argument("--format", choices=["toml", "json"], default="toml")
+    export.add_argument(
+        "--observed",
+        action="store_true",
+        help="write what loads really took (p95) as each model's vram, where learned",
+    )
+    export.add_argument(
+        "--gpu-name", help="with --observed: on this GPU product (default: the largest of all)"
+    )
 
 
 def read_catalog(path: str) -> list[CatalogEntry]:
@@ -68,7 +78,24 @@ def read_catalog(path: str) -> list[CatalogEntry]:
     return parse_catalog(load_catalog_text(text, path), location=path)
 
 
-async def run(dsn: str, args: argparse.Namespace, document: list[CatalogEntry] | None) -> int:
+async def _as_observed(
+    pool: asyncpg.Pool, models: list[CatalogModel], gpu_name: str | None, min_samples: int
+) -> list[CatalogModel]:
+    """The catalog with each model's vram replaced by what its loads took, where learned."""
+    learned: dict[str, int] = {}
+    for summary in await FootprintStore(pool).summaries():
+        if summary.recent < min_samples or gpu_name not in (None, summary.gpu_name):
+            continue
+        learned[summary.model] = max(learned.get(summary.model, 0), summary.p95_mib)
+    return [replace(m, vram=learned.get(m.name, m.vram)) for m in models]
+
+
+async def run(
+    dsn: str,
+    args: argparse.Namespace,
+    document: list[CatalogEntry] | None,
+    min_samples: int = 3,
+) -> int:
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     try:
         store = CatalogStore(pool)
@@ -101,6 +128,8 @@ async def run(dsn: str, args: argparse.Namespace, document: list[CatalogEntry] |
             print(applied.plan.summary(applied=not args.dry_run))
         elif args.action == "export":
             models = await store.list_all()
+            if args.observed:
+                models = await _as_observed(pool, models, args.gpu_name, min_samples)
             print(export_json(models) if args.format == "json" else export_toml(models), end="")
         return 0
     finally:
