@@ -57,6 +57,17 @@ class Footprints:
             return None
         return found.p95_mib
 
+    def effective_under(
+        self, model: CatalogModel, gpu_product: str, source: VramSource, min_samples: int
+    ) -> int:
+        """What another host, with its own policy, books for `model` on `gpu_product`."""
+        if source is VramSource.DECLARED or not model.learn:
+            return model.vram
+        found = self._by_model.get(model.name, {}).get(gpu_product)
+        if found is None or found.recent < min_samples:
+            return model.vram
+        return found.p95_mib if source is VramSource.OBSERVED else max(model.vram, found.p95_mib)
+
     def effective(self, model: CatalogModel, gpu_product: str) -> int:
         """What admission books for `model` on a device of `gpu_product`. A model that does
         not learn (a server that preallocates most of a GPU) books what it declares."""

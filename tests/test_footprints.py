@@ -152,6 +152,17 @@ async def test_the_observed_policy_books_less_than_declared_and_max_never_does(
     default = await start_app(poll_interval=60)
     large = await eventually(lambda: _model(default, "large-v3"), lambda m: m["vram_observed"])
     assert (large["vram_observed"], large["vram_effective"]) == (7000, 10000)
+    # Asked for the fleet, a daemon books as each host would, by that host's own policy.
+    hosts = {
+        observed.app[keys.SETTINGS].current.host_id: 7000,
+        default.app[keys.SETTINGS].current.host_id: 10000,
+    }
+
+    async def fleet_large() -> dict[str, int]:
+        body = await _json(await default.get("/fleet/models?name=large-v3"))
+        return {h["host"]: h["usable_mib"] - h["headroom_mib"] for h in body["data"][0]["hosts"]}
+
+    assert await eventually(fleet_large, lambda found: found == hosts) == hosts
 
 
 async def test_a_model_that_opts_out_teaches_nothing_and_books_what_it_declares(

@@ -13,13 +13,15 @@ from pydantic import BaseModel, ValidationError
 
 from registry import keys
 from registry.errors import unprocessable, validation_issues
-from registry.fleet.reader import Placements
+from registry.fleet.reader import Candidate, Placements
 from registry.fleet.schemas import FleetModelsQuery, FleetQuery
+from registry.footprint import Footprints, VramSource
 from registry.model import CatalogModel
 from registry.view import CachedBody, body_etag
 from registry.watch.conditional import cached_json
 
 routes = web.RouteTableDef()
+_SOURCES = frozenset(source.value for source in VramSource)
 
 _MAX_CACHED = 1024
 Q = TypeVar("Q", bound=BaseModel)
@@ -53,9 +55,29 @@ async def fleet_hosts(request: web.Request) -> web.StreamResponse:
     return cached_json(request, CachedBody(body, body_etag(body)))
 
 
-def _model_object(model: CatalogModel, fleet: Placements, hosts_limit: int) -> str:
-    total = fleet.hosts_fitting(model.vram)
-    active = _fits_somewhere(model, fleet)
+def _candidates(
+    model: CatalogModel, fleet: Placements, footprints: Footprints, hosts_limit: int
+) -> tuple[int, list[tuple[Candidate, int]]]:
+    """How many up hosts the model fits on, and the best-fitting device of each with what that
+    host would book there: its learned size per GPU product under the host's own policy."""
+    if not model.learn or not footprints.of_model(model.name):
+        return fleet.hosts_fitting(model.vram), [
+            (c, model.vram) for c in fleet.best_fits(model.vram, hosts_limit)
+        ]
+
+    def need(i: int) -> int:
+        source = VramSource(fleet.sources[i]) if fleet.sources[i] in _SOURCES else VramSource.MAX
+        gpu_product = fleet.names[i].partition(" MIG ")[0]
+        return footprints.effective_under(model, gpu_product, source, fleet.min_samples[i])
+
+    return fleet.fits_by_device(need, hosts_limit)
+
+
+def _model_object(
+    model: CatalogModel, fleet: Placements, footprints: Footprints, hosts_limit: int
+) -> str:
+    total, candidates = _candidates(model, fleet, footprints, hosts_limit)
+    active = model.enabled and total > 0
     if active:
         reason = None
     elif not model.enabled:
@@ -71,9 +93,9 @@ def _model_object(model: CatalogModel, fleet: Placements, hosts_limit: int) -> s
             "gpu": c.gpu,
             "index": c.index,
             "usable_mib": c.usable_mib,
-            "headroom_mib": c.usable_mib - model.vram,
+            "headroom_mib": c.usable_mib - needed,
         }
-        for c in fleet.best_fits(model.vram, hosts_limit)
+        for c, needed in candidates
     ]
     warm = fleet.warm.get(model.name, [])
     return json.dumps(
@@ -104,9 +126,9 @@ def _model_object(model: CatalogModel, fleet: Placements, hosts_limit: int) -> s
     )
 
 
-def _fits_somewhere(model: CatalogModel, fleet: Placements) -> bool:
+def _fits_somewhere(model: CatalogModel, fleet: Placements, footprints: Footprints) -> bool:
     """Active across the fleet: switched on, and fits on at least one host that is up."""
-    return model.enabled and fleet.hosts_fitting(model.vram) > 0
+    return model.enabled and _candidates(model, fleet, footprints, 1)[0] > 0
 
 
 def _render(request: web.Request, query: FleetModelsQuery, fleet: Placements) -> CachedBody:
@@ -121,10 +143,12 @@ def _render(request: web.Request, query: FleetModelsQuery, fleet: Placements) ->
             named = view.model_by_name(query.name)
             models = [] if named is None else [named]
         matching = [
-            m for m in models if query.active is None or _fits_somewhere(m, fleet) is query.active
+            m
+            for m in models
+            if query.active is None or _fits_somewhere(m, fleet, view.footprints) is query.active
         ]
         total, page = len(matching), matching[query.skip : end]
-    objects = ",".join(_model_object(m, fleet, query.hosts_limit) for m in page)
+    objects = ",".join(_model_object(m, fleet, view.footprints, query.hosts_limit) for m in page)
     body = (
         f'{{"data":[{objects}],"pagination":{{"total_items":{total},'
         f'"total_pages":{math.ceil(total / query.limit)},'

@@ -42,9 +42,11 @@ SELECT host, url, version, gpu_state, devices::text AS devices,
 # least usable first, and each host's most usable device (for "how many hosts fit").
 _CANDIDATES = """
 WITH d AS (
-    SELECT h.host, h.url, d.uuid, d.index, d.usable_mib
+    SELECT h.host, h.url, d.uuid, d.index, d.usable_mib, d.name, h.vram_source,
+           h.footprint_min_samples
       FROM fleet_hosts AS h,
-           jsonb_to_recordset(h.devices) AS d(uuid text, index int, usable_mib int, healthy bool)
+           jsonb_to_recordset(h.devices)
+               AS d(uuid text, index int, usable_mib int, healthy bool, name text)
      WHERE h.stopped_at IS NULL
        AND now() - h.heartbeat_at <= 3 * h.heartbeat_interval_s * interval '1 second'
        AND h.gpu_state = 'ok' AND d.healthy AND d.usable_mib IS NOT NULL
@@ -54,6 +56,10 @@ SELECT coalesce(array_agg(usable_mib ORDER BY usable_mib, host, index), '{}') AS
        coalesce(array_agg(url ORDER BY usable_mib, host, index), '{}') AS urls,
        coalesce(array_agg(uuid ORDER BY usable_mib, host, index), '{}') AS gpus,
        coalesce(array_agg(index ORDER BY usable_mib, host, index), '{}') AS indexes,
+       coalesce(array_agg(name ORDER BY usable_mib, host, index), '{}') AS names,
+       coalesce(array_agg(vram_source ORDER BY usable_mib, host, index), '{}') AS sources,
+       coalesce(array_agg(footprint_min_samples ORDER BY usable_mib, host, index), '{}')
+           AS min_samples,
        (SELECT coalesce(array_agg(best ORDER BY best), '{}')
           FROM (SELECT max(usable_mib) AS best FROM d GROUP BY host) AS per_host) AS host_best
   FROM d
@@ -114,6 +120,9 @@ class Placements:
     gpus: list[str] = field(default_factory=list)
     indexes: list[int] = field(default_factory=list)
     host_best: list[int] = field(default_factory=list)  # each up host's most usable, sorted
+    names: list[str] = field(default_factory=list)  # each device's name (its GPU product)
+    sources: list[str] = field(default_factory=list)  # its host's MODEL_REGISTRY_VRAM_SOURCE
+    min_samples: list[int] = field(default_factory=list)  # ... and FOOTPRINT_MIN_SAMPLES
     warm: dict[str, list[WarmSpot]] = field(default_factory=dict)  # model name -> where
     version: int = 0
     stale: bool = True
@@ -121,6 +130,25 @@ class Placements:
     def hosts_fitting(self, vram: int) -> int:
         """How many up hosts have a device that holds `vram` now."""
         return len(self.host_best) - bisect.bisect_left(self.host_best, vram)
+
+    def fits_by_device(
+        self, need: Callable[[int], int], limit: int
+    ) -> tuple[int, list[tuple[Candidate, int]]]:
+        """For a model whose size differs by device (learned per product, per host policy):
+        how many up hosts it fits on, and per host its best-fitting device with the need
+        there, best fit first. Walks every device: for the few models with samples."""
+        found: list[tuple[Candidate, int]] = []
+        seen: set[str] = set()
+        for i, usable in enumerate(self.usable):
+            host = self.hosts[i]
+            needed = need(i)
+            if host in seen or usable < needed:
+                continue
+            seen.add(host)
+            if len(found) < limit:
+                candidate = Candidate(host, self.urls[i], self.gpus[i], self.indexes[i], usable)
+                found.append((candidate, needed))
+        return len(seen), found
 
     def best_fits(self, vram: int, limit: int) -> list[Candidate]:
         """Per host, the device with the least usable memory that still holds `vram`; hosts in
@@ -246,6 +274,9 @@ class FleetReader:
             row["gpus"],
             row["indexes"],
             row["host_best"],
+            names=row["names"],
+            sources=row["sources"],
+            min_samples=row["min_samples"],
             warm=warm,
             version=self._versions,
             stale=False,
