@@ -201,9 +201,10 @@ def assess_all(
     snapshot: GpuSnapshot,
     margins: Margins,
     reservations: Iterable[Reservation] = (),
+    footprints: Footprints | None = None,
 ) -> dict[int, Assessment]:
     """The rule applied model by model: the reference every faster path must agree with."""
-    capacity = Capacity(snapshot, margins, Bookings.of(reservations, snapshot))
+    capacity = Capacity(snapshot, margins, Bookings.of(reservations, snapshot), footprints)
     return {m.id: capacity.assess(m) for m in models}
 
 

@@ -11,9 +11,16 @@ from registry.model import CatalogModel
 from registry.reservation import Reservation
 
 
-def model_object(model: CatalogModel, verdict: Assessment) -> dict[str, Any]:
-    """The listing's JSON object for `model`, as the pure rule's `verdict` has it."""
+def model_object(
+    model: CatalogModel,
+    verdict: Assessment,
+    sizes: tuple[int | None, int] | None = None,
+    instances: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The listing's JSON object for `model`, as the pure rule's `verdict` has it (with its
+    (observed, effective) sizes and instances, when the caller knows of any)."""
     placement = verdict.placement
+    observed, effective = sizes if sizes is not None else (None, model.vram)
     return {
         "id": model.id,
         "name": model.name,
@@ -28,10 +35,10 @@ def model_object(model: CatalogModel, verdict: Assessment) -> dict[str, Any]:
         if placement is None
         else {"gpu": placement.gpu, "index": placement.index, "free_mib": placement.free_mib},
         "headroom_mib": verdict.headroom_mib,
-        "instances": [],
+        "instances": instances or [],
         "learn": model.learn,
-        "vram_observed": None,
-        "vram_effective": model.vram,
+        "vram_observed": observed,
+        "vram_effective": effective,
     }
 
 

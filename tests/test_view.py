@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from gpu import MIB, GpuDevice, GpuProcess, GpuSnapshot, GpuState
-from registry.capacity import Margins, assess_all
+from registry.bookings import Bookings
+from registry.capacity import Capacity, Margins
+from registry.footprint import Footprints, Observed, VramSource
 from registry.model import CatalogModel
 from registry.reservation import Reservation
 from registry.schemas import ListQuery
@@ -58,6 +60,8 @@ class ViewModel(RuleBasedStateMachine):
         self.snapshot = GpuSnapshot(backend="simulated", state=GpuState.UNAVAILABLE)
         self.margins = Margins()
         self.reservations: list[Reservation] = []
+        self.learned: dict[str, Observed] = {}  # model name -> what its loads took on H200
+        self.instances: dict[str, tuple[str, str, int, int]] = {}  # id -> model, gpu, index, MiB
         self.view = CatalogView(self.snapshot, self.margins)
         self.tick = 0
 
@@ -204,9 +208,68 @@ class ViewModel(RuleBasedStateMachine):
     # -- what must hold after every step ------------------------------------------------------
 
     def _expected(self) -> list[dict[str, Any]]:
+        """Every model as a fresh application of the rule says (no index, no increments)."""
         models = sorted(self.models.values(), key=lambda m: m.id)
-        verdicts = assess_all(models, self.snapshot, self.margins, self.reservations)
-        return [model_object(m, verdicts[m.id]) for m in models]
+        footprints = Footprints()
+        for name, observed in self.learned.items():
+            footprints.set_model(name, {"H200": observed})
+        bookings = Bookings.of(self.reservations, self.snapshot)
+        for instance_id, (_name, uuid, _index, pending) in self.instances.items():
+            bookings.hold(f"instance:{instance_id}", uuid, pending)
+        capacity = Capacity(self.snapshot, self.margins, bookings, footprints)
+        objects = []
+        for model in models:
+            verdict = capacity.assess(model)
+            residents = [
+                {"id": i, "gpu": uuid, "index": index}
+                for i, (name, uuid, index, _pending) in self.instances.items()
+                if name == model.name
+            ]
+            objects.append(model_object(model, verdict, capacity.sizes(model, verdict), residents))
+        return objects
+
+    # -- instances and learned sizes ---------------------------------------------------------
+
+    @precondition(lambda self: self.models)
+    @rule(
+        data=st.data(),
+        p95=st.sampled_from(VRAMS),
+        recent=st.sampled_from([1, 3, 20]),
+    )
+    def learn_size(self, data: st.DataObject, p95: int, recent: int) -> None:
+        name = data.draw(st.sampled_from(sorted(m.name for m in self.models.values())))
+        self.learned[name] = Observed(p95, recent)
+        self.view.set_footprint(name, {"H200": Observed(p95, recent)})
+
+    @precondition(lambda self: self.learned)
+    @rule(data=st.data())
+    def forget_size(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(sorted(self.learned)))
+        del self.learned[name]
+        self.view.set_footprint(name, {})
+
+    @precondition(lambda self: self.models and self.snapshot.devices)
+    @rule(data=st.data(), pending=st.sampled_from([0, 500, 6000]))
+    def bind_instance(self, data: st.DataObject, pending: int) -> None:
+        name = data.draw(st.sampled_from(sorted(m.name for m in self.models.values())))
+        device = data.draw(st.sampled_from(self.snapshot.devices))
+        self.tick += 1
+        instance_id = f"i{self.tick}"
+        self.instances[instance_id] = (name, device.uuid, device.index, pending)
+        self._show_instances(name, [(f"instance:{instance_id}", device.uuid, pending)])
+
+    @precondition(lambda self: self.instances)
+    @rule(data=st.data())
+    def end_instance(self, data: st.DataObject) -> None:
+        instance_id = data.draw(st.sampled_from(sorted(self.instances)))
+        name, uuid, _index, _pending = self.instances.pop(instance_id)
+        self._show_instances(name, [(f"instance:{instance_id}", uuid, 0)])
+
+    def _show_instances(self, name: str, holds: list[tuple[str, str, int]]) -> None:
+        residents = [
+            (i, uuid, index) for i, (n, uuid, index, _p) in self.instances.items() if n == name
+        ]
+        self.view.place_instances({name: residents}, holds)
 
     def _page(self, **query: Any) -> dict[str, Any]:
         parsed: dict[str, Any] = json.loads(self.view.page(ListQuery(**query)).body)
@@ -246,6 +309,8 @@ class ViewModel(RuleBasedStateMachine):
         for reservation in self.reservations:
             device = reservation.gpu_uuid
             by_device[device] = by_device.get(device, 0) + expected[reservation.id]
+        for _name, uuid, _index, pending in self.instances.values():
+            by_device[uuid] = by_device.get(uuid, 0) + pending
         for budget in capacity.budgets:
             assert budget.pending_mib == by_device.get(budget.device.uuid, 0)
         assert [r.id for r in self.view.reservations] == [
@@ -267,3 +332,24 @@ ViewModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 test_the_view_agrees_with_the_rule = ViewModel.TestCase
+
+
+def test_a_learned_size_counts_in_the_active_count_and_pages() -> None:
+    snapshot = GpuSnapshot(
+        backend="simulated", state=GpuState.OK, devices=(_device(0, 10000),), as_of=T0
+    )
+    view = CatalogView(snapshot, Margins())
+    small = CatalogModel(1, "small", 2500, True, T0, None)
+    big = CatalogModel(2, "big", 12000, True, T0, None)
+    view.replace_catalog([small, big])
+    assert view.active_count == 1
+    view.set_footprint("small", {"H200": Observed(12000, 3)})  # its loads take 12,000
+    view.set_footprint("big", {"H200": Observed(5000, 3)})  # max: declared stays a floor
+    assert view.active_count == 0
+    assert json.loads(view.page(ListQuery(active=True)).body)["data"] == []
+    observed = CatalogView(snapshot, Margins(), Footprints(VramSource.OBSERVED))
+    observed.replace_catalog([small, big])
+    observed.set_footprint("big", {"H200": Observed(5000, 3)})
+    assert observed.active_count == 2
+    [entry] = json.loads(observed.page(ListQuery(name="big")).body)["data"]
+    assert (entry["vram_observed"], entry["vram_effective"], entry["active"]) == (5000, 5000, True)

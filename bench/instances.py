@@ -1,0 +1,101 @@
+"""Benchmark instances: the CPU one GPU poll costs with 1,000 of them, and the daemon's RSS with
+10,000.
+
+Starts `model-registry serve` (simulated backend: one device whose process list holds every
+worker, embedded PostgreSQL, polls every 50 ms), measures CPU per poll with no instance, adopts
+`--poll-instances` (1,000) instances, measures again, then adopts up to `--instances` (10,000)
+and reports RSS. CPU per poll is the daemon's CPU time over the polls it made (the
+`model_registry_gpu_poll_duration_seconds` count), so it includes reading the simulated file.
+
+    python bench/instances.py [--instances 10000] [--poll-instances 1000] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+import aiohttp
+from common import cpu_seconds, fetch, rss_mib, simulated_daemon
+
+TOKEN = "bench-scheduler-token"
+HEADERS = {"Authorization": f"Bearer {TOKEN}"}
+FIRST_PID = 100_000
+
+
+def polls(base: str) -> float:
+    for line in fetch(f"{base}/metrics").decode().splitlines():
+        if line.startswith("model_registry_gpu_poll_duration_seconds_count"):
+            return float(line.split()[-1])
+    raise SystemExit("no poll count in /metrics")
+
+
+def cpu_per_poll_ms(base: str, pid: int, seconds: float) -> float:
+    cpu, count = cpu_seconds(pid), polls(base)
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - cpu) / (polls(base) - count) * 1000
+
+
+async def adopt(base: str, pids: range) -> None:
+    semaphore = asyncio.Semaphore(32)
+    async with aiohttp.ClientSession() as session:
+
+        async def one(pid: int) -> None:
+            body = {"model": "tiny", "gpu": "GPU-sim-0", "pid": pid}
+            async with (
+                semaphore,
+                session.post(f"{base}/instances", json=body, headers=HEADERS) as answer,
+            ):
+                assert answer.status == 201, (answer.status, await answer.text())
+
+        await asyncio.gather(*(one(pid) for pid in pids))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=10_000)
+    parser.add_argument("--poll-instances", type=int, default=1_000)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    processes = [
+        {"pid": pid, "used_mib": 1} for pid in range(FIRST_PID, FIRST_PID + args.instances)
+    ]
+    devices = [
+        {
+            "uuid": "GPU-sim-0",
+            "total_mib": 143360,
+            "free_mib": 143360 - args.instances,
+            "processes": processes,
+        }
+    ]
+    env = {
+        "MODEL_REGISTRY_SCHEDULER_TOKEN": TOKEN,
+        "MODEL_REGISTRY_POLL_INTERVAL": "0.05",
+        "MODEL_REGISTRY_MAX_INSTANCES": str(args.instances),
+    }
+    with simulated_daemon(devices, **env) as daemon:
+        base, pid = daemon.base, daemon.pid
+        idle = cpu_per_poll_ms(base, pid, args.seconds)
+        rss_none = rss_mib(pid)
+        asyncio.run(adopt(base, range(FIRST_PID, FIRST_PID + args.poll_instances)))
+        busy = cpu_per_poll_ms(base, pid, args.seconds)
+        started = time.perf_counter()
+        asyncio.run(adopt(base, range(FIRST_PID + args.poll_instances, FIRST_PID + args.instances)))
+        adopted_s = time.perf_counter() - started
+        rss_full = rss_mib(pid)
+        listed = json.loads(fetch(f"{base}/instances"))["data"]
+        assert len(listed) == args.instances, len(listed)
+    print(f"a device listing {args.instances:,} processes, polled every 50 ms")
+    print(f"  CPU per poll, no instance:          {idle:.2f} ms")
+    print(f"  CPU per poll, {args.poll_instances:,} instances:      {busy:.2f} ms")
+    print(f"  of which the instances:             {busy - idle:.2f} ms")
+    print(f"  RSS with no instance:               {rss_none:.1f} MiB")
+    print(f"  RSS with {args.instances:,} instances:        {rss_full:.1f} MiB")
+    rest = args.instances - args.poll_instances
+    print(f"  adopting {rest:,} took {adopted_s:.1f} s ({rest / adopted_s:.0f}/s)")
+
+
+if __name__ == "__main__":
+    main()
