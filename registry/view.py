@@ -105,8 +105,10 @@ class CatalogView:
         # The reservations the last change put or ended (empty for any other change), for the
         # event streams, which send what changed rather than the whole book.
         self.last_reservations_change: tuple[list[Reservation], list[str]] = ([], [])
-        # Where each model is loaded on this host: model name -> its `instances` JSON array.
-        self._residents: dict[str, str] = {}
+        # Where each model is loaded on this host: model name -> instance id -> (uuid, index),
+        # and each model's `instances` JSON array, made when a page first needs it.
+        self._residents: dict[str, dict[str, tuple[str, int]]] = {}
+        self._residents_json: dict[str, str] = {}
         # Instances the last change made (as the API shows them) and ended, for the streams.
         self.last_instances_change: tuple[list[dict[str, object]], list[str]] = ([], [])
         self._entries: dict[int, _Entry] = {}
@@ -227,29 +229,35 @@ class CatalogView:
 
     def place_instances(
         self,
-        residents: dict[str, list[tuple[str, str, int]]],
+        placed: Iterable[tuple[str, str, str, int]] = (),
+        gone: Iterable[tuple[str, str]] = (),
         holds: Iterable[tuple[str, str, int]] = (),
         *,
         made: list[dict[str, object]] | None = None,
         ended: list[str] | None = None,
     ) -> None:
-        """Instances changed: `residents` gives, for each model concerned, its live instances
-        as (id, gpu uuid, index); `holds` what instances still hold pending, (key, uuid, MiB)."""
-        for name, instances in residents.items():
-            if instances:
-                self._residents[name] = json.dumps(
-                    [{"id": i, "gpu": gpu, "index": index} for i, gpu, index in instances],
-                    separators=(",", ":"),
-                )
-            else:
-                self._residents.pop(name, None)
+        """Instances changed: `placed` (model, instance id, gpu uuid, index) and `gone` (model,
+        instance id) say where models are loaded; `holds` what instances still hold pending,
+        (key, uuid, MiB). Work in proportion to the change, not to the instances."""
+        touched = False
+        for name, instance_id, uuid, index in placed:
+            self._residents.setdefault(name, {})[instance_id] = (uuid, index)
+            self._residents_json.pop(name, None)
+            touched = True
+        for name, instance_id in gone:
+            of_model = self._residents.get(name, {})
+            if of_model.pop(instance_id, None) is not None:
+                touched = True
+                self._residents_json.pop(name, None)
+                if not of_model:
+                    del self._residents[name]
         self.last_instances_change = (made or [], ended or [])
         held = False
         for key, uuid, mib in holds:
             held = self._bookings.hold(key, uuid, mib) or held
         if held:
             self._recompute_capacity()
-        elif residents or made or ended:
+        elif touched or made or ended:
             self._changed()
 
     def hold(self, holds: Iterable[tuple[str, str, int]]) -> None:
@@ -345,10 +353,21 @@ class CatalogView:
         entry = self._entries.get(model_id)
         return None if entry is None else entry.model
 
+    def _resident_json(self, name: str) -> str:
+        cached = self._residents_json.get(name)
+        if cached is None:
+            cached = self._residents_json[name] = _json(
+                [
+                    {"id": i, "gpu": uuid, "index": index}
+                    for i, (uuid, index) in self._residents.get(name, {}).items()
+                ]
+            )
+        return cached
+
     def _render(self, entry: _Entry) -> str:
         model, capacity = entry.model, self._capacity
         assessment = capacity.assess(model)
-        residents = self._residents.get(model.name, "[]")
+        residents = self._resident_json(model.name)
         return entry.render(assessment, residents, capacity.sizes(model, assessment))
 
     def _apply(self, gone: list[int], changed: list[CatalogModel]) -> None:

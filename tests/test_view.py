@@ -266,10 +266,12 @@ class ViewModel(RuleBasedStateMachine):
         self._show_instances(name, [(f"instance:{instance_id}", uuid, 0)])
 
     def _show_instances(self, name: str, holds: list[tuple[str, str, int]]) -> None:
-        residents = [
-            (i, uuid, index) for i, (n, uuid, index, _p) in self.instances.items() if n == name
-        ]
-        self.view.place_instances({name: residents}, holds)
+        instance_id = holds[0][0].removeprefix("instance:")
+        if instance_id in self.instances:
+            _name, uuid, index, _pending = self.instances[instance_id]
+            self.view.place_instances([(name, instance_id, uuid, index)], [], holds)
+        else:
+            self.view.place_instances([], [(name, instance_id)], holds)
 
     def _page(self, **query: Any) -> dict[str, Any]:
         parsed: dict[str, Any] = json.loads(self.view.page(ListQuery(**query)).body)

@@ -316,16 +316,21 @@ class InstanceBook:
     ) -> None:
         """Tell the view where the changed instances' models are loaded now."""
         changed = list(changed)
-        names = {i.model for i in changed if i.model is not None}
-        residents = {
-            name: [(i.id, i.gpu_uuid, i.gpu_index) for i in self._by_model.get(name, {}).values()]
-            for name in names
-        }
+        placed: list[tuple[str, str, str, int]] = []
+        gone: list[tuple[str, str]] = []
+        for instance in changed:
+            if instance.model is None:
+                continue
+            if ended:
+                gone.append((instance.model, instance.id))
+            else:
+                placed.append((instance.model, instance.id, instance.gpu_uuid, instance.gpu_index))
         holds = list(holds)
         if not holds:
             holds = [self._hold(i, self._live[i.id]) for i in changed if i.id in self._live]
         self._view.place_instances(
-            residents,
+            placed,
+            gone,
             holds,
             made=[self.describe(i) for i in made or ()],
             ended=[i.id for i in changed] if ended else [],
