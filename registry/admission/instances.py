@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpu import GpuDevice, GpuSnapshot
+from gpu import MIB, GpuDevice, GpuSnapshot
 from registry.admission.book import Clock, NotFound, ReservationBook, TooMany
 from registry.admission.ledger import ReservationLedger
 from registry.footprint import product
@@ -198,21 +198,28 @@ class InstanceBook:
         if not snapshot.known or not self._open:
             return
         devices = {device.uuid: device for device in snapshot.devices}
+        # Each device's processes by pid, once per poll: a lookup per instance, not a scan.
+        listed = {
+            device.uuid: {process.pid: process for process in device.processes}
+            for device in snapshot.devices
+            if device.processes_known
+        }
         now = self._clock()
         gone: list[str] = []
         holds: list[tuple[str, str, int]] = []
         for instance in self._open.values():
-            device = devices.get(instance.gpu_uuid)
-            if device is None or not device.processes_known:
+            processes = listed.get(instance.gpu_uuid)
+            if processes is None:
                 continue  # cannot tell: nothing ends on a device we cannot see into
             live = self._live[instance.id]
-            if not device.has_process(instance.pid):
+            process = processes.get(instance.pid)
+            if process is None:
                 live.absent_polls += 1
                 if live.absent_polls >= ABSENT_POLLS_TO_END:
                     gone.append(instance.id)
                 continue
             live.absent_polls = 0
-            self._observe(live, device, instance.pid)
+            self._observe(live, devices[instance.gpu_uuid], process.used_bytes)
             if (now - instance.loaded_at).total_seconds() >= SAMPLE_AFTER_S:
                 self._sample(instance, live)
             if not live.settled:
@@ -243,8 +250,8 @@ class InstanceBook:
                 "context there (pids are the host's, not a container's)"
             )
 
-    def _observe(self, live: _Live, device: GpuDevice, pid: int) -> None:
-        live.used_mib = device.process_used_mib(pid)
+    def _observe(self, live: _Live, device: GpuDevice, used_bytes: int | None) -> None:
+        live.used_mib = None if used_bytes is None else used_bytes // MIB
         live.peak_mib = max(live.peak_mib, live.used_mib or 0)
         live.measured = live.measured or live.used_mib is not None
         live.product = product(device)
@@ -269,7 +276,8 @@ class InstanceBook:
 
     def _start(self, instance: Instance, device: GpuDevice) -> None:
         live = _Live()
-        self._observe(live, device, instance.pid)
+        process = next((p for p in device.processes if p.pid == instance.pid), None)
+        self._observe(live, device, None if process is None else process.used_bytes)
         live.settled = live.peak_mib >= instance.booked_mib
         self._index(instance)
         self._live[instance.id] = live
