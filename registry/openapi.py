@@ -22,6 +22,7 @@ from registry.admission.schemas import (
 from registry.catalog.document import CatalogDocument
 from registry.catalog.schemas import ApplyQuery, ApplyResult, ModelCreate, ModelPatch
 from registry.fleet.schemas import FleetModelList, FleetModelsQuery, FleetOut, FleetQuery
+from registry.footprints.schemas import FootprintOut
 from registry.schemas import (
     ErrorOut,
     GpusOut,
@@ -156,6 +157,30 @@ def _reservation_paths(secured: list[dict[str, list[str]]]) -> dict[str, Any]:
                 },
             },
         },
+        "/models/{id}/footprint": {
+            "parameters": [_ID],
+            "get": {
+                "summary": "What the model's loads really took, per GPU product",
+                "operationId": "get_footprint",
+                "responses": {
+                    "200": _json(FootprintOut, "Its footprint"),
+                    "404": _json(ErrorOut, "No such model"),
+                    "503": _json(ErrorOut, "Database unavailable"),
+                    **_ERRORS,
+                },
+            },
+            "delete": {
+                "summary": "Discard the model's samples (its serving setup changed)",
+                "operationId": "delete_footprint",
+                "security": secured,
+                "responses": {
+                    "204": {"description": "Discarded"},
+                    "404": _json(ErrorOut, "No such model"),
+                    "503": _json(ErrorOut, "Database unavailable"),
+                    **_WRITE_ERRORS,
+                },
+            },
+        },
         "/instances": {
             "get": {
                 "summary": "Instances: models loaded on this host, oldest first",
@@ -235,6 +260,7 @@ def openapi_document() -> dict[str, Any]:
                 InstanceCreate,
                 InstanceOut,
                 InstanceList,
+                FootprintOut,
                 RefusalOut,
                 CatalogDocument,
                 ApplyResult,

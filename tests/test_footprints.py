@@ -118,7 +118,7 @@ async def test_learned_sizes_move_a_model_to_insufficient_vram_and_reservations_
 
     footprint = await _json(await client.get(f"/models/{medium['id']}/footprint"))
     assert footprint["declared_mib"] == 2500 and footprint["effective_mib"] == 6000
-    assert footprint["source"] == "observed"
+    assert footprint["source"] == "max"
     [observed] = footprint["observed"]
     assert (observed["gpu_name"], observed["samples"], observed["peak_mib"]) == (
         "Simulated GPU",

@@ -141,7 +141,7 @@ class InstanceBook:
             boot_id=self.boot_id,
             holder=reservation.holder,
             reservation=reservation.id,
-            booked_mib=self._view.capacity.pending_of(reservation),
+            booked_mib=reservation.vram_mib,
             booked_until=reservation.expires_at,
         )
         self._ledger.bind(reservation.id, instance)

@@ -12,7 +12,6 @@ from registry.auth import Role, require
 from registry.catalog.api import model_id_of
 from registry.database import UNAVAILABLE_ERRORS
 from registry.errors import JSON, http_error
-from registry.footprint import Footprints
 from registry.model import CatalogModel
 
 routes = web.RouteTableDef()
@@ -23,12 +22,6 @@ def _model(request: web.Request) -> CatalogModel:
     if model is None:
         raise http_error(web.HTTPNotFound, "Not Found")
     return model
-
-
-def _source(footprints: Footprints, model: CatalogModel, products: list[str]) -> str:
-    """Where the effective size comes from on the products seen: declared or observed."""
-    learned = [p for p in products if footprints.effective(model, p) != model.vram]
-    return "observed" if learned else "declared"
 
 
 @routes.get("/models/{id}/footprint")
@@ -49,7 +42,7 @@ async def get_footprint(request: web.Request) -> web.Response:
         "model": model.name,
         "declared_mib": model.vram,
         "effective_mib": effective,
-        "source": _source(view.footprints, model, [s.gpu_name for s in summaries]),
+        "source": view.footprints.source.value,  # MODEL_REGISTRY_VRAM_SOURCE
         "learn": model.learn,
         "observed": [s.to_api() for s in summaries],
     }

@@ -1,0 +1,27 @@
+"""The shape of GET /models/{id}/footprint."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class ProductFootprintOut(BaseModel):
+    gpu_name: str = Field(description="The GPU product (a MIG slice counts as its parent's).")
+    samples: int = Field(description="Samples kept (the newest 100).")
+    peak_mib: int = Field(description="The largest peak among them.")
+    p95_mib: int = Field(description="p95 of the newest 20: the observed size.")
+    updated_at: datetime
+
+
+class FootprintOut(BaseModel):
+    model: str
+    declared_mib: int
+    effective_mib: int = Field(description="What admission books, on the placement's product.")
+    source: Literal["max", "declared", "observed"] = Field(
+        description="MODEL_REGISTRY_VRAM_SOURCE of this daemon."
+    )
+    learn: bool
+    observed: list[ProductFootprintOut]
