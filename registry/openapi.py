@@ -176,7 +176,7 @@ def _reservation_paths(secured: list[dict[str, list[str]]]) -> dict[str, Any]:
                 "responses": {
                     "204": {"description": "Discarded"},
                     "404": _json(ErrorOut, "No such model"),
-                    "503": _json(ErrorOut, "Database unavailable"),
+                    **_ERRORS,
                     **_WRITE_ERRORS,
                 },
             },

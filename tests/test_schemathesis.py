@@ -41,6 +41,8 @@ async def test_schemathesis_finds_no_server_error_or_schema_violation(
             subprocess.run,
             [
                 st,
+                "--config-file",
+                str(Path(__file__).with_name("schemathesis.toml")),
                 "run",
                 f"{daemon.url}/openapi.json",
                 "--header",
