@@ -41,14 +41,18 @@ async def test_schemathesis_finds_no_server_error_or_schema_violation(
             subprocess.run,
             [
                 st,
-                "--config-file",
-                str(Path(__file__).with_name("schemathesis.toml")),
                 "run",
                 f"{daemon.url}/openapi.json",
                 "--header",
                 f"Authorization: Bearer {ADMIN_TOKEN}",
                 "--checks",
                 "all",
+                # DELETE /models/{id}/footprint discards samples; the footprint stays (declared
+                # size, no samples), so a GET after it is rightly 200. (Its operation-level
+                # switch does not reach the stateful phase.) Ended reservations, instances and
+                # models are 404 afterwards: test_reservations, test_instances, test_writes.
+                "--exclude-checks",
+                "use_after_free",
                 "--max-time",
                 str(BUDGET_S),
                 # One worker: CPython 3.11 before 3.11.8 tracks the ast module's recursion depth
