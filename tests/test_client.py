@@ -24,6 +24,7 @@ from model_registry_client import (
     AsyncRegistry,
     Fleet,
     LeaseLost,
+    NotFound,
     Refused,
     Registry,
     Unauthorized,
@@ -38,6 +39,7 @@ from tests.conftest import (
     SpawnDaemon,
 )
 from tests.daemon import free_port
+from tests.db import execute
 from tests.waiting import eventually, until
 
 TTL_S = 1  # renewed every third of a second
@@ -427,3 +429,29 @@ async def test_the_async_lease_binds_and_the_fleet_says_where_it_is_warm(
 def _instances(url: str) -> list[Any]:
     with Registry(url) as reg:
         return reg.instances()
+
+
+async def test_footprint_says_what_loads_took_and_what_is_booked(
+    daemon: Any, database_url: str
+) -> None:
+    await execute(
+        database_url,
+        "INSERT INTO footprint_samples (instance_id, model, gpu_name, peak_mib, host) "
+        "SELECT 'i' || n, 'medium', 'Simulated GPU', 3000 + n, 'h' FROM generate_series(1, 3) n;"
+        "SELECT pg_notify('model_registry_footprints', 'medium')",
+    )
+    await eventually(lambda: daemon.app[keys.VIEW].footprints.of_model("medium"), bool)
+
+    def read() -> Any:
+        with Registry(_url(daemon)) as reg:
+            return reg.footprint("medium")
+
+    footprint = await asyncio.to_thread(read)
+    assert (footprint.model, footprint.declared_mib, footprint.source) == ("medium", 2500, "max")
+    assert footprint.effective_mib == 3003
+    [product] = footprint.observed
+    assert (product.gpu_name, product.samples, product.p95_mib) == ("Simulated GPU", 3, 3003)
+    async with AsyncRegistry(_url(daemon)) as reg:
+        assert (await reg.footprint("medium")) == footprint
+        with pytest.raises(NotFound):
+            await reg.footprint("no-such-model")

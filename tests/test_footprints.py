@@ -23,7 +23,7 @@ from tests.conftest import (
     AppClient,
     LogLines,
 )
-from tests.db import fetch
+from tests.db import StoppableServer, fetch
 from tests.fake_nvml import FakeGpu, FakeNvml
 from tests.scrape import scrape
 from tests.waiting import eventually
@@ -301,3 +301,24 @@ async def test_operators_see_the_drift_in_metrics_a_log_line_and_an_export(
     other_gpu = ["models", "export", "--observed", "--format", "json", "--gpu-name", "H100"]
     assert await asyncio.to_thread(main, other_gpu) == 0
     assert json.loads(capsys.readouterr().out)["models"][1]["vram"] == 2500
+
+
+async def test_samples_wait_in_memory_while_the_database_is_down(
+    start_app: AppClient, gpus: Callable[..., Path], own_server: StoppableServer
+) -> None:
+    dsn = own_server.start()
+    client = await start_app(database_url=dsn, scheduler_token=SCHEDULER_TOKEN, poll_interval=60)
+    recorder = client.app[keys.FOOTPRINTS]
+    await eventually(lambda: recorder.listening.is_set())
+    await asyncio.to_thread(own_server.stop)
+    await _learn(client, gpus, "medium", 4000, loads=3)  # instances need no database
+    assert recorder.waiting >= 1
+    await asyncio.to_thread(own_server.start)
+    rows = await eventually(
+        lambda: fetch(dsn, "SELECT peak_mib FROM footprint_samples"),
+        lambda found: len(found) == 3,
+        timeout_s=15,
+    )
+    assert [r["peak_mib"] for r in rows] == [4000, 4000, 4000]
+    medium = await eventually(lambda: _model(client, "medium"), lambda m: m["vram_observed"])
+    assert medium["vram_observed"] == 4000

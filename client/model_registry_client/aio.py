@@ -25,6 +25,7 @@ from model_registry_client.errors import (
 from model_registry_client.objects import (
     Candidate,
     Event,
+    Footprint,
     Gpus,
     Instance,
     Model,
@@ -270,6 +271,13 @@ class AsyncRegistry:
     async def reservations(self) -> list[Reservation]:
         answer = await self._http.call("GET", "/reservations")
         return [Reservation.from_json(r) for r in answer["data"]]
+
+    async def footprint(self, model: str) -> Footprint:
+        found = await self.models(name=model)
+        if not found:
+            raise NotFound(f"no model named {model!r} in the catalog", 404)
+        answer = await self._http.call("GET", f"/models/{found[0].id}/footprint")
+        return Footprint.from_json(answer)
 
     async def instances(self, model: str | None = None) -> list[Instance]:
         params = {} if model is None else {"model": model}

@@ -224,3 +224,40 @@ class WarmSpot:
     gpu: str
     index: int
     instances: int
+
+
+@dataclass(frozen=True)
+class ProductFootprint:
+    """What a model's loads took on one GPU product."""
+
+    gpu_name: str
+    samples: int
+    peak_mib: int
+    p95_mib: int
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """`GET /models/{id}/footprint`: declared, effective (what admission books) and observed."""
+
+    model: str
+    declared_mib: int
+    effective_mib: int
+    source: str
+    observed: list[ProductFootprint]
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Footprint:
+        observed = []
+        for product in raw["observed"]:
+            updated_at = _when(product["updated_at"])
+            assert updated_at is not None
+            observed.append(ProductFootprint(**{**product, "updated_at": updated_at}))
+        return cls(
+            model=raw["model"],
+            declared_mib=raw["declared_mib"],
+            effective_mib=raw["effective_mib"],
+            source=raw["source"],
+            observed=observed,
+        )

@@ -27,6 +27,7 @@ from model_registry_client.errors import (
 from model_registry_client.objects import (
     Candidate,
     Event,
+    Footprint,
     Gpus,
     Instance,
     Model,
@@ -280,6 +281,13 @@ class Registry:
 
     def reservations(self) -> list[Reservation]:
         return [Reservation.from_json(r) for r in self._http.call("GET", "/reservations")["data"]]
+
+    def footprint(self, model: str) -> Footprint:
+        """What `model`'s loads really took, per GPU product, and what admission books."""
+        found = self.models(name=model)
+        if not found:
+            raise NotFound(f"no model named {model!r} in the catalog", 404)
+        return Footprint.from_json(self._http.call("GET", f"/models/{found[0].id}/footprint"))
 
     def instances(self, model: str | None = None) -> list[Instance]:
         """Models loaded on the host now, oldest first; of one model when named."""
