@@ -226,10 +226,16 @@ async def test_instances_survive_a_restart_but_not_another_boot(
     first = await start_app(scheduler_token=SCHEDULER_TOKEN, poll_interval=60, state_dir=state)
     await _poll(first)
     made = await _json(await _bind(first, model="tiny", gpu=GPU, pid=WORKER))
+    reservation = await _reserve(first, model="medium")
+    bound = await _json(await _bind(first, reservation=reservation["id"], pid=WORKER))
     await first.close()
 
     again = await start_app(scheduler_token=SCHEDULER_TOKEN, poll_interval=60, state_dir=state)
-    assert [i["id"] for i in (await _json(await again.get("/instances")))["data"]] == [made["id"]]
+    restored = (await _json(await again.get("/instances")))["data"]
+    assert [i["id"] for i in restored] == [made["id"], bound["id"]]
+    # The bind was one step on disk: the reservation stayed ended, its booking with the instance.
+    assert (await _json(await again.get("/reservations")))["data"] == []
+    assert restored[1]["reservation"] == reservation["id"]
     tiny = (await _json(await again.get("/models?name=tiny")))["data"][0]
     assert [i["id"] for i in tiny["instances"]] == [made["id"]]
     await again.close()
