@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -210,3 +211,24 @@ async def test_an_integral_float_is_an_integer_as_json_schema_says(client: Any) 
     response = await client.post("/models", data=b'{"name": "f", "vram": 1234.0}', headers=AS_ADMIN)
     assert response.status == 201
     assert (await response.json())["vram"] == 1234
+
+
+async def test_an_authorization_header_that_is_not_utf8_is_401_not_500(client: Any) -> None:
+    url = client.make_url("/models")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    body = b'{"name": "x", "vram": 1}'
+    writer.write(
+        b"POST /models HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer \xff\xfe\xc3\r\n"
+        b"Content-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\nConnection: close\r\n\r\n"
+        + body
+    )
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401")
+    assert json.loads(payload)["detail"] == "invalid bearer token"
+    assert (await client.get("/models?name=x")).status == 200
+    assert (await (await client.get("/models?name=x")).json())["data"] == []
