@@ -214,3 +214,13 @@ async def test_bad_fleet_queries_are_422(start_app: AppClient, path: str) -> Non
     answer = await client.get(path)
     assert answer.status == 422
     assert (await answer.json())["detail"][0]["loc"][0] == "query"
+
+
+async def test_a_skip_beyond_any_size_is_an_empty_page_as_in_models(start_app: AppClient) -> None:
+    client = await start_app()
+    huge = "1470478756490654181232201433088"
+    for path in ("/models", "/fleet/models"):
+        answer = await client.get(f"{path}?skip={huge}")
+        assert answer.status == 200, await answer.text()
+        body = await answer.json()
+        assert body["data"] == [] and body["pagination"]["total_items"] == 5

@@ -136,7 +136,9 @@ def _render(request: web.Request, query: FleetModelsQuery, fleet: Placements) ->
     end = query.skip + query.limit
     if query.name is None and query.active is None:  # no filter: only the page is touched
         total = view.model_count
-        page = list(itertools.islice(view.models(), query.skip, end))
+        # Bounded by the count: islice takes no stop beyond sys.maxsize, and a client may
+        # ask to skip more than that (an empty page, as /models answers).
+        page = list(itertools.islice(view.models(), min(query.skip, total), min(end, total)))
     else:
         models: Iterable[CatalogModel] = view.models()
         if query.name is not None:
