@@ -82,7 +82,9 @@ def spawn(app: web.Application, coro: Coroutine[Any, Any, None], name: str) -> a
     task = asyncio.create_task(coro, name=name)
 
     def on_done(finished: asyncio.Task[None]) -> None:
-        if finished.cancelled() and app[keys.STOP].is_set():
+        # Only its cleanup context cancels a task: when the app stops, or when a later
+        # context fails at start (a duplicate host id, say). Neither is a death.
+        if finished.cancelled():
             return
         error = None if finished.cancelled() else finished.exception()
         log.error("background task died", task=name, error=repr(error), exc_info=error)

@@ -164,6 +164,9 @@ async def test_a_second_daemon_with_the_same_host_id_is_refused(
     log = second.log()
     assert "another model-registry daemon with host id 'twin'" in log
     assert "Traceback" not in log
+    # One line says why; the tasks stopped on the way out are not "died".
+    errors = [line for line in log.splitlines() if '"level": "error"' in line]
+    assert len(errors) == 1 and "refusing to start" in errors[0], errors
     # A killed daemon does not block its successor.
     first.signal(signal.SIGKILL)
     first.wait_exit()
