@@ -74,3 +74,24 @@ async def test_watch_redraws_when_something_changes(
         if watch.returncode is None:
             watch.kill()
             await watch.wait()
+
+
+async def test_text_from_clients_is_shown_as_written_never_as_markup(
+    start_app: AppClient, gpu_file: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = await start_app(scheduler_token=SCHEDULER_TOKEN)
+    for holder in ("job-[/]", "[b]x[/b]"):
+        made = await client.post(
+            "/reservations", json={"vram_mib": 10, "holder": holder}, headers=AS_SCHEDULER
+        )
+        assert made.status == 201
+    for holder in ("csi-\u009b31m", "evil-\u202egnp.exe", "tab\there"):
+        refused = await client.post(
+            "/reservations", json={"vram_mib": 10, "holder": holder}, headers=AS_SCHEDULER
+        )
+        assert refused.status == 422, holder
+    url = str(client.make_url("")).rstrip("/")
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["status", "--url", url]) == 0
+    out = capsys.readouterr().out
+    assert "job-[/]" in out and "[b]x[/b]" in out

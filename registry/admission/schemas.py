@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -23,9 +25,23 @@ PID_MAX = 4_194_304  # the kernel's upper bound for pid_max
 # Free text shown to operators and written to logs: anything but control characters.
 _PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
 
+
+def _shown_as_written(value: str) -> str:
+    """Refuse what would not show as written in a terminal or a log: control characters (C0
+    and C1, such as U+009B, which some terminals read as an escape) and format characters
+    (bidi overrides such as U+202E reorder what follows)."""
+    for character in value:
+        if unicodedata.category(character) in ("Cc", "Cf"):
+            raise ValueError(
+                f"control or format character U+{ord(character):04X} is not allowed here"
+            )
+    return value
+
+
 Holder = Annotated[
     str,
     StringConstraints(min_length=1, max_length=128, pattern=_PRINTABLE),
+    AfterValidator(_shown_as_written),
     Field(description="Who holds it (a session or job id), shown to operators."),
 ]
 TtlS = Annotated[
@@ -41,6 +57,7 @@ Pid = Annotated[
 GpuUuid = Annotated[
     str,
     StringConstraints(min_length=1, max_length=128, pattern=_PRINTABLE),
+    AfterValidator(_shown_as_written),
     Field(description="Device UUID to reserve on; default: best fit."),
 ]
 

@@ -39,7 +39,7 @@ def _gpus(gpus: dict[str, Any]) -> Table:
     title = f"GPUs · backend {gpus['backend']} · {state}"
     if gpus.get("last_error"):
         title += f" ({gpus['last_error']})"
-    table = Table(title=title, title_justify="left", expand=False)
+    table = Table(title=Text(title), title_justify="left", expand=False)
     for header in ("GPU", "name", "memory", "used", "pending", "usable", "total"):
         numeric = header in ("used", "pending", "usable", "total")
         table.add_column(header, justify="right" if numeric else "left")
@@ -48,7 +48,7 @@ def _gpus(gpus: dict[str, Any]) -> Table:
         total, free = device["total_mib"], device["free_mib"]
         table.add_row(
             str(device["index"]),
-            device["name"],
+            Text(device["name"]),
             _bar(total, free, device["pending_mib"], margin),
             f"{max(0, total - free):,}",
             f"{device['pending_mib']:,}",
@@ -69,7 +69,7 @@ def _models(models: dict[str, Any], active: int) -> Table:
     for model in models["data"]:
         placement = model["placement"]
         table.add_row(
-            model["name"],
+            Text(model["name"]),
             f"{model['vram']:,}",
             Text("yes", style="green") if model["active"] else Text("no", style="red"),
             model["reason"] or "—",
@@ -86,8 +86,8 @@ def _reservations(reservations: dict[str, Any]) -> Table:
         table.add_column(header, justify="right" if "MiB" in header else "left")
     for r in reservations["data"]:
         table.add_row(
-            r["holder"] or "—",
-            r["model"] or "—",
+            Text(r["holder"] or "—"),
+            Text(r["model"] or "—"),
             f"{r['vram_mib']:,}",
             f"{r['pending_mib']:,}",
             f"GPU {r['gpu']['index']}",
@@ -102,13 +102,13 @@ def _instances(instances: dict[str, Any]) -> Table:
         table.add_column(header, justify="right" if "MiB" in header or header == "pid" else "left")
     for i in instances["data"]:
         table.add_row(
-            i["model"] or "—",
+            Text(i["model"] or "—"),
             f"GPU {i['gpu']['index']}",
             str(i["pid"]),
             "—" if i["used_mib"] is None else f"{i['used_mib']:,}",
             f"{i['peak_mib']:,}",
             f"{i['pending_mib']:,}",
-            i["holder"] or "—",
+            Text(i["holder"] or "—"),
         )
     return table
 
