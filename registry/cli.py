@@ -75,7 +75,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             overrides = {"host": args.host, "port": args.port}
         settings = load_settings(args.config, **overrides)
-    except (ConfigError, ValidationError, tomllib.TOMLDecodeError) as exc:
+    except ValidationError as exc:
+        # Never the values: a URL or a token in them would reach the journal.
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}"
+            for e in exc.errors(include_input=False, include_url=False)
+        )
+        print(f"model-registry: configuration error: {problems}", file=sys.stderr)
+        return 2
+    except (ConfigError, tomllib.TOMLDecodeError) as exc:
         print(f"model-registry: configuration error: {exc}", file=sys.stderr)
         return 2
     # The daemon logs to stdout (the journal); the other commands keep stdout for their output.

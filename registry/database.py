@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -37,15 +37,22 @@ _CLOSE_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *UNAVAILABLE_ERR
 
 
 def redact_dsn(dsn: str) -> str:
-    """The URL with its password replaced, for log lines and error messages."""
+    """The URL with its passwords replaced (in the user info and in a `password` query
+    parameter), for log lines and error messages."""
     try:
         parts = urlsplit(dsn)
     except ValueError:
         return "<unparseable database URL>"
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        parts = parts._replace(netloc=netloc)
+    if parts.query:
+        query = [
+            (key, "***" if key.lower() in ("password", "sslpassword") else value)
+            for key, value in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        parts = parts._replace(query=urlencode(query, safe="*/"))
+    return urlunsplit(parts)
 
 
 @dataclass

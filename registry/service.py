@@ -81,6 +81,7 @@ class Service:
             body_timeout_s=settings.body_timeout,
             keepalive_timeout_s=KEEPALIVE_TIMEOUT_S,
         )
+        _warn_about_short_tokens(settings)
         runner = GuardedRunner(
             self.app,
             max_connections=max_connections,
@@ -199,6 +200,22 @@ class Service:
             log.error("TLS reload failed; keeping the certificate in use", error=str(exc))
         else:
             log.info("TLS certificate reloaded", cert_file=str(self.tls.cert_file))
+
+
+MIN_TOKEN_LENGTH = 16
+
+
+def _warn_about_short_tokens(settings: Settings) -> None:
+    """Say at start which setting holds a token short enough to guess (never the token)."""
+    for name, tokens in (
+        ("MODEL_REGISTRY_ADMIN_TOKEN", settings.admin_tokens()),
+        ("MODEL_REGISTRY_SCHEDULER_TOKEN", settings.scheduler_tokens()),
+    ):
+        if any(len(token) < MIN_TOKEN_LENGTH for token in tokens):
+            log.warning(
+                "a bearer token is shorter than 16 characters: easy to guess",
+                setting=name,
+            )
 
 
 async def _flush_repeated_logs() -> None:

@@ -48,8 +48,10 @@ def test_config_errors_are_clear(tmp_path: Path) -> None:
     assert "configuration error" in result.stderr and "pol_interval" in result.stderr
     result = run_cli("migrate", env={"MODEL_REGISTRY_POLL_INTERVAL": "0.001"})
     assert result.returncode == 2 and "poll_interval" in result.stderr
-    result = run_cli("migrate", env={"MODEL_REGISTRY_DATABASE_URL": "mysql://localhost/x"})
+    secret_url = "mysql://app:hunter2-secret@localhost/x"
+    result = run_cli("migrate", env={"MODEL_REGISTRY_DATABASE_URL": secret_url})
     assert result.returncode == 2 and "postgresql://" in result.stderr
+    assert "hunter2" not in result.stderr  # values never echo: they reach the journal
     result = run_cli("migrate", env={"MODEL_REGISTRY_DATABASE_URL": "postgresql://u@h:port/x"})
     assert result.returncode == 2 and "database_url" in result.stderr
     assert "Traceback" not in result.stderr
@@ -118,3 +120,12 @@ def test_a_taken_port_is_a_one_line_error(database_url: str) -> None:
     assert result.returncode == 1
     assert "address already in use" in result.stderr.lower()
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_database_passwords_are_redacted_in_the_user_info_and_the_query() -> None:
+    from registry.database import redact_dsn
+
+    assert redact_dsn("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
+    redacted = redact_dsn("postgresql://u@h/db?sslmode=require&password=s3cret&PassWord=x")
+    assert "s3cret" not in redacted and "=x" not in redacted
+    assert redacted.startswith("postgresql://u@h/db?sslmode=require&password=***")

@@ -250,3 +250,23 @@ async def test_sigint_stops_cleanly_too(
     daemon.signal(signal.SIGINT)
     assert await asyncio.to_thread(daemon.wait_exit, 10) == 0
     assert '"event": "stopped"' in daemon.log()
+
+
+async def test_a_short_token_is_warned_of_by_setting_never_by_value(
+    daemon_env: dict[str, str], start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = start_daemon(
+        {
+            **daemon_env,
+            "MODEL_REGISTRY_SCHEDULER_TOKEN": "tiny-tok",
+            "MODEL_REGISTRY_ADMIN_TOKEN": ADMIN_TOKEN,
+        }
+    )
+    await daemon.wait_ready()
+    warnings = [
+        json.loads(line)
+        for line in daemon.log().splitlines()
+        if "shorter than 16 characters" in line
+    ]
+    assert [w["setting"] for w in warnings] == ["MODEL_REGISTRY_SCHEDULER_TOKEN"]
+    assert "tiny-tok" not in daemon.log()
