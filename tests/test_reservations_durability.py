@@ -362,3 +362,27 @@ def test_with_many_open_the_journal_is_not_rewritten_at_every_flush(tmp_path: Pa
     # A rewrite costs O(open): it comes only when the file holds twice the open ones (here
     # never), not at each of the 280 flushes past the first 20 lines.
     assert len(rewrites) <= 6
+
+
+def test_the_state_directory_must_be_this_daemons_alone(tmp_path: Path) -> None:
+    from registry.admission.ledger import LedgerError, ReservationLedger
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(LedgerError, match=r"writable by group or others.*chmod go-w"):
+        ReservationLedger(shared).open(list)
+    shared.chmod(0o700)
+    outside = tmp_path / "outside"
+    outside.write_text("not the daemon's\n")
+    for planted in ("daemon.lock", "reservations.jsonl"):
+        link = shared / planted
+        link.symlink_to(outside)
+        with pytest.raises(LedgerError):
+            ReservationLedger(shared).open(list)
+        link.unlink()
+    (shared / "reservations.jsonl.tmp").symlink_to(outside)  # a planted temp file
+    ledger = ReservationLedger(shared)
+    assert ledger.open(list) == []
+    ledger.close()
+    assert outside.read_text() == "not the daemon's\n"  # nothing written through a link

@@ -39,6 +39,23 @@ class LedgerError(Exception):
     """The journal cannot be used; the message says which file and what to do."""
 
 
+def check_state_dir(directory: Path) -> None:
+    """Refuse a state directory that another user owns, or that others may write to: the
+    promises kept there (and the database) must be this daemon's alone."""
+    info = directory.stat()
+    fix = f"chown {os.geteuid()} {directory} && chmod go-w {directory}"
+    if info.st_uid != os.geteuid():
+        raise LedgerError(
+            f"the state directory {directory} belongs to user {info.st_uid}, not to this "
+            f"daemon's ({os.geteuid()}): give it its own (MODEL_REGISTRY_STATE_DIR), or {fix}"
+        )
+    if info.st_mode & 0o022:
+        raise LedgerError(
+            f"the state directory {directory} is writable by group or others "
+            f"(mode {info.st_mode & 0o777:o}): {fix}"
+        )
+
+
 class _Bind(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -69,9 +86,15 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+# Files of the state directory are never opened through a symbolic link someone planted.
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def _replace_atomically(path: Path, payload: bytes) -> None:
     temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)  # a leftover, or a planted link: created anew, exclusively
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
     try:
         _write_all(fd, payload)
         os.fsync(fd)
@@ -118,6 +141,7 @@ class ReservationLedger:
         rewrite of the journal writes. `open_count` says how many there are, cheaply.
         """
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_state_dir(self.path.parent)
         self._take_lock()
         try:
             reservations = self._replay()
@@ -130,7 +154,14 @@ class ReservationLedger:
         return reservations
 
     def _take_lock(self) -> None:
-        lock_file = self._lock_path.open("a+")
+        try:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise LedgerError(
+                f"cannot open {self._lock_path} ({exc.strerror}): it must be a plain file of "
+                "the state directory, not a symbolic link"
+            ) from None
+        lock_file = os.fdopen(fd, "a+")
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -238,14 +269,16 @@ class ReservationLedger:
         _replace_atomically(self.path, payload)
         if self._fd is not None:
             os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | _NOFOLLOW)
         self._lines_in_file = len(reservations) + len(instances or ())
 
     # -- reading --------------------------------------------------------------------------
 
     def _replay(self) -> list[Reservation]:
         try:
-            raw = self.path.read_bytes()
+            fd = os.open(self.path, os.O_RDONLY | _NOFOLLOW)
+            with os.fdopen(fd, "rb") as journal:
+                raw = journal.read()
         except FileNotFoundError:
             return []
         except OSError as exc:
