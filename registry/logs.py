@@ -60,12 +60,17 @@ class _ClientErrorFilter(logging.Filter):
 
 
 REPEAT_WINDOW_S = 10.0
+# Refused logins are a security signal: folded per address, with the count, at most one line
+# per address per second, so a guessing client is named, and so is a second one.
+AUTH_FAILURE_WINDOW_S = 1.0
+_AUTH_FAILURES = frozenset({401, 403})
 FLAP_EVENT = "model availability changed"
 
 
 @dataclass
 class _Repeats:
     window_start: float
+    window_s: float
     count: int = 0  # left out since window_start
     last: logging.LogRecord | None = None
 
@@ -100,6 +105,8 @@ class RepeatSummary(logging.Filter):
         event = fields.get("event") if fields else record.msg
         if event == "request":
             status = fields.get("status", 0)
+            if status in _AUTH_FAILURES:
+                return (record.name, event, status, fields.get("remote"))
             return (record.name, event, status) if status >= 400 else None
         if record.levelno < logging.WARNING and event != FLAP_EVENT:
             return None
@@ -119,19 +126,22 @@ class RepeatSummary(logging.Filter):
         if key is None:
             return True
         now = self._clock()
+        window_s = self._window_s
+        if key[1] == "request" and key[2] in _AUTH_FAILURES:
+            window_s = AUTH_FAILURE_WINDOW_S
         with self._lock:
             repeats = self._repeats.get(key)
             if repeats is None:
-                self._repeats[key] = _Repeats(window_start=now)
+                self._repeats[key] = _Repeats(window_start=now, window_s=window_s)
                 return True  # the first: logged in full
-            if now - repeats.window_start < self._window_s:
+            if now - repeats.window_start < window_s:
                 repeats.count += 1
                 repeats.last = record
                 return False
             counted = repeats.count
-            self._repeats[key] = _Repeats(window_start=now)
+            self._repeats[key] = _Repeats(window_start=now, window_s=window_s)
         if counted:  # the window is over: this one stands for all of them
-            _as_summary(record, counted + 1, self._window_s)
+            _as_summary(record, counted + 1, window_s)
         return True
 
     def flush(self) -> None:
@@ -140,14 +150,14 @@ class RepeatSummary(logging.Filter):
         due = []
         with self._lock:
             for key, repeats in list(self._repeats.items()):
-                if now - repeats.window_start < self._window_s:
+                if now - repeats.window_start < repeats.window_s:
                     continue
                 if repeats.count and repeats.last is not None:
-                    due.append((repeats.last, repeats.count))
+                    due.append((repeats.last, repeats.count, repeats.window_s))
                 del self._repeats[key]
-        for record, count in due:
+        for record, count, window_s in due:
             summary = copy.copy(record)
-            _as_summary(summary, count, self._window_s)
+            _as_summary(summary, count, window_s)
             self._emit(summary)
 
 

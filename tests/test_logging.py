@@ -257,3 +257,28 @@ def test_each_expired_reservation_is_told() -> None:
             "registry.admission", logging.WARNING, __file__, 1, msg, None, None
         )
         assert summary.filter(record), "each expiry is its own news, not a repeat"
+
+
+def test_refused_logins_are_told_per_address_at_most_once_a_second() -> None:
+    from registry.logs import RepeatSummary
+
+    emitted: list[logging.LogRecord] = []
+    now = [0.0]
+    summary = RepeatSummary(emitted.append, window_s=10, clock=lambda: now[0])
+
+    def refused(remote: str, status: int = 401) -> logging.LogRecord:
+        fields = {"event": "request", "status": status, "remote": remote, "path": "/models"}
+        return logging.LogRecord("registry.access", logging.INFO, __file__, 1, fields, None, None)
+
+    shown = []
+    for step in range(51):  # 51 bad tokens in half a second, from one address
+        now[0] = step * 0.01
+        if summary.filter(line := refused("10.0.0.7")):
+            shown.append(line)
+    assert summary.filter(refused("10.0.0.8"))  # another address is named at once
+    assert summary.filter(refused("10.0.0.7", 403))  # and so is a 403
+    assert len(shown) == 1
+    now[0] = 1.2  # a second later: the next one carries the count
+    assert summary.filter(line := refused("10.0.0.7"))
+    assert isinstance(line.msg, dict) and line.msg["repeated"] == 51
+    assert line.msg["repeated_within_s"] == 1.0 and line.msg["remote"] == "10.0.0.7"
