@@ -279,6 +279,7 @@ def test_refused_logins_are_told_per_address_at_most_once_a_second() -> None:
     assert summary.filter(refused("10.0.0.7", 403))  # and so is a 403
     assert len(shown) == 1
     now[0] = 1.2  # a second later: the next one carries the count
-    assert summary.filter(line := refused("10.0.0.7"))
+    line = refused("10.0.0.7")
+    assert summary.filter(line)
     assert isinstance(line.msg, dict) and line.msg["repeated"] == 51
     assert line.msg["repeated_within_s"] == 1.0 and line.msg["remote"] == "10.0.0.7"
