@@ -482,3 +482,16 @@ async def test_the_fleet_row_lists_the_newest_hundred_and_counts_them_all(client
     assert (host["reservations_total"], host["pending_mib"]) == (105, 105)
     assert len(host["reservations"]) == FLEET_ROW_RESERVATIONS
     assert [r["id"] for r in host["reservations"]] == [r["id"] for r in reversed(made)][:100]
+
+
+def test_the_schema_pattern_for_free_text_refuses_exactly_what_the_validator_does() -> None:
+    import re
+    import unicodedata
+
+    from registry.admission.schemas import NOT_SHOWN_AS_WRITTEN
+
+    refused = re.compile(f"[{NOT_SHOWN_AS_WRITTEN}]")
+    for code_point in range(0x110000):
+        character = chr(code_point)
+        expected = unicodedata.category(character) in ("Cc", "Cf")
+        assert bool(refused.match(character)) is expected, hex(code_point)

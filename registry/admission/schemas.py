@@ -22,8 +22,16 @@ TTL_MAX_S = 3600
 PID_MAX = 4_194_304  # the kernel's upper bound for pid_max
 
 
-# Free text shown to operators and written to logs: anything but control characters.
-_PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+# Free text shown to operators and written to logs: no control (Cc) or format (Cf) character.
+# The validator below enforces it with a clear message; this pattern says it in the schema
+# (the categories as this Python's unicodedata has them; a test keeps the two in step).
+NOT_SHOWN_AS_WRITTEN = (
+    "\\u0000-\\u001f\\u007f-\\u009f\\u00ad\\u0600-\\u0605\\u061c\\u06dd\\u070f"
+    "\\u0890-\\u0891\\u08e2\\u180e\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2064"
+    "\\u2066-\\u206f\\ufeff\\ufff9-\\ufffb\\U000110bd\\U000110cd\\U00013430-\\U00013438"
+    "\\U0001bca0-\\U0001bca3\\U0001d173-\\U0001d17a\\U000e0001\\U000e0020-\\U000e007f"
+)
+_PRINTABLE = f"^[^{NOT_SHOWN_AS_WRITTEN}]+$"
 
 
 def _shown_as_written(value: str) -> str:
@@ -40,9 +48,12 @@ def _shown_as_written(value: str) -> str:
 
 Holder = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=128, pattern=_PRINTABLE),
+    StringConstraints(min_length=1, max_length=128),
     AfterValidator(_shown_as_written),
-    Field(description="Who holds it (a session or job id), shown to operators."),
+    Field(
+        description="Who holds it (a session or job id), shown to operators.",
+        json_schema_extra={"pattern": _PRINTABLE},
+    ),
 ]
 TtlS = Annotated[
     int,
@@ -56,9 +67,12 @@ Pid = Annotated[
 ]
 GpuUuid = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=128, pattern=_PRINTABLE),
+    StringConstraints(min_length=1, max_length=128),
     AfterValidator(_shown_as_written),
-    Field(description="Device UUID to reserve on; default: best fit."),
+    Field(
+        description="Device UUID to reserve on; default: best fit.",
+        json_schema_extra={"pattern": _PRINTABLE},
+    ),
 ]
 
 
