@@ -266,7 +266,7 @@ def _reservations(app: web.Application) -> list[dict[str, object]]:
 
 def _instances(app: web.Application) -> list[dict[str, object]]:
     instances = app.get(keys.INSTANCES)
-    return [] if instances is None else [instances.describe(i) for i in instances.listed()]
+    return [] if instances is None else instances.described()
 
 
 def _fleet_instances(app: web.Application) -> list[dict[str, Any]]:

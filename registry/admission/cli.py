@@ -12,14 +12,20 @@ from registry.http_client import ClientError, base_url, call
 from registry.tables import text_table
 
 
-def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
-    reservations = commands.add_parser(
-        "reservations", help="look at, make or release VRAM reservations on a running daemon"
-    )
+def connection_options(common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of a command that talks to a running daemon over HTTP."""
     connection = argparse.ArgumentParser(add_help=False, parents=[common])
     connection.add_argument(
         "--url", help="the daemon's base URL (default: from the configured host and port)"
     )
+    return connection
+
+
+def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    reservations = commands.add_parser(
+        "reservations", help="look at, make or release VRAM reservations on a running daemon"
+    )
+    connection = connection_options(common)
     actions = reservations.add_subparsers(dest="action", required=True, metavar="ACTION")
     actions.add_parser("list", parents=[connection], help="print the open reservations")
     add = actions.add_parser("add", parents=[connection], help="reserve VRAM")

@@ -111,6 +111,10 @@ class InstanceBook:
             for (model, gpu, index), count in sorted(counts.items())
         ]
 
+    def described(self) -> list[dict[str, object]]:
+        """Every live instance as the API shows it, oldest first."""
+        return [self.describe(instance) for instance in self.listed()]
+
     def describe(self, instance: Instance) -> dict[str, object]:
         live = self._live[instance.id]
         return instance.to_api(live.used_mib, live.peak_mib, self._pending(instance, live))

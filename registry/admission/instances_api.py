@@ -95,8 +95,7 @@ async def create_instance(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/instances")
 async def list_instances(request: web.Request) -> web.StreamResponse:
-    model = request.query.get("model")
-    instances = _instances(request)
+    model, instances = request.query.get("model"), _instances(request)
     return json_answer({"data": [instances.describe(i) for i in instances.listed(model)]})
 
 

@@ -6,6 +6,7 @@ import argparse
 import urllib.parse
 from typing import Any
 
+from registry.admission.cli import connection_options
 from registry.config import Settings
 from registry.http_client import base_url, call
 from registry.tables import text_table
@@ -15,10 +16,7 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     instances = commands.add_parser(
         "instances", help="look at, adopt or end the models loaded on a running daemon's host"
     )
-    connection = argparse.ArgumentParser(add_help=False, parents=[common])
-    connection.add_argument(
-        "--url", help="the daemon's base URL (default: from the configured host and port)"
-    )
+    connection = connection_options(common)
     actions = instances.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", parents=[connection], help="print the live instances")
     listing.add_argument("--model", help="only this model's")

@@ -57,10 +57,6 @@ async def list_models(request: web.Request) -> web.Response:
 
 def model_id_of(request: web.Request) -> int:
     """The `{id}` of a /models/{id} path: 422 when it is no integer, 404 when out of range."""
-    return _model_id(request)
-
-
-def _model_id(request: web.Request) -> int:
     raw = request.match_info["id"]
     try:
         model_id = int(raw)
@@ -82,7 +78,7 @@ def _model_id(request: web.Request) -> int:
 
 @routes.get("/models/{id}")
 async def get_model(request: web.Request) -> web.Response:
-    model_id, view = _model_id(request), request.app[keys.VIEW]
+    model_id, view = model_id_of(request), request.app[keys.VIEW]
     return await watched_json(request, lambda: view.single(model_id), request.app[keys.FEED])
 
 
@@ -131,7 +127,7 @@ async def create_model(request: web.Request) -> web.StreamResponse:
 @routes.patch("/models/{id}")
 @_admin_write
 async def patch_model(request: web.Request) -> web.StreamResponse:
-    model_id = _model_id(request)
+    model_id = model_id_of(request)
     data = await validated_body(request, ModelPatch)
     if not data.model_fields_set:
         raise unprocessable(
@@ -185,7 +181,7 @@ async def apply_catalog(request: web.Request) -> web.StreamResponse:
 @routes.delete("/models/{id}")
 @_admin_write
 async def delete_model(request: web.Request) -> web.StreamResponse:
-    model_id = _model_id(request)
+    model_id = model_id_of(request)
     if not await request.app[keys.CATALOG_STORE].delete(model_id):
         raise http_error(web.HTTPNotFound, "Not Found")
     request.app[keys.VIEW].apply_changes([model_id], [])

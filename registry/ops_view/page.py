@@ -89,9 +89,9 @@ def _reservations(view: CatalogView, now: datetime) -> list[dict[str, Any]]:
     ]
 
 
-def _instances(app: web.Application) -> list[dict[str, Any]]:
+def _instances(app: web.Application) -> list[dict[str, object]]:
     instances = app.get(keys.INSTANCES)
-    return [] if instances is None else [instances.describe(i) for i in instances.listed()]
+    return [] if instances is None else instances.described()
 
 
 async def _fleet(request: web.Request) -> list[Any]:
