@@ -174,7 +174,7 @@ class Capacity:
         elif self._ranked:
             device = self._ranked[-1].device
         if device is None:
-            return None, self.footprints.effective(model, "")
+            return None, model.vram  # no device: nothing learned applies
         gpu_product = product(device)
         return self.footprints.observed(model.name, gpu_product), self.need(model, device)
 

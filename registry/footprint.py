@@ -25,7 +25,12 @@ class VramSource(enum.StrEnum):
 
 def product(device: GpuDevice) -> str:
     """The GPU product a device belongs to: a MIG slice counts as its parent's product."""
-    return device.name.partition(" MIG ")[0]
+    return product_of(device.name)
+
+
+def product_of(device_name: str) -> str:
+    """The GPU product of a device by its name (`H200 MIG 3` is an `H200`)."""
+    return device_name.partition(" MIG ")[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,12 +76,7 @@ class Footprints:
     def effective(self, model: CatalogModel, gpu_product: str) -> int:
         """What admission books for `model` on a device of `gpu_product`. A model that does
         not learn (a server that preallocates most of a GPU) books what it declares."""
-        if self.source is VramSource.DECLARED or not model.learn:
-            return model.vram
-        observed = self.observed(model.name, gpu_product)
-        if observed is None:
-            return model.vram
-        return observed if self.source is VramSource.OBSERVED else max(model.vram, observed)
+        return self.effective_under(model, gpu_product, self.source, self.min_samples)
 
     def learned(self, model: CatalogModel) -> bool:
         """Whether the model's effective size may differ from its declared one somewhere."""

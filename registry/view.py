@@ -201,7 +201,6 @@ class CatalogView:
             return
         if entry is not None:
             self._note_drift(entry.model)
-        if entry is not None:
             self._remove(entry.model.id)
             self._insert(entry)
             if before != self._capacity.is_active(entry.model):
@@ -252,18 +251,22 @@ class CatalogView:
                 if not of_model:
                     del self._residents[name]
         self.last_instances_change = (made or [], ended or [])
-        held = False
-        for key, uuid, mib in holds:
-            held = self._bookings.hold(key, uuid, mib) or held
-        if held:
+        if self._take_holds(holds):
             self._recompute_capacity()
         elif touched or made or ended:
             self._changed()
 
     def hold(self, holds: Iterable[tuple[str, str, int]]) -> None:
         """Pending memory that instances hold changed: (key, uuid, MiB); 0 lets go."""
-        if any([self._bookings.hold(key, uuid, mib) for key, uuid, mib in holds]):
+        if self._take_holds(holds):
             self._recompute_capacity()
+
+    def _take_holds(self, holds: Iterable[tuple[str, str, int]]) -> bool:
+        """Apply every hold; whether any changed the books."""
+        changed = False
+        for key, uuid, mib in holds:
+            changed = self._bookings.hold(key, uuid, mib) or changed
+        return changed
 
     def book_reservations(self, put: Iterable[Reservation], ended: Iterable[str] = ()) -> None:
         """Reservations made, renewed or ended: work in proportion to them, not to the book."""

@@ -15,7 +15,7 @@ from registry import keys
 from registry.errors import unprocessable, validation_issues
 from registry.fleet.reader import Candidate, Placements
 from registry.fleet.schemas import FleetModelsQuery, FleetQuery
-from registry.footprint import Footprints, VramSource
+from registry.footprint import Footprints, VramSource, product_of
 from registry.model import CatalogModel
 from registry.view import CachedBody, body_etag
 from registry.watch.conditional import cached_json
@@ -67,7 +67,7 @@ def _candidates(
 
     def need(i: int) -> int:
         source = VramSource(fleet.sources[i]) if fleet.sources[i] in _SOURCES else VramSource.MAX
-        gpu_product = fleet.names[i].partition(" MIG ")[0]
+        gpu_product = product_of(fleet.names[i])
         return footprints.effective_under(model, gpu_product, source, fleet.min_samples[i])
 
     return fleet.fits_by_device(need, hosts_limit)
