@@ -14,7 +14,12 @@ from gpu import GpuPoller
 from registry import keys
 from registry.app import SERVER_OPTIONS, create_app, margins_from
 from registry.config import Settings, load_settings
-from registry.guard.connections import KEEPALIVE_TIMEOUT_S, GuardedRunner, GuardedServer
+from registry.guard.connections import (
+    KEEPALIVE_TIMEOUT_S,
+    GuardedRunner,
+    GuardedServer,
+    GuardedSite,
+)
 from registry.guard.fds import default_max_connections, raise_open_files_limit
 from registry.guard.metrics import ConnectionStats
 from registry.guard.tls import TlsFiles
@@ -114,7 +119,7 @@ class Service:
                 asyncio.create_task(server.sweep(), name="header-timeouts"),
                 asyncio.create_task(_flush_repeated_logs(), name="log-summaries"),
             ]
-            site = web.TCPSite(
+            site = GuardedSite(
                 runner,
                 self.settings.host,
                 self.settings.port,

@@ -171,25 +171,67 @@ async def test_a_request_head_and_a_body_must_arrive_in_time(
     writer.close()
 
 
+class Certificates:
+    """A private CA and the daemon's certificate and key files, issued (again) on demand."""
+
+    def __init__(self, directory: Path) -> None:
+        self.ca = trustme.CA()
+        self.cert_file, self.key_file = directory / "cert.pem", directory / "key.pem"
+        self.client = ssl.create_default_context()
+        self.ca.configure_trust(self.client)
+
+    def issue(self, name: str = "registry.example") -> Certificates:
+        cert = self.ca.issue_cert("127.0.0.1", name)
+        cert.private_key_and_cert_chain_pem.write_to_path(str(self.cert_file))
+        cert.private_key_pem.write_to_path(str(self.key_file))
+        return self
+
+    def daemon_env(self) -> dict[str, str]:
+        return {
+            "MODEL_REGISTRY_TLS_CERT_FILE": str(self.cert_file),
+            "MODEL_REGISTRY_TLS_KEY_FILE": str(self.key_file),
+        }
+
+
+async def test_400_silent_tls_connections_under_a_300_limit_leave_https_reachable(
+    spawn_daemon: SpawnDaemon, tmp_path: Path
+) -> None:
+    """Connections are counted when accepted, not when their handshake ends: ones that never
+    send a ClientHello make room for real clients like any other idle connection."""
+    _room_for(500)
+    certificates = Certificates(tmp_path).issue()
+    daemon = spawn_daemon(open_files=300, scheme="https", **certificates.daemon_env())
+    await daemon.wait_ready(ssl=certificates.client)
+    silent = [await asyncio.open_connection("127.0.0.1", daemon.port) for _ in range(400)]
+    try:
+        assert await _closed(silent[0][0], timeout_s=5.0)
+        started = time.monotonic()
+        connector = aiohttp.TCPConnector(ssl=certificates.client)
+        async with (
+            aiohttp.ClientSession(connector=connector) as http,
+            http.get(daemon.url + "/gpus", timeout=aiohttp.ClientTimeout(total=2.0)) as answer,
+        ):
+            assert answer.status == 200
+            gpus = await answer.json()
+        assert time.monotonic() - started < 2.0
+        assert gpus["state"] == "ok", gpus
+    finally:
+        for _reader, writer in silent:
+            writer.close()
+    after = _lines_after(daemon.log(), "listening")
+    assert len(after) < 40, after[:50]
+    assert "Too many open files" not in daemon.log()
+
+
 async def test_https_with_a_certificate_that_is_reloaded_on_sighup(
     spawn_daemon: SpawnDaemon, tmp_path: Path
 ) -> None:
-    ca = trustme.CA()
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-
-    def issue(name: str) -> None:
-        cert = ca.issue_cert("127.0.0.1", name)
-        cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
-        cert.private_key_pem.write_to_path(str(key_file))
-
+    certificates = Certificates(tmp_path)
+    cert_file = certificates.cert_file
+    issue = certificates.issue
     issue("first.example")
-    daemon = spawn_daemon(
-        scheme="https",
-        MODEL_REGISTRY_TLS_CERT_FILE=str(cert_file),
-        MODEL_REGISTRY_TLS_KEY_FILE=str(key_file),
-    )
-    client_tls = ssl.create_default_context()
-    ca.configure_trust(client_tls)
+    daemon = spawn_daemon(scheme="https", **certificates.daemon_env())
+    client_tls = certificates.client
     await daemon.wait_ready(ssl=client_tls)
 
     def served_names() -> set[str]:

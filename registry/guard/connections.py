@@ -7,12 +7,18 @@ make room; a connection busy with a request (a waiting GET, an event stream) is 
 Only when every connection is busy is the newcomer refused, closed at once. A connection must
 send a complete request head within `header_timeout` of connecting, or of its first byte after
 a previous answer. This way slow-header attackers lose their connections to real clients.
+
+Over HTTPS a connection counts from the moment it is accepted, not from the end of its TLS
+handshake: one still in its handshake is idle (it owes a head), evicted first, and must finish
+the handshake within the same header timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
+from asyncio.sslproto import SSLProtocol
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,25 +72,47 @@ class GuardedServer(web.Server):
         self.header_timeout_s = header_timeout_s
         self.counters = GuardCounters()
         self._closed: set[Any] = set()  # handlers closed here, until they leave the table
+        # TLS connections whose handshake has not ended: handler -> the raw TCP transport.
+        self._handshaking: dict[Any, asyncio.Transport] = {}
 
     def __call__(self) -> GuardedRequestHandler:
         return GuardedRequestHandler(self, loop=self._loop, **self._kwargs)
 
+    def tls_protocol(self, context: ssl.SSLContext) -> SSLProtocol:
+        """A protocol for one accepted TCP connection that speaks TLS to a new handler."""
+        return _GuardedTlsProtocol(self, context)
+
+    @property
+    def open_count(self) -> int:
+        return len(self._connections) + len(self._handshaking)
+
+    def tls_accepted(self, handler: Any, transport: asyncio.Transport) -> None:
+        self._handshaking[handler] = transport
+        self._make_room(handler, transport)
+
+    def tls_gone(self, handler: Any) -> None:
+        self._handshaking.pop(handler, None)
+
     def connection_made(self, handler: Any, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
-        connections = self._connections
-        if len(connections) <= self.max_connections:
+        if self._handshaking.pop(handler, None) is None:  # counted at accept when TLS
+            self._make_room(handler, transport)
+
+    def _make_room(self, handler: Any, transport: asyncio.Transport) -> None:
+        if self.open_count <= self.max_connections:
             return
-        # Closed connections leave the table a little later: do not count them, and do not
+        # Closed connections leave the tables a little later: do not count them, and do not
         # close them twice. (Kept small, and cheap, even in a flood of connections.)
-        self._closed = {h for h in self._closed if h in connections}
-        if len(connections) - len(self._closed) <= self.max_connections:
+        self._closed = {h for h in self._closed if h in self._connections or h in self._handshaking}
+        if self.open_count - len(self._closed) <= self.max_connections:
             return
-        # Connections are kept in the order they came: the first idle one is the oldest.
-        for other, other_transport in connections.items():
+        # Both tables keep connections in the order they came: the first idle one is the
+        # oldest. A connection still in its TLS handshake serves no one yet: it goes first.
+        candidates = (*self._handshaking.items(), *self._connections.items())
+        for other, other_transport in candidates:
             if other is handler or other in self._closed:
                 continue
-            if getattr(other, "idle", False):
+            if other in self._handshaking or getattr(other, "idle", False):
                 self._closed.add(other)
                 other_transport.abort()
                 self.counters.evicted += 1
@@ -100,7 +128,7 @@ class GuardedServer(web.Server):
         deadline = time.monotonic() - self.header_timeout_s
         late = [
             transport
-            for handler, transport in self._connections.items()
+            for handler, transport in (*self._handshaking.items(), *self._connections.items())
             if (since := getattr(handler, "head_since", None)) is not None and since < deadline
         ]
         for transport in late:
@@ -128,11 +156,63 @@ class GuardedServer(web.Server):
                         evicted=now.evicted - reported.evicted,
                         refused=now.refused - reported.refused,
                         no_request_head_in_time=now.timed_out - reported.timed_out,
-                        open=len(self._connections),
+                        open=self.open_count,
                         max_connections=self.max_connections,
                         within_s=report_every_s,
                     )
                     reported = now
+
+
+class _GuardedTlsProtocol(SSLProtocol):
+    """asyncio's own TLS layer (what `create_server(ssl=...)` builds), made visible to the
+    guard from the moment the TCP connection is accepted until its handshake ends."""
+
+    def __init__(self, server: GuardedServer, context: ssl.SSLContext) -> None:
+        self._handler = server()
+        self._server = server
+        # No waiter (nobody awaits the handshake) and a timeout in seconds, as asyncio itself
+        # builds it; the stubs are narrower than that.
+        no_waiter: Any = None
+        timeout_s: Any = server.header_timeout_s
+        super().__init__(
+            server._loop,
+            self._handler,
+            context,
+            no_waiter,
+            server_side=True,
+            ssl_handshake_timeout=timeout_s,
+        )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert isinstance(transport, asyncio.Transport)
+        self._server.tls_accepted(self._handler, transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._server.tls_gone(self._handler)
+        super().connection_lost(exc)
+
+
+class GuardedSite(web.TCPSite):
+    """A TCP site whose TLS connections the guard counts from their accept."""
+
+    async def start(self) -> None:
+        context = self._ssl_context
+        if context is None:
+            return await super().start()
+        await web.BaseSite.start(self)  # registers the site with its runner
+        server = self._runner.server
+        assert isinstance(server, GuardedServer)
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: server.tls_protocol(context),
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
 
 class GuardedRunner(web.AppRunner):

@@ -17,7 +17,7 @@ class ConnectionStats(Collector):
     def collect(self) -> Iterator[Metric]:
         server = self._server
         yield GaugeMetricFamily(
-            "model_registry_http_connections", "Client connections open.", len(server.connections)
+            "model_registry_http_connections", "Client connections open.", server.open_count
         )
         yield GaugeMetricFamily(
             "model_registry_http_connections_max",
