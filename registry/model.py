@@ -7,6 +7,8 @@ from datetime import datetime
 from typing import Any
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# Comma-separated names, as filters take them.
+NAME_LIST_PATTERN = rf"^{NAME_PATTERN[1:-1]}(,{NAME_PATTERN[1:-1]})*$"
 NAME_MAX_LENGTH = 128
 VRAM_MIN_MIB = 1
 VRAM_MAX_MIB = 10_000_000

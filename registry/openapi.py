@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 document, generated from the same pydantic models that validate."""
+"""The OpenAPI 3.2 document, generated from the same pydantic models that validate."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from registry.catalog.document import CatalogDocument
 from registry.catalog.schemas import ApplyQuery, ApplyResult, ModelCreate, ModelPatch
 from registry.fleet.schemas import FleetModelList, FleetModelsQuery, FleetOut, FleetQuery
 from registry.footprints.schemas import FootprintOut
+from registry.model import NAME_LIST_PATTERN
 from registry.schemas import (
     ErrorOut,
     GpusOut,
@@ -63,6 +64,30 @@ _WRITE_ERRORS = {
     "403": _json(ErrorOut, "Writes are disabled: no admin token configured"),
     "413": _json(ErrorOut, "Request body over 64 KiB"),
     "503": _json(ErrorOut, "Database unavailable"),
+}
+
+
+# One Server-Sent Event as OpenAPI 3.2 models it: its fields, with `data` a JSON document.
+_EVENT: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "id", "data"],
+    "properties": {
+        "event": {
+            "type": "string",
+            "enum": ["snapshot", "models", "gpus", "reservations", "instances"],
+        },
+        "id": {
+            "type": "string",
+            "pattern": "^[0-9]+$",
+            "description": "The generation this event brings the client to (Last-Event-ID).",
+        },
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"type": "object"},
+        },
+        "retry": {"type": "integer", "minimum": 0},
+    },
 }
 
 
@@ -274,7 +299,7 @@ def openapi_document() -> dict[str, Any]:
     model_body = _body(ModelCreate)
     patch_body = _body(ModelPatch)
     return {
-        "openapi": "3.1.0",
+        "openapi": "3.2.0",
         "info": {
             "title": "model-registry",
             "version": __version__,
@@ -364,13 +389,13 @@ def openapi_document() -> dict[str, Any]:
                             "in": "query",
                             "required": False,
                             "description": "Comma-separated model names to limit model events to.",
-                            "schema": {"type": "string"},
+                            "schema": {"type": "string", "pattern": NAME_LIST_PATTERN},
                         }
                     ],
                     "responses": {
                         "200": {
                             "description": "Events snapshot, models, gpus, reservations",
-                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                            "content": {"text/event-stream": {"itemSchema": _EVENT}},
                         },
                         **_ERRORS,
                     },

@@ -226,7 +226,10 @@ async def test_the_name_filter_limits_model_objects(client: Any) -> None:
     assert [m["name"] for m in models.data["models"]] == ["tiny"]
 
 
-@pytest.mark.parametrize("query", ["?name=bad%20name", "?name=" + "x" * 200, "?name=a,,-b"])
+@pytest.mark.parametrize(
+    "query",
+    ["?name=bad%20name", "?name=" + "x" * 200, "?name=a,,-b", "?name=tiny,", "?name=a,%20b"],
+)
 async def test_a_bad_name_filter_is_422(client: Any, query: str) -> None:
     answer = await client.get(f"/events{query}")
     assert answer.status == 422
