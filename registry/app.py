@@ -42,6 +42,7 @@ from registry.metrics import Metrics
 from registry.observe import Observer
 from registry.ops_view.page import routes as status_routes
 from registry.ops_view.page import setup_templates
+from registry.page_cache import PageCache
 from registry.view import CatalogView
 from registry.watch.events import routes as watch_routes
 from registry.watch.feed import ChangeFeed
@@ -293,7 +294,8 @@ def create_app(
     app[keys.STOP] = asyncio.Event()
     app[keys.FATAL] = asyncio.Event()
     footprints = Footprints(settings.vram_source, settings.footprint_min_samples)
-    view = CatalogView(_initial_snapshot(settings), margins_from(settings), footprints)
+    pages = PageCache(settings.page_cache_mib * 1024 * 1024)
+    view = CatalogView(_initial_snapshot(settings), margins_from(settings), footprints, pages)
     app[keys.VIEW] = view
     app[keys.FOOTPRINTS] = FootprintRecorder(view, settings.host_id)
     app[keys.METRICS] = Metrics(view, dcgm=settings.dcgm_metrics)

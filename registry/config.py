@@ -117,6 +117,12 @@ class Settings(BaseSettings):
         default=VramSource.MAX,
         description="What admission books: max(declared, observed), declared, or observed.",
     )
+    page_cache_mib: int = Field(
+        default=64,
+        ge=0,
+        le=1 << 20,
+        description="MiB of rendered listings kept for repeated queries (least recently used out).",
+    )
     footprint_min_samples: int = Field(
         default=3, ge=1, le=100, description="Samples before an observed size counts."
     )

@@ -7,8 +7,9 @@ from typing import Any
 
 from gpu import MIB, GpuPoller
 from registry.capacity import DeviceBudget
+from registry.page_cache import CachedBody, body_etag
 from registry.schemas import GpuDeviceOut, GpuProcessOut, GpusOut
-from registry.view import CachedBody, CatalogView, body_etag
+from registry.view import CatalogView
 
 
 def gpus_document(view: CatalogView, poller: GpuPoller | None) -> dict[str, Any]:

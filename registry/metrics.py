@@ -69,6 +69,11 @@ class _StateCollector(Collector):
         if (when := self._last_success()) is not None:
             last.add_metric([], when)
         yield last
+        yield GaugeMetricFamily(
+            "model_registry_page_cache_bytes",
+            "Bytes of rendered listings kept (MODEL_REGISTRY_PAGE_CACHE_MIB bounds them).",
+            view.pages.used_bytes,
+        )
 
 
 def _footprint_metrics(view: CatalogView) -> Metric:

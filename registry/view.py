@@ -9,12 +9,10 @@ cached until the next change; each change bumps `generation`, which every output
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import TypeVar
 
 from gpu import GpuSnapshot
@@ -23,33 +21,14 @@ from registry.capacity import Assessment, Capacity, Margins
 from registry.footprint import Footprints, Observed
 from registry.logs import FLAP_EVENT, get_logger
 from registry.model import CatalogModel
+from registry.page_cache import DEFAULT_PAGE_CACHE_BYTES, CachedBody, PageCache, body_etag
 from registry.reservation import Reservation
 from registry.schemas import ListQuery
 
 log = get_logger("registry.view")
 
-_MAX_CACHED_PAGES = 4096
 _BULK_CHANGE = 256  # more changes than this at once: rebuild the indexes instead
 K = TypeVar("K")
-
-
-@dataclass(frozen=True, slots=True)
-class CachedBody:
-    body: bytes
-    etag: str
-
-
-def _remember(cache: dict[K, CachedBody], key: K, value: CachedBody) -> CachedBody:
-    # Clients choose query strings: the caches must not grow without bound.
-    if len(cache) >= _MAX_CACHED_PAGES:
-        cache.clear()
-    cache[key] = value
-    return value
-
-
-def body_etag(body: bytes) -> str:
-    """A strong ETag for these exact bytes."""
-    return '"' + hashlib.blake2b(body, digest_size=10).hexdigest() + '"'
 
 
 def _json(value: object) -> str:
@@ -96,9 +75,15 @@ class _Entry:
 
 class CatalogView:
     def __init__(
-        self, snapshot: GpuSnapshot, margins: Margins, footprints: Footprints | None = None
+        self,
+        snapshot: GpuSnapshot,
+        margins: Margins,
+        footprints: Footprints | None = None,
+        pages: PageCache | None = None,
     ) -> None:
         self._snapshot = snapshot
+        # Rendered answers of every listing, /fleet/models included, within one byte budget.
+        self.pages = pages if pages is not None else PageCache(DEFAULT_PAGE_CACHE_BYTES)
         self._margins = margins
         self._footprints = footprints if footprints is not None else Footprints()
         self._bookings = Bookings(snapshot)
@@ -122,9 +107,6 @@ class CatalogView:
         self._listeners: list[Callable[[], None]] = []
         self._capacity = Capacity(snapshot, margins)
         self._capacity_json = ""
-        self._pages: dict[ListQuery, CachedBody] = {}
-        self._pages_by_raw_query: dict[str, CachedBody] = {}
-        self._singles: dict[int, CachedBody] = {}
         self.loaded = False
         # Counted from the start time in microseconds, so a generation a client saw before a
         # restart is never mistaken for the current one (event ids, Last-Event-ID).
@@ -328,26 +310,21 @@ class CatalogView:
         return None if entry is None else self.capacity.assess(entry.model)
 
     def page(self, query: ListQuery) -> CachedBody:
-        cached = self._pages.get(query)
+        key = ("models", self.generation, query)
+        cached = self.pages.get(key)
         if cached is None:
-            cached = _remember(self._pages, query, self._render_page(query))
+            cached = self.pages.put(key, self._render_page(query))
         return cached
 
-    def page_for_raw_query(self, raw_query: str) -> CachedBody | None:
-        """The answer already rendered for this exact request target, if any."""
-        return self._pages_by_raw_query.get(raw_query)
-
-    def remember_raw_query(self, raw_query: str, cached: CachedBody) -> None:
-        _remember(self._pages_by_raw_query, raw_query, cached)
-
     def single(self, model_id: int) -> CachedBody | None:
-        cached = self._singles.get(model_id)
+        key = ("model", self.generation, model_id)
+        cached = self.pages.get(key)
         if cached is None:
             entry = self._entries.get(model_id)
             if entry is None:
                 return None
             body = self._render(entry).encode()
-            cached = _remember(self._singles, model_id, CachedBody(body, body_etag(body)))
+            cached = self.pages.put(key, CachedBody(body, body_etag(body)))
         return cached
 
     # -- internals -----------------------------------------------------------------------
@@ -458,10 +435,7 @@ class CatalogView:
             _log_flip(model, self.capacity.assess(model))
 
     def _changed(self) -> None:
-        self._pages = {}
-        self._pages_by_raw_query = {}
-        self._singles = {}
-        self.generation += 1
+        self.generation += 1  # pages of the last generation are never asked for again
         for listener in self._listeners:
             listener()
         self.last_reservations_change = ([], [])

@@ -18,8 +18,8 @@ from registry.database import UNAVAILABLE_ERRORS
 from registry.errors import http_error, unprocessable, validation_issues
 from registry.model import CatalogModel
 from registry.observe import Handler
+from registry.page_cache import CachedBody
 from registry.schemas import ListQuery
-from registry.view import CachedBody
 from registry.watch.conditional import cached_json, json_answer, watched_json
 
 _BIGINT_MAX = 2**63 - 1
@@ -31,28 +31,14 @@ routes = web.RouteTableDef()
 @routes.get("/models")
 async def list_models(request: web.Request) -> web.Response:
     view = request.app[keys.VIEW]
-    # The request target exactly as sent is the cheapest cache key: no URL decoding.
-    raw_query = request.raw_path
-    cached = view.page_for_raw_query(raw_query)
-    if cached is None:
-        # A repeated parameter counts with its last value, as in the original system.
-        try:
-            query = ListQuery.model_validate(dict(request.query.items()))
-        except ValidationError as exc:
-            raise unprocessable(validation_issues(exc, "query")) from None
-        cached = view.page(query)
-        view.remember_raw_query(raw_query, cached)
+    # A repeated parameter counts with its last value, as in the original system.
+    try:
+        query = ListQuery.model_validate(dict(request.query.items()))
+    except ValidationError as exc:
+        raise unprocessable(validation_issues(exc, "query")) from None
     if "If-None-Match" not in request.headers:
-        return json_answer(cached)  # the hot path
-
-    def current() -> CachedBody:
-        page = view.page_for_raw_query(raw_query)
-        if page is None:
-            page = view.page(ListQuery.model_validate(dict(request.query.items())))
-            view.remember_raw_query(raw_query, page)
-        return page
-
-    return await watched_json(request, current, request.app[keys.FEED])
+        return json_answer(view.page(query))  # the hot path
+    return await watched_json(request, lambda: view.page(query), request.app[keys.FEED])
 
 
 def model_id_of(request: web.Request) -> int:

@@ -17,13 +17,12 @@ from registry.fleet.reader import Candidate, Placements
 from registry.fleet.schemas import FleetModelsQuery, FleetQuery
 from registry.footprint import Footprints, VramSource, product_of
 from registry.model import CatalogModel
-from registry.view import CachedBody, body_etag
+from registry.page_cache import CachedBody, body_etag
 from registry.watch.conditional import cached_json
 
 routes = web.RouteTableDef()
 _SOURCES = frozenset(source.value for source in VramSource)
 
-_MAX_CACHED = 1024
 Q = TypeVar("Q", bound=BaseModel)
 
 
@@ -165,11 +164,9 @@ async def fleet_models(request: web.Request) -> web.StreamResponse:
     query = _query(request, FleetModelsQuery)
     reader = request.app[keys.FLEET]
     fleet = await reader.placements()
-    cache = reader.pages
-    key = (fleet.version, fleet.stale, request.app[keys.VIEW].generation, request.raw_path)
-    cached = cache.get(key)
+    view = request.app[keys.VIEW]
+    key = ("fleet/models", fleet.version, fleet.stale, view.generation, query)
+    cached = view.pages.get(key)
     if cached is None:
-        if len(cache) >= _MAX_CACHED:
-            cache.clear()
-        cached = cache[key] = _render(request, query, fleet)
+        cached = view.pages.put(key, _render(request, query, fleet))
     return cached_json(request, cached)

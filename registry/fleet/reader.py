@@ -23,7 +23,6 @@ import asyncpg
 
 from registry.database import UNAVAILABLE_ERRORS
 from registry.logs import get_logger
-from registry.view import CachedBody
 
 log = get_logger("registry.fleet")
 
@@ -241,8 +240,6 @@ class FleetReader:
             "fleet hosts", self._read_hosts, Hosts(), _stale, ttl_s=ttl_s, max_age_s=max_age_s
         )
         self._versions = 0
-        # Rendered /fleet/models pages, keyed by placements version, catalog generation, query.
-        self.pages: dict[tuple[int, bool, int, str], CachedBody] = {}
 
     @property
     def max_age_s(self) -> float:

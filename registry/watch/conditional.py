@@ -14,7 +14,7 @@ from aiohttp import web
 
 from registry.errors import http_error
 from registry.keys import WAITED_S
-from registry.view import CachedBody
+from registry.page_cache import CachedBody
 from registry.watch.feed import ChangeFeed
 
 WAIT_MAX_S = 300

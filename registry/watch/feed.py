@@ -12,8 +12,9 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from registry.page_cache import CachedBody
 from registry.reservation import Reservation
-from registry.view import CachedBody, CatalogView
+from registry.view import CatalogView
 
 STREAM_BACKLOG = 64  # batches a stream may fall behind before it gets a fresh snapshot
 
