@@ -47,6 +47,7 @@ from registry.view import CatalogView
 from registry.watch.events import routes as watch_routes
 from registry.watch.feed import ChangeFeed
 from registry.watch.metrics import WatchStats
+from registry.watch.slots import StreamSlots
 
 log = get_logger("registry.app")
 
@@ -305,7 +306,10 @@ def create_app(
         reservations_json=lambda: json.dumps(_reservations(app)),
         instances_json=lambda: json.dumps(_instances(app)),
     )
-    app[keys.METRICS].registry.register(WatchStats(feed))
+    slots = app[keys.STREAM_SLOTS] = StreamSlots(
+        settings.max_streams, settings.max_streams_per_client
+    )
+    app[keys.METRICS].registry.register(WatchStats(feed, slots))
     app.on_shutdown.append(_mark_stopping)
     contexts: list[Callable[[web.Application], AsyncIterator[None]]] = [
         functools.partial(admission_ctx, clock=clock),

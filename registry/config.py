@@ -106,6 +106,15 @@ class Settings(BaseSettings):
     events_keepalive: float = Field(
         default=15.0, ge=0.05, le=300.0, description="Seconds between /events keep-alive comments."
     )
+    max_streams: int = Field(
+        default=1024,
+        ge=1,
+        description="/events streams and waiting GETs at most, together; never more than half "
+        "the connection cap. Beyond it, 503.",
+    )
+    max_streams_per_client: int = Field(
+        default=64, ge=1, description="... of them from one remote address. Beyond it, 429."
+    )
     dcgm_metrics: bool = False
     max_reservations: int = Field(
         default=10_000, ge=1, description="Open reservations at most; beyond it, 429 too_many."

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from registry.metrics import Metrics
     from registry.view import CatalogView
     from registry.watch.feed import ChangeFeed
+    from registry.watch.slots import StreamSlots
 
 SETTINGS: web.AppKey[LiveSettings] = web.AppKey("settings")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
@@ -36,6 +37,7 @@ POLLER: web.AppKey[GpuPoller] = web.AppKey("poller")
 BOOK: web.AppKey[ReservationBook] = web.AppKey("book")
 INSTANCES: web.AppKey[InstanceBook] = web.AppKey("instances")
 FEED: web.AppKey[ChangeFeed] = web.AppKey("feed")
+STREAM_SLOTS: web.AppKey[StreamSlots] = web.AppKey("stream_slots")
 FLEET: web.AppKey[FleetReader] = web.AppKey("fleet")
 FOOTPRINTS: web.AppKey[FootprintRecorder] = web.AppKey("footprints")
 FOOTPRINT_STORE: web.AppKey[FootprintStore] = web.AppKey("footprint_store")

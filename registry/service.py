@@ -77,11 +77,15 @@ class Service:
         settings = self.settings
         soft, hard = raise_open_files_limit()
         max_connections = settings.max_connections or default_max_connections(soft)
+        slots = self.app[keys.STREAM_SLOTS]
+        slots.cap_to_connections(max_connections)
         log.info(
             "limits",
             open_files=soft,
             open_files_hard=hard,
             max_connections=max_connections,
+            max_streams=slots.limit,
+            max_streams_per_client=slots.per_client,
             header_timeout_s=settings.header_timeout,
             body_timeout_s=settings.body_timeout,
             keepalive_timeout_s=KEEPALIVE_TIMEOUT_S,

@@ -42,6 +42,19 @@ async def _half_open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWri
     return reader, writer
 
 
+async def _body_on_its_way(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A request whose body has yet to arrive in full: a connection at work."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /reservations HTTP/1.1\r\nHost: r\r\n"
+        + f"Authorization: Bearer {SCHEDULER_TOKEN}\r\n".encode()
+        + b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        + b'{"vram_mib":'
+    )
+    await writer.drain()
+    return reader, writer
+
+
 async def _closed(reader: asyncio.StreamReader, timeout_s: float) -> bool:
     """Whether the daemon closed this connection within `timeout_s`."""
     try:
@@ -100,6 +113,7 @@ async def test_at_the_cap_idle_connections_are_evicted_and_busy_ones_are_not(
     daemon = spawn_daemon(
         MODEL_REGISTRY_MAX_CONNECTIONS="8",
         MODEL_REGISTRY_HEADER_TIMEOUT="60",
+        MODEL_REGISTRY_SCHEDULER_TOKEN=SCHEDULER_TOKEN,
         # A stream whose client went away is noticed at its next keep-alive write.
         MODEL_REGISTRY_EVENTS_KEEPALIVE="0.3",
     )
@@ -114,14 +128,18 @@ async def test_at_the_cap_idle_connections_are_evicted_and_busy_ones_are_not(
 
     async with aiohttp.ClientSession() as http:
         streams = []
-        for _ in range(8):  # event streams: busy, never evicted
+        for _ in range(4):  # event streams (at most half the slots): busy, never evicted
             response = await http.get(daemon.url + "/events")
             streams.append(EventReader(response))
             assert (await streams[-1].next()).event == "snapshot"
+        bodies = [await _body_on_its_way(daemon.port) for _ in range(4)]  # busy too
         newcomer, _writer = await _half_open(daemon.port)
         assert await _closed(newcomer, timeout_s=1.0), "no idle slot: the newcomer is refused"
         for stream in streams:
             assert not stream.response.content.at_eof()
+        for reader, writer in bodies:
+            assert not reader.at_eof()
+            writer.close()
     await _until_connections(daemon, 0)  # the streams' slots are free again
     metrics = _metrics(daemon)
     assert metrics["model_registry_http_connections_evicted_total"] >= 1
@@ -157,14 +175,7 @@ async def test_a_request_head_and_a_body_must_arrive_in_time(
         assert b"200 OK" in conn.recv(4096)
 
     # A body that trickles: 408, then the connection is closed.
-    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
-    writer.write(
-        b"POST /reservations HTTP/1.1\r\nHost: r\r\n"
-        + f"Authorization: Bearer {SCHEDULER_TOKEN}\r\n".encode()
-        + b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
-        + b'{"vram_mib":'
-    )
-    await writer.drain()
+    reader, writer = await _body_on_its_way(daemon.port)
     answer = await asyncio.wait_for(reader.read(65536), 3.0)
     assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive in time" in answer
     assert await _closed(reader, timeout_s=2.0)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from registry import keys
 from registry.errors import http_error
 from registry.keys import WAITED_S
 from registry.page_cache import CachedBody
@@ -73,6 +74,19 @@ async def watched_json(
     wait_s = preferred_wait_s(request)
     if wait_s is None:
         return web.Response(status=304, headers={"ETag": cached.etag})
+    with request.app[keys.STREAM_SLOTS].hold(request):
+        return await _wait_for_other(request, current, feed, cached, if_none_match, wait_s)
+
+
+async def _wait_for_other(
+    request: web.Request,
+    current: Callable[[], CachedBody | None],
+    feed: ChangeFeed,
+    cached: CachedBody,
+    if_none_match: str,
+    wait_s: int,
+) -> web.Response:
+    """Wait up to `wait_s` for an answer whose ETag `if_none_match` does not match."""
     applied = {"Preference-Applied": f"wait={wait_s}"}
     clock = asyncio.get_running_loop()
     started = clock.time()

@@ -24,10 +24,13 @@ from registry import keys
 from registry.errors import http_error, unprocessable, validation_issues
 from registry.schemas import ModelName
 from registry.watch.feed import Batch, Subscription
+from registry.watch.slots import StreamSlots
 
 routes = web.RouteTableDef()
 
-SEND_TIMEOUT_S = EventSourceResponse.DEFAULT_SEND_TIMEOUT
+CHUNK_BYTES = 64 * 1024
+# A stream whose client has not taken a chunk within this long has stopped reading.
+STALLED_AFTER_S = 30.0
 
 _NAMES = TypeAdapter(list[ModelName])
 
@@ -45,21 +48,29 @@ def _name_filter(request: web.Request) -> frozenset[str] | None:
     return frozenset(names)
 
 
-def _snapshot(request: web.Request, names: frozenset[str] | None) -> tuple[int, str]:
+def _snapshot(request: web.Request, names: frozenset[str] | None) -> tuple[int, bytes]:
+    """The snapshot event, encoded. Streams without a filter share one per generation: a
+    thousand streams of a 10,000-model catalog hold one copy, not a thousand."""
     app = request.app
-    view = app[keys.VIEW]
+    view, feed = app[keys.VIEW], app[keys.FEED]
+    if names is None and feed.snapshot is not None and feed.snapshot[0] == view.generation:
+        return feed.snapshot
     models = ",".join(
         obj for _id, name, obj in view.model_objects() if names is None or name in names
     )
-    feed = app[keys.FEED]
     gpus = feed.gpus_body().body.decode()
     reservations, instances = feed.reservations_json(), feed.instances_json()
-    data = (
-        f'{{"generation":{view.generation},"models":[{models}],'
+    # JSON from json.dumps has no raw line break, so the data is one `data:` line.
+    event = (
+        f"id: {view.generation}\r\nevent: snapshot\r\n"
+        f'data: {{"generation":{view.generation},"models":[{models}],'
         f'"capacity":{view.capacity_json},"gpus":{gpus},"reservations":{reservations},'
-        f'"instances":{instances}}}'
+        f'"instances":{instances}}}\r\n\r\n'
     )
-    return view.generation, data
+    encoded = (view.generation, event.encode())
+    if names is None:
+        feed.snapshot = encoded
+    return encoded
 
 
 def _encoded(batch: Batch, names: frozenset[str] | None) -> bytes:
@@ -93,36 +104,74 @@ def _batch_events(batch: Batch, names: frozenset[str] | None) -> list[tuple[str,
     return events
 
 
+class _ChunkedWriter:
+    """Writes a stream's events in chunks, each once the previous one has drained, and counts
+    what the stream's transport holds against the budget for all streams. A client that does
+    not read within STALLED_AFTER_S, or while streams hold more than the budget, is cut off."""
+
+    def __init__(self, request: web.Request, sse: EventSourceResponse, slots: StreamSlots):
+        self._request = request
+        self._sse = sse
+        self._slots = slots
+        self._buffered = 0
+
+    async def send(self, payload: bytes) -> None:
+        data = memoryview(payload)
+        try:
+            for start in range(0, len(data), CHUNK_BYTES):
+                async with asyncio.timeout(STALLED_AFTER_S):
+                    await self._sse.write(data[start : start + CHUNK_BYTES])
+                    if not self._account() and self._buffered:
+                        self._cut()
+                    await self._request.writer.drain()
+                self._account()
+        except TimeoutError:
+            self._cut()
+
+    def close(self) -> None:
+        self._slots.rebuffered(self._buffered, 0)
+        self._buffered = 0
+
+    def _account(self) -> bool:
+        transport = self._request.transport
+        size = 0 if transport is None else transport.get_write_buffer_size()
+        fits = self._slots.rebuffered(self._buffered, size)
+        self._buffered = size
+        return fits
+
+    def _cut(self) -> None:
+        # Do not wait on a client that stopped reading to close: abort, and free its memory.
+        self._slots.counters.cut_off += 1
+        if (transport := self._request.transport) is not None:
+            transport.abort()
+        raise ConnectionResetError("the client stopped reading")
+
+
 async def _stream(
     request: web.Request,
-    sse: EventSourceResponse,
+    writer: _ChunkedWriter,
     subscription: Subscription,
     names: frozenset[str] | None,
+    last_event_id: str | None,
 ) -> None:
     generation = request.app[keys.VIEW].generation
-    if sse.last_event_id != str(generation):
-        generation, data = _snapshot(request, names)
-        await sse.send(data, id=str(generation), event="snapshot")
+    if last_event_id != str(generation):
+        generation, snapshot = _snapshot(request, names)
+        await writer.send(snapshot)
     while (batch := await subscription.queue.get()) is not None:
         if subscription.overflowed:  # fell too far behind: relist instead of replaying
             subscription.overflowed = False
             while not subscription.queue.empty():
                 if subscription.queue.get_nowait() is None:
                     return
-            generation, data = _snapshot(request, names)
-            await sse.send(data, id=str(generation), event="snapshot")
+            generation, snapshot = _snapshot(request, names)
+            await writer.send(snapshot)
             continue
         if batch.generation <= generation:
             continue  # already in the snapshot this stream started with
         generation = batch.generation
         if payload := _encoded(batch, names):
-            try:
-                async with asyncio.timeout(SEND_TIMEOUT_S):
-                    await sse.write(payload)
-            except TimeoutError:  # a client that stopped reading: do not wait on it to close
-                if request.transport is not None:
-                    request.transport.abort()
-                raise
+            await writer.send(payload)
 
 
 @routes.get("/events")
@@ -131,22 +180,26 @@ async def events(request: web.Request) -> web.StreamResponse:
     feed = request.app[keys.FEED]
     if feed.closed:
         raise http_error(web.HTTPServiceUnavailable, "the daemon is stopping")
+    slots = request.app[keys.STREAM_SLOTS]
     started = time.perf_counter()
-    subscription = feed.subscribe()
-    try:
-        keepalive_s = request.app[keys.SETTINGS].current.events_keepalive
-        async with sse_response(request, ping_interval=keepalive_s) as sse:
-            # aiohttp-sse's keep-alive writes find a client that went away; end the stream
-            # then, not at the next event, so that it does not hold its connection slot.
-            gone = asyncio.create_task(sse.wait())
-            gone.add_done_callback(lambda _: subscription.offer(None))
-            try:
-                # The client went away, or stopped reading longer than aiohttp-sse allows.
-                with contextlib.suppress(ConnectionResetError, TimeoutError):
-                    await _stream(request, sse, subscription, names)
-            finally:
-                gone.cancel()
-    finally:
-        feed.unsubscribe(subscription)
-        request[keys.WAITED_S] = time.perf_counter() - started
+    with slots.hold(request):
+        subscription = feed.subscribe()
+        try:
+            keepalive_s = request.app[keys.SETTINGS].current.events_keepalive
+            async with sse_response(request, ping_interval=keepalive_s) as sse:
+                # aiohttp-sse's keep-alive writes find a client that went away; end the stream
+                # then, not at the next event, so that it does not hold its connection slot.
+                gone = asyncio.create_task(sse.wait())
+                gone.add_done_callback(lambda _: subscription.offer(None))
+                writer = _ChunkedWriter(request, sse, slots)
+                try:
+                    # The client went away, or was cut off for not reading.
+                    with contextlib.suppress(ConnectionResetError):
+                        await _stream(request, writer, subscription, names, sse.last_event_id)
+                finally:
+                    writer.close()
+                    gone.cancel()
+        finally:
+            feed.unsubscribe(subscription)
+            request[keys.WAITED_S] = time.perf_counter() - started
     return sse

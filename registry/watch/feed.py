@@ -73,6 +73,8 @@ class ChangeFeed:
         self._reservations_ended: dict[str, None] = {}
         self._scheduled = False
         self.closed = False
+        # The last snapshot event without a name filter, encoded: (generation, bytes).
+        self.snapshot: tuple[int, bytes] | None = None
         view.subscribe(self._on_change)
 
     @property
