@@ -100,6 +100,11 @@ class GpuPoller:
             pass
         return self._snapshot
 
+    def hung_for_s(self) -> float:
+        """How long the GPU call in flight has been running (0 when none is): a driver call
+        that never returns shows here, while the loop itself keeps ticking."""
+        return self._worker.busy_for_s()
+
     def stale_after_s(self) -> float:
         return 3 * self.interval_s + self.deadline_s
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -40,6 +41,7 @@ class DeadlineWorker:
     def __init__(self, name: str) -> None:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._in_flight: asyncio.Future[Any] | None = None
+        self._in_flight_since = 0.0  # monotonic
         # A daemon thread: a call stuck in the driver must not hold the process at exit.
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -47,6 +49,10 @@ class DeadlineWorker:
     @property
     def busy(self) -> bool:
         return self._in_flight is not None and not self._in_flight.done()
+
+    def busy_for_s(self) -> float:
+        """How long the call in flight has been running; 0 when none is."""
+        return time.monotonic() - self._in_flight_since if self.busy else 0.0
 
     async def call(self, fn: Callable[[], T], deadline_s: float) -> T:
         """Run `fn` in the worker thread; raise TimeoutError after `deadline_s` seconds."""
@@ -57,6 +63,7 @@ class DeadlineWorker:
         # A call that outlives its deadline may still fail later, with nobody awaiting it.
         future.add_done_callback(_consume_outcome)
         self._in_flight = future
+        self._in_flight_since = time.monotonic()
         self._jobs.put((fn, future, loop))
         async with asyncio.timeout(deadline_s):
             return await asyncio.shield(future)

@@ -62,6 +62,13 @@ class Settings(BaseSettings):
     gpu_simulated_file: Path | None = None
     poll_interval: float = Field(default=1.0, ge=0.05, le=60.0)
     gpu_call_timeout: float = Field(default=2.0, gt=0, le=60.0)
+    gpu_hang_limit: float | None = Field(
+        default=None,
+        gt=0,
+        le=3600.0,
+        description="Seconds a GPU call may go unreturned before the watchdog pings stop; "
+        "default: half of WATCHDOG_USEC, or 30 s without systemd's watchdog.",
+    )
     vram_margin_mib: int = Field(default=0, ge=0)
     vram_margin_percent: float = Field(default=0.0, ge=0.0, le=100.0)
     admin_token: SecretStr | None = None

@@ -153,7 +153,8 @@ class Service:
     async def _serve_until_stopped(self) -> int:
         fatal = self.app[keys.FATAL]
         watchdog_s = watchdog_interval_s() if self.notifier.enabled else None
-        tick_s = min(watchdog_s or 5.0, 5.0)
+        hang = HangWatch(self.settings.gpu_hang_limit, watchdog_s)
+        tick_s = min(watchdog_s or 5.0, 5.0, hang.limit_s / 2)
         next_watchdog = 0.0
         last_status = ""
         events = (self._stop, fatal, self._reload, self._view_changed)
@@ -173,8 +174,11 @@ class Service:
             now = time.monotonic()
             if watchdog_s is not None and now >= next_watchdog:
                 next_watchdog = now + tick_s
-                if poller_alive(self.app.get(keys.POLLER), watchdog_s * 2):
+                poller = self.app.get(keys.POLLER)
+                if poller_alive(poller, watchdog_s * 2) and not hang.hung(poller):
                     self.notifier.send("WATCHDOG=1")
+            elif watchdog_s is None:
+                hang.hung(self.app.get(keys.POLLER))  # said once; the readings go stale
             if self._view_changed.is_set():
                 # STATUS is read by people: at most one every 50 ms, however busy the view is.
                 self._view_changed.clear()
@@ -209,6 +213,44 @@ class Service:
             log.error("TLS reload failed; keeping the certificate in use", error=str(exc))
         else:
             log.info("TLS certificate reloaded", cert_file=str(self.tls.cert_file))
+
+
+DEFAULT_HANG_LIMIT_S = 30.0
+
+
+class HangWatch:
+    """Whether a GPU call has been in flight longer than the hang limit, said once per hang.
+
+    Under systemd's watchdog a hung call withholds the pings, so systemd restarts the daemon
+    with a fresh NVML (a hung driver call never returns to the same process). Without it the
+    daemon keeps serving, its readings stale, and the log says why.
+    """
+
+    def __init__(self, limit_s: float | None, watchdog_half_s: float | None) -> None:
+        # The default: half of WATCHDOG_USEC (the ping interval used is half of that again).
+        default = watchdog_half_s if watchdog_half_s is not None else DEFAULT_HANG_LIMIT_S
+        self.limit_s = limit_s if limit_s is not None else default
+        self._watchdog = watchdog_half_s is not None
+        self._said = False
+
+    def hung(self, poller: GpuPoller | None) -> bool:
+        hung_s = 0.0 if poller is None else poller.hung_for_s()
+        if hung_s <= self.limit_s:
+            self._said = False
+            return False
+        if not self._said:
+            self._said = True
+            consequence = (
+                "watchdog pings stop, so systemd restarts the daemon with a fresh NVML"
+                if self._watchdog
+                else "GPU readings stay stale until it returns; restart the daemon for a fresh NVML"
+            )
+            log.error(
+                f"a GPU call has not returned: {consequence}",
+                hung_s=round(hung_s, 1),
+                limit_s=self.limit_s,
+            )
+        return True
 
 
 MIN_TOKEN_LENGTH = 16

@@ -35,6 +35,8 @@ def test_unit_declares_what_the_service_needs() -> None:
         "StateDirectory": ["model-registry"],
         "EnvironmentFile": ["-/etc/model-registry/env"],
         "MemoryDenyWriteExecute": ["no"],
+        # SIGTERM to the daemon alone: it stops its embedded PostgreSQL after itself.
+        "KillMode": ["mixed"],
     }
     for key, value in expected.items():
         assert unit.get(key) == value, key
