@@ -13,6 +13,7 @@ from aiohttp import web
 
 from gpu import GpuBackend, GpuPoller, GpuSnapshot, GpuState
 from registry import keys
+from registry.access import AccessGate
 from registry.admission.api import routes as admission_routes
 from registry.admission.book import Clock, ReservationBook, utc_now
 from registry.admission.instances import InstanceBook
@@ -327,6 +328,7 @@ def create_app(
         busy_routes=frozenset(
             {"/reservations", "/reservations/{id}", "/instances", "/instances/{id}"}
         ),
+        gate=AccessGate(settings),
     )
     observer.add_routes(
         app,

@@ -75,6 +75,16 @@ class Settings(BaseSettings):
     scheduler_token: SecretStr | None = Field(
         default=None, description="Bearer token(s) that may reserve VRAM but not edit the catalog."
     )
+    read_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token(s) every GET then needs (a scheduler or admin token does too), "
+        "but /healthz and /readyz; unset: reads are open.",
+    )
+    allowed_hosts: str = Field(
+        default="",
+        description="Host names, comma-separated, a loopback-only daemon answers to besides "
+        "localhost, 127.0.0.1 and [::1].",
+    )
     seed_catalog: bool = True
     log_format: LogFormat | None = Field(
         default=None, description="json or console; unset: json unless stdout is a terminal."
@@ -151,7 +161,7 @@ class Settings(BaseSettings):
             raise ValueError("must be one of debug, info, warning, error, critical")
         return level
 
-    @field_validator("admin_token", "scheduler_token", "database_url", mode="before")
+    @field_validator("admin_token", "scheduler_token", "read_token", "database_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -221,6 +231,19 @@ class Settings(BaseSettings):
     def scheduler_tokens(self) -> list[str]:
         return _tokens(self.scheduler_token)
 
+    def read_tokens(self) -> list[str]:
+        return _tokens(self.read_token)
+
+    def reading_token(self) -> str | None:
+        """The token a command that only reads sends: read, else scheduler, else admin."""
+        tokens = self.read_tokens() + self.scheduler_tokens() + self.admin_tokens()
+        return tokens[0] if tokens else None
+
+    def allowed_host_names(self) -> frozenset[str]:
+        return frozenset(
+            name.strip().lower().rstrip(".") for name in self.allowed_hosts.split(",") if name
+        ) - {""}
+
 
 def _tokens(value: SecretStr | None) -> list[str]:
     """A comma-separated list of tokens; blanks are ignored."""
@@ -244,8 +267,17 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         _config_file.reset(token)
 
 
-# The settings that SIGHUP can change without a restart.
-LIVE_SETTINGS = ("poll_interval", "vram_margin_mib", "vram_margin_percent", "log_level")
+# The settings that SIGHUP can change without a restart. (Tokens from the --config file: the
+# environment of a running process does not change.)
+LIVE_SETTINGS = (
+    "poll_interval",
+    "vram_margin_mib",
+    "vram_margin_percent",
+    "log_level",
+    "admin_token",
+    "scheduler_token",
+    "read_token",
+)
 
 
 class LiveSettings:
@@ -259,7 +291,7 @@ class LiveSettings:
         """Take the reloadable settings from `fresh`; return what changed (from, to)."""
         current = self.current
         changed = {
-            name: {"from": getattr(current, name), "to": getattr(fresh, name)}
+            name: _change(getattr(current, name), getattr(fresh, name))
             for name in LIVE_SETTINGS
             if getattr(fresh, name) != getattr(current, name)
         }
@@ -267,3 +299,10 @@ class LiveSettings:
             update={name: getattr(fresh, name) for name in LIVE_SETTINGS}
         )
         return changed
+
+
+def _change(before: Any, after: Any) -> dict[str, Any]:
+    """A setting's change as logged: a secret's values are never shown."""
+    if isinstance(before, SecretStr) or isinstance(after, SecretStr):
+        return {"from": "set" if before else "unset", "to": "set" if after else "unset"}
+    return {"from": before, "to": after}

@@ -41,6 +41,7 @@ class Instance:
     # `booked_until` (the reservation's expiry) passes. 0 for an adopted instance.
     booked_mib: int = 0
     booked_until: AwareDatetime | None = None
+    owner: str | None = None  # the hash of the token that made it (registry.auth.owner_of)
 
     def to_record(self) -> dict[str, Any]:
         """The form kept on disk."""
@@ -56,6 +57,7 @@ class Instance:
             "reservation": self.reservation,
             "booked_mib": self.booked_mib,
             "booked_until": None if self.booked_until is None else self.booked_until.isoformat(),
+            "owner": self.owner,
         }
 
     def to_api(self, used_mib: int | None, peak_mib: int, pending_mib: int) -> dict[str, Any]:

@@ -63,14 +63,16 @@ class Observer:
         access: AccessLog,
         slow_request_ms: float,
         busy_routes: frozenset[str] = frozenset(),
+        gate: Callable[[web.Request], web.StreamResponse | None] | None = None,
     ) -> None:
+        self._gate = gate
         self._metrics = metrics
         self._access = access
         self._slow_s = slow_request_ms / 1000
         self._busy_routes = busy_routes
 
     def wrap(self, route: str, handler: Handler) -> Handler:
-        metrics, access, slow_s = self._metrics, self._access, self._slow_s
+        metrics, access, slow_s, gate = self._metrics, self._access, self._slow_s, self._gate
         quiet_methods = _ALL_METHODS if route in self._busy_routes else _QUIET_METHODS
 
         async def observed(request: web.Request) -> web.StreamResponse:
@@ -81,7 +83,9 @@ class Observer:
             # Set per request, not reset: the next request on this connection sets its own.
             request_id_var.set(request_id)
             try:
-                response = await handler(request)
+                # Who may reach the daemon at all (registry.access): it may answer in place.
+                if gate is None or (response := gate(request)) is None:
+                    response = await handler(request)
             except web.HTTPException as exc:
                 response = _as_json(exc)
             except ConnectionResetError:

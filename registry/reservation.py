@@ -23,6 +23,7 @@ class Reservation:
     # What NVML attributed to `pid` on the device when the reservation named it: only memory
     # the process takes on top of this counts as the load's progress.
     pid_baseline_mib: int = 0
+    owner: str | None = None  # the hash of the token that made it (registry.auth.owner_of)
 
     def renewed(self, expires_at: datetime) -> Reservation:
         return replace(self, expires_at=expires_at)
@@ -43,6 +44,7 @@ class Reservation:
             "holder": self.holder,
             "pid": self.pid,
             "pid_baseline_mib": self.pid_baseline_mib,
+            "owner": self.owner,
         }
 
     def to_api(self, pending_mib: int) -> dict[str, Any]:

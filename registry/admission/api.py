@@ -16,7 +16,7 @@ from registry.admission.book import (
     TooMany,
 )
 from registry.admission.schemas import ReservationCreate, ReservationPatch
-from registry.auth import Role, require
+from registry.auth import Role, check_owner, require
 from registry.bodies import validated_body
 from registry.capacity import Reason
 from registry.errors import JSON, http_error
@@ -67,11 +67,11 @@ def _found(request: web.Request) -> Reservation:
 
 @routes.post("/reservations")
 async def create_reservation(request: web.Request) -> web.StreamResponse:
-    require(request, Role.SCHEDULER)
+    caller = require(request, Role.SCHEDULER)
     data = await validated_body(request, ReservationCreate)
     book = _book(request)
     try:
-        reservation = book.reserve(ReservationRequest(**data.model_dump()))
+        reservation = book.reserve(ReservationRequest(**data.model_dump(), owner=caller.owner))
     except NotFound as exc:
         raise http_error(web.HTTPNotFound, str(exc)) from None
     except Refused as refusal:
@@ -103,8 +103,8 @@ async def get_reservation(request: web.Request) -> web.StreamResponse:
 
 @routes.patch("/reservations/{id}")
 async def renew_reservation(request: web.Request) -> web.StreamResponse:
-    require(request, Role.SCHEDULER)
-    _found(request)
+    caller = require(request, Role.SCHEDULER)
+    check_owner(caller, _found(request).owner, "reservation")
     data = await validated_body(request, ReservationPatch)
     before = _found(request)  # again: it may have ended while the body was read
     book = _book(request)
@@ -121,7 +121,8 @@ async def renew_reservation(request: web.Request) -> web.StreamResponse:
 
 @routes.delete("/reservations/{id}")
 async def release_reservation(request: web.Request) -> web.StreamResponse:
-    require(request, Role.SCHEDULER)
+    caller = require(request, Role.SCHEDULER)
+    check_owner(caller, _found(request).owner, "reservation")
     book = _book(request)
     if book.release(request.match_info["id"]) is None:
         raise http_error(web.HTTPNotFound, "Not Found")

@@ -40,6 +40,7 @@ class ReservationRequest:
     holder: str | None = None
     gpu: str | None = None
     pid: int | None = None
+    owner: str | None = None
 
 
 class Refused(Exception):
@@ -214,6 +215,7 @@ class ReservationBook:
             holder=request.holder,
             pid=request.pid,
             pid_baseline_mib=baseline,
+            owner=request.owner,
         )
         self._keep(reservation)
         self.counters.created += 1

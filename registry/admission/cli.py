@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from registry.config import Settings
-from registry.http_client import ClientError, base_url, call
+from registry.http_client import ClientError, base_url, call, writing_token
 from registry.tables import text_table
 
 
@@ -41,18 +41,19 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     base = base_url(settings, args.url)
-    tokens = settings.scheduler_tokens() or settings.admin_tokens()
-    token = tokens[0] if tokens else None
     if args.action == "list":
-        print(format_reservations(call(base, "GET", "/reservations")["data"]))
+        reservations = call(base, "GET", "/reservations", token=settings.reading_token())
+        print(format_reservations(reservations["data"]))
     elif args.action == "add":
         if (args.model is None) == (args.vram is None):
             raise ClientError("give a MODEL or --vram MIB (one of the two)")
         body: dict[str, Any] = {"model": args.model, "vram_mib": args.vram}
         body.update(ttl_s=args.ttl, holder=args.holder, gpu=args.gpu, pid=args.pid)
         body = {key: value for key, value in body.items() if value is not None}
+        token = writing_token(settings, admin_first=False)
         print(format_reservations([call(base, "POST", "/reservations", body, token)]))
     elif args.action == "remove":
+        token = writing_token(settings, admin_first=True)
         call(base, "DELETE", f"/reservations/{urllib.parse.quote(args.id, safe='')}", None, token)
         print(f"released {args.id}")
     return 0

@@ -129,7 +129,9 @@ class InstanceBook:
         self._ledger.track_instances(lambda: list(self._open.values()))
         self._show(instances)
 
-    def bind(self, reservation: Reservation, pid: int, device: GpuDevice) -> Instance:
+    def bind(
+        self, reservation: Reservation, pid: int, device: GpuDevice, owner: str | None = None
+    ) -> Instance:
         """Turn an open reservation into an instance of `pid`, in one step (one journal line)."""
         self._admit(device, pid)
         if self._reservations.take(reservation.id) is None:
@@ -147,12 +149,20 @@ class InstanceBook:
             reservation=reservation.id,
             booked_mib=reservation.vram_mib,
             booked_until=reservation.expires_at,
+            owner=owner if owner is not None else reservation.owner,
         )
         self._ledger.bind(reservation.id, instance)
         self._start(instance, device)
         return instance
 
-    def adopt(self, model: str, device: GpuDevice, pid: int, holder: str | None) -> Instance:
+    def adopt(
+        self,
+        model: str,
+        device: GpuDevice,
+        pid: int,
+        holder: str | None,
+        owner: str | None = None,
+    ) -> Instance:
         """An instance of a model that is already loaded: it books nothing."""
         self._admit(device, pid)
         instance = Instance(
@@ -164,6 +174,7 @@ class InstanceBook:
             loaded_at=self._clock(),
             boot_id=self.boot_id,
             holder=holder,
+            owner=owner,
         )
         self._ledger.put_instance(instance)
         self._start(instance, device)

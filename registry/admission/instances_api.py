@@ -10,7 +10,7 @@ from registry.admission.api import json_answer, not_recorded
 from registry.admission.book import NotFound, TooMany
 from registry.admission.instances import InstanceBook, PidNotOnGpu, ProcessesUnknown
 from registry.admission.schemas import InstanceCreate
-from registry.auth import Role, require
+from registry.auth import Role, check_owner, require
 from registry.bodies import validated_body
 from registry.errors import http_error, unprocessable
 from registry.instance import Instance
@@ -36,7 +36,7 @@ def _refusal(status: int, reason: str, detail: str) -> web.Response:
 
 @routes.post("/instances")
 async def create_instance(request: web.Request) -> web.StreamResponse:
-    require(request, Role.SCHEDULER)
+    caller = require(request, Role.SCHEDULER)
     data = await validated_body(request, InstanceCreate)
     app = request.app
     view, instances, book = app[keys.VIEW], _instances(request), app[keys.BOOK]
@@ -45,6 +45,7 @@ async def create_instance(request: web.Request) -> web.StreamResponse:
         reservation = book.get(data.reservation)
         if reservation is None:
             raise http_error(web.HTTPNotFound, f"no open reservation {data.reservation!r}")
+        check_owner(caller, reservation.owner, "reservation")
         gpu, model = reservation.gpu_uuid, reservation.model
     else:
         assert data.gpu is not None and data.model is not None
@@ -73,10 +74,10 @@ async def create_instance(request: web.Request) -> web.StreamResponse:
             raise http_error(web.HTTPNotFound, f"no open reservation {data.reservation!r}")
     try:
         if reservation is not None:
-            instance = instances.bind(reservation, pid, device)
+            instance = instances.bind(reservation, pid, device, caller.owner)
         else:
             assert data.model is not None
-            instance = instances.adopt(data.model, device, pid, data.holder)
+            instance = instances.adopt(data.model, device, pid, data.holder, caller.owner)
     except ProcessesUnknown as exc:
         return _refusal(503, "processes_unknown", str(exc))
     except PidNotOnGpu as exc:
@@ -106,7 +107,8 @@ async def get_instance(request: web.Request) -> web.StreamResponse:
 
 @routes.delete("/instances/{id}")
 async def delete_instance(request: web.Request) -> web.StreamResponse:
-    require(request, Role.SCHEDULER)
+    caller = require(request, Role.SCHEDULER)
+    check_owner(caller, _found(request).owner, "instance")
     if _instances(request).end(request.match_info["id"], "unloaded") is None:
         raise http_error(web.HTTPNotFound, "Not Found")
     return web.Response(status=204)

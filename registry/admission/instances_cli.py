@@ -8,7 +8,7 @@ from typing import Any
 
 from registry.admission.cli import connection_options
 from registry.config import Settings
-from registry.http_client import base_url, call
+from registry.http_client import base_url, call, writing_token
 from registry.tables import text_table
 
 
@@ -33,16 +33,17 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     base = base_url(settings, args.url)
-    tokens = settings.admin_tokens() + settings.scheduler_tokens()
-    token = tokens[0] if tokens else None
     if args.action == "list":
         query = "" if args.model is None else "?" + urllib.parse.urlencode({"model": args.model})
-        print(format_instances(call(base, "GET", f"/instances{query}")["data"]))
+        instances = call(base, "GET", f"/instances{query}", token=settings.reading_token())
+        print(format_instances(instances["data"]))
     elif args.action == "add":
         body = {"model": args.model, "gpu": args.gpu, "pid": args.pid, "holder": args.holder}
         body = {key: value for key, value in body.items() if value is not None}
+        token = writing_token(settings, admin_first=False)
         print(format_instances([call(base, "POST", "/instances", body, token)]))
     elif args.action == "remove":
+        token = writing_token(settings, admin_first=True)
         call(base, "DELETE", f"/instances/{urllib.parse.quote(args.id, safe='')}", None, token)
         print(f"ended {args.id}")
     return 0

@@ -113,27 +113,32 @@ def _instances(instances: dict[str, Any]) -> Table:
     return table
 
 
-def render(base: str) -> Group:
+def render(base: str, token: str | None = None) -> Group:
     """The whole view, read now from the daemon at `base`."""
+
+    def get(path: str) -> Any:
+        return call(base, "GET", path, token=token)
+
     return Group(
-        _gpus(call(base, "GET", "/gpus")),
+        _gpus(get("/gpus")),
         _models(
-            call(base, "GET", "/models?limit=1000"),
-            call(base, "GET", "/models?active=true&limit=1")["pagination"]["total_items"],
+            get("/models?limit=1000"),
+            get("/models?active=true&limit=1")["pagination"]["total_items"],
         ),
-        _reservations(call(base, "GET", "/reservations")),
-        _instances(call(base, "GET", "/instances")),
+        _reservations(get("/reservations")),
+        _instances(get("/instances")),
     )
 
 
 def run(url: str | None, settings: Any, *, watch: bool, console: Console | None = None) -> int:
     base = base_url(settings, url)
+    token = settings.reading_token()
     console = console or Console()
     if not watch:
-        console.print(render(base))
+        console.print(render(base, token))
         return 0
-    with Live(render(base), console=console, auto_refresh=False) as live:
-        for name in event_names(base):
+    with Live(render(base, token), console=console, auto_refresh=False) as live:
+        for name in event_names(base, token):
             if name in _REDRAW_ON:
-                live.update(render(base), refresh=True)
+                live.update(render(base, token), refresh=True)
     raise ClientError(f"the daemon at {base} closed the event stream (stopping?)")
