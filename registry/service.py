@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from aiohttp import web
 from gpu import GpuPoller
 from registry import keys
 from registry.app import SERVER_OPTIONS, create_app, margins_from
-from registry.config import Settings, load_settings
+from registry.config import SYSTEM_STATE_DIR, Settings, load_settings, user_state_dir
 from registry.guard.connections import (
     KEEPALIVE_TIMEOUT_S,
     GuardedRunner,
@@ -91,6 +92,7 @@ class Service:
             keepalive_timeout_s=KEEPALIVE_TIMEOUT_S,
         )
         _warn_about_short_tokens(settings)
+        _warn_about_a_legacy_state_dir(settings)
         runner = GuardedRunner(
             self.app,
             max_connections=max_connections,
@@ -267,6 +269,19 @@ def _warn_about_short_tokens(settings: Settings) -> None:
                 "a bearer token is shorter than 16 characters: easy to guess",
                 setting=name,
             )
+
+
+def _warn_about_a_legacy_state_dir(settings: Settings) -> None:
+    if (
+        os.geteuid() == 0
+        and "state_dir" not in settings.model_fields_set
+        and settings.state_dir == user_state_dir()
+    ):
+        log.warning(
+            "root keeps its state in the per-user place of an older install; a system daemon's "
+            f"belongs in {SYSTEM_STATE_DIR}: stop the daemon, move the directory there",
+            state_dir=str(settings.state_dir),
+        )
 
 
 async def _flush_repeated_logs() -> None:

