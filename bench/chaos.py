@@ -198,7 +198,7 @@ class Chaos:
 
     async def half_open(self, _http: aiohttp.ClientSession) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        writer.write(b"GET /models HTTP/1.1\r\nHost: chaos\r\n")
+        writer.write(b"GET /models HTTP/1.1\r\nHost: localhost\r\n")
         with contextlib.suppress(TimeoutError, ConnectionError):
             async with asyncio.timeout(30):
                 await reader.read()  # until the daemon closes it (header timeout, eviction)

@@ -21,7 +21,7 @@ from registry.guard.connections import (
     GuardedServer,
     GuardedSite,
 )
-from registry.guard.fds import default_max_connections, raise_open_files_limit
+from registry.guard.fds import default_max_connections, listen_backlog, raise_open_files_limit
 from registry.guard.metrics import ConnectionStats
 from registry.guard.tls import TlsFiles
 from registry.logs import REPEAT_WINDOW_S, flush_repeated, get_logger, set_level
@@ -30,9 +30,6 @@ from registry.sdnotify import Notifier, watchdog_interval_s
 log = get_logger("registry.service")
 
 STATUS_DEBOUNCE_S = 0.05
-# asyncio accepts up to the backlog in one go, each a descriptor before the cap sees it: the
-# descriptors kept in reserve (guard/fds.py) must exceed it.
-LISTEN_BACKLOG = 128
 
 
 def status_line(app: web.Application) -> str:
@@ -114,9 +111,9 @@ class Service:
         server = runner.server
         assert isinstance(server, GuardedServer)
         with self.app[keys.METRICS].collecting(ConnectionStats(server)):
-            return await self._serve(runner, server)
+            return await self._serve(runner, server, listen_backlog(soft))
 
-    async def _serve(self, runner: GuardedRunner, server: GuardedServer) -> int:
+    async def _serve(self, runner: GuardedRunner, server: GuardedServer, backlog: int) -> int:
         """Listen until stopped, then clean up; the exit status."""
         exit_code = 0
         background = []
@@ -130,7 +127,7 @@ class Service:
                 self.settings.host,
                 self.settings.port,
                 ssl_context=None if self.tls is None else self.tls.context,
-                backlog=LISTEN_BACKLOG,
+                backlog=backlog,
             )
             await site.start()
             log.info(

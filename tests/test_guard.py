@@ -22,7 +22,7 @@ from tests.daemon import Daemon
 from tests.sse import EventReader
 from tests.waiting import eventually
 
-HALF_HEAD = b"GET /healthz HTTP/1.1\r\nHost: registry\r\n"  # the blank line never comes
+HALF_HEAD = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"  # the blank line never comes
 
 
 def _room_for(sockets: int) -> None:
@@ -46,7 +46,7 @@ async def _body_on_its_way(port: int) -> tuple[asyncio.StreamReader, asyncio.Str
     """A request whose body has yet to arrive in full: a connection at work."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(
-        b"POST /reservations HTTP/1.1\r\nHost: r\r\n"
+        b"POST /reservations HTTP/1.1\r\nHost: localhost\r\n"
         + f"Authorization: Bearer {SCHEDULER_TOKEN}\r\n".encode()
         + b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
         + b'{"vram_mib":'
@@ -165,13 +165,13 @@ async def test_a_request_head_and_a_body_must_arrive_in_time(
 
     # A keep-alive connection between requests is not owing a head: it stays open.
     with socket.create_connection(("127.0.0.1", daemon.port)) as conn:
-        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: r\r\n\r\n")
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert b"200 OK" in conn.recv(4096)
         # A half-open connection made now is closed once the header timeout has passed for
         # both: by then the kept-alive one would have been closed too, were it owing a head.
         late, _late_writer = await _half_open(daemon.port)
         assert await _closed(late, timeout_s=3.0)
-        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: r\r\n\r\n")
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert b"200 OK" in conn.recv(4096)
 
     # A body that trickles: 408, then the connection is closed.
@@ -273,7 +273,7 @@ def _metrics(daemon: Daemon) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     with socket.create_connection(("127.0.0.1", daemon.port)) as conn:
-        conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n")
+        conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         raw = b""
         while chunk := conn.recv(65536):
             raw += chunk

@@ -89,7 +89,7 @@ def _silent_stream(port: int) -> socket.socket:
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port))
-    sock.sendall(b"GET /events HTTP/1.1\r\nHost: registry\r\n\r\n")
+    sock.sendall(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
     return sock
 
 

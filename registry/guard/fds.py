@@ -24,6 +24,14 @@ def raise_open_files_limit() -> tuple[int, int]:
     return soft, hard
 
 
+def listen_backlog(soft_limit: int) -> int:
+    """The listen backlog, which is also how many connections asyncio accepts in one go. Each
+    is a descriptor before the cap sees it, and the connections the cap closes are closed a few
+    loop iterations later, so a flood holds a few bursts at once: under a small limit, smaller
+    bursts, so that they fit in the reserve."""
+    return max(16, min(128, soft_limit // 8))
+
+
 def default_max_connections(soft_limit: int) -> int:
     """Client connections that fit under the limit, so that accept() never fails (EMFILE)."""
     return max(MIN_CONNECTIONS, soft_limit - RESERVED_FDS)
