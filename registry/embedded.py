@@ -71,8 +71,8 @@ def install_dir() -> Path:
 def embedded_account() -> _Account:
     """Who the server runs as; run by root, its system user, made when missing."""
     if os.geteuid() != 0:
-        entry = pwd.getpwuid(os.geteuid())
-        return _Account(entry.pw_name, entry.pw_uid, entry.pw_gid, frozenset(os.getgroups()))
+        groups = frozenset(os.getgroups())
+        return _Account(_own_name() or str(os.geteuid()), os.geteuid(), os.getegid(), groups)
     try:
         entry = pwd.getpwnam(SYSTEM_USER)
     except KeyError:
@@ -89,8 +89,17 @@ def embedded_account() -> _Account:
             capture_output=True,
         )
         entry = pwd.getpwnam(SYSTEM_USER)
-    groups = {entry.pw_gid} | {g.gr_gid for g in grp.getgrall() if SYSTEM_USER in g.gr_mem}
-    return _Account(entry.pw_name, entry.pw_uid, entry.pw_gid, frozenset(groups))
+    member_of = {g.gr_gid for g in grp.getgrall() if SYSTEM_USER in g.gr_mem}
+    return _Account(
+        entry.pw_name, entry.pw_uid, entry.pw_gid, frozenset({entry.pw_gid, *member_of})
+    )
+
+
+def _own_name() -> str | None:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return None
 
 
 def first_closed(path: Path, account: _Account) -> Path | None:
@@ -207,15 +216,19 @@ class EmbeddedPostgres:
 
     def _write_access_rules(self, account: _Account) -> None:
         """Only this daemon's OS user, over the socket, as the database's superuser."""
-        me = pwd.getpwuid(os.geteuid()).pw_name
+        me = _own_name()
+        # Peer authentication needs a name for this daemon's uid. A uid without one (a
+        # container's arbitrary uid) is let in by the socket alone, which is owner-only.
+        method = "trust" if me is None else f"peer map={IDENT_MAP}"
         rules = {
             "pg_hba.conf": (
                 "# Written by model-registry at every start: this daemon's user, over the "
                 "socket, by its OS identity.\n"
-                f"local all {DATABASE_USER} peer map={IDENT_MAP}\n"
+                f"local all {DATABASE_USER} {method}\n"
             ),
             "pg_ident.conf": (
-                f"# Written by model-registry at every start.\n{IDENT_MAP} {me} {DATABASE_USER}\n"
+                "# Written by model-registry at every start.\n"
+                + ("" if me is None else f"{IDENT_MAP} {me} {DATABASE_USER}\n")
             ),
         }
         for name, text in rules.items():
