@@ -56,7 +56,7 @@ def has_state(directory: Path) -> bool:
     ).exists()
 
 
-def default_state_dir(euid: int | None = None) -> Path:
+def default_state_dir(euid: int | None = None, system_dir: Path = SYSTEM_STATE_DIR) -> Path:
     """systemd's $STATE_DIRECTORY; else, for root, /var/lib/model-registry, as for any system
     daemon (unless an older install keeps its data in the per-user place: that one, said at
     start); else the per-user data directory."""
@@ -64,9 +64,9 @@ def default_state_dir(euid: int | None = None) -> Path:
         return Path(systemd_dirs.split(":")[0])
     if (os.geteuid() if euid is None else euid) == 0:
         legacy = user_state_dir()
-        if has_state(legacy) and not has_state(SYSTEM_STATE_DIR):
+        if has_state(legacy) and not has_state(system_dir):
             return legacy
-        return SYSTEM_STATE_DIR
+        return system_dir
     return user_state_dir()
 
 

@@ -183,14 +183,17 @@ def test_root_keeps_its_state_where_a_system_daemon_does(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    legacy = tmp_path / "data" / "model-registry"
-    assert default_state_dir(euid=1000) == legacy
-    if (SYSTEM_STATE_DIR / "reservations.jsonl").exists():
-        pytest.skip(f"this machine has a daemon's state in {SYSTEM_STATE_DIR}")
+    legacy, system = tmp_path / "data" / "model-registry", tmp_path / "var-lib"
+    assert default_state_dir(euid=1000, system_dir=system) == legacy
+    assert default_state_dir(euid=0, system_dir=system) == system
     assert default_state_dir(euid=0) == SYSTEM_STATE_DIR
-    # An older root install with data in the per-user place keeps it there.
+    # An older root install with data in the per-user place keeps it there...
     (legacy / "postgres").mkdir(parents=True)
     (legacy / "postgres" / "PG_VERSION").write_text("18\n")
-    assert default_state_dir(euid=0) == legacy
+    assert default_state_dir(euid=0, system_dir=system) == legacy
+    # ... unless the system place has data too.
+    system.mkdir()
+    (system / "reservations.jsonl").write_text('{"format":2}\n')
+    assert default_state_dir(euid=0, system_dir=system) == system
     monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/from-systemd")
-    assert default_state_dir(euid=0) == Path("/var/lib/from-systemd")
+    assert default_state_dir(euid=0, system_dir=system) == Path("/var/lib/from-systemd")
