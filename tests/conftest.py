@@ -36,7 +36,8 @@ SCHEDULER_TOKEN = "test-scheduler-token-2c9e"
 AS_ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 AS_SCHEDULER = {"Authorization": f"Bearer {SCHEDULER_TOKEN}"}
 
-TEMPLATE_DB = "model_registry_template"
+# Per xdist worker: workers may share one server (MODEL_REGISTRY_TEST_DATABASE_URL).
+TEMPLATE_DB = f"model_registry_template_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
 _db_numbers = itertools.count(1)
 
 
@@ -46,14 +47,17 @@ def with_database(dsn: str, database: str) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Settings must come from the test, not from the developer's shell or systemd."""
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Settings must come from the test, not from the developer's shell or systemd; and a
+    command run without a state directory of its own keeps its state in the test's (the
+    default, for root, is /var/lib/model-registry)."""
     for name in list(os.environ):
         # MODEL_REGISTRY_TEST_* are the test suite's own (database, browser).
         if name.startswith("MODEL_REGISTRY_") and not name.startswith("MODEL_REGISTRY_TEST_"):
             monkeypatch.delenv(name)
-    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "STATE_DIRECTORY"):
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "default-state"))
 
 
 @pytest.fixture(autouse=True)

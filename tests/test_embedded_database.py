@@ -182,6 +182,7 @@ def test_as_root_a_state_dir_its_server_cannot_reach_is_refused(tmp_path: Path) 
 def test_root_keeps_its_state_where_a_system_daemon_does(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv("STATE_DIRECTORY")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     legacy, system = tmp_path / "data" / "model-registry", tmp_path / "var-lib"
     assert default_state_dir(euid=1000, system_dir=system) == legacy
