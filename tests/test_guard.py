@@ -234,6 +234,19 @@ async def test_400_silent_tls_connections_under_a_300_limit_leave_https_reachabl
     assert "Too many open files" not in daemon.log()
 
 
+async def test_a_tls_handshake_must_end_within_the_header_timeout(
+    spawn_daemon: SpawnDaemon, tmp_path: Path
+) -> None:
+    certificates = Certificates(tmp_path).issue()
+    daemon = spawn_daemon(
+        scheme="https", MODEL_REGISTRY_HEADER_TIMEOUT="0.5", **certificates.daemon_env()
+    )
+    await daemon.wait_ready(ssl=certificates.client)
+    silent, writer = await asyncio.open_connection("127.0.0.1", daemon.port)  # no ClientHello
+    assert await _closed(silent, timeout_s=3.0)
+    writer.close()
+
+
 async def test_https_with_a_certificate_that_is_reloaded_on_sighup(
     spawn_daemon: SpawnDaemon, tmp_path: Path
 ) -> None:
