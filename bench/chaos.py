@@ -329,6 +329,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=3.0)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mr-chaos-"))
+    work.chmod(0o711)  # run by root, the embedded server's own user must reach its state
     chaos = Chaos(work, args.minutes)
     try:
         code = asyncio.run(chaos.run())

@@ -101,6 +101,7 @@ def simulated_daemon(devices: list[dict[str, Any]], **env: str) -> Iterator[Runn
     """`model-registry serve` on the simulated backend with `devices`, its embedded PostgreSQL
     and everything else in a temporary directory; stopped (SIGTERM) and removed afterwards."""
     work = Path(tempfile.mkdtemp(prefix="mr-bench-"))
+    work.chmod(0o711)  # run by root, the embedded server's own user must reach its state
     gpus = work / "gpus.json"
     gpus.write_text(json.dumps({"devices": devices}))
     port = free_port()

@@ -80,6 +80,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="mr-drill-"))
+    work.chmod(0o711)  # run by root, the embedded server's own user must reach its state
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {

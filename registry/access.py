@@ -56,11 +56,12 @@ class AccessGate:
         """Raise 403 or 401, or answer in place of the handler (None: on to the handler)."""
         if self._check_host:
             self._require_own_host(request)
-        if request.method in _READS and request.path not in _OPEN_PATHS:
-            settings = request.app[keys.SETTINGS].current
-            if read_tokens := settings.read_tokens():
-                return _require_reader(request, settings, read_tokens)
-        return None
+        settings = request.app[keys.SETTINGS].current
+        if settings.read_token is None or request.method not in _READS:
+            return None  # the hot path: reads are open
+        if request.path in _OPEN_PATHS or not (read_tokens := settings.read_tokens()):
+            return None
+        return _require_reader(request, settings, read_tokens)
 
     def _require_own_host(self, request: web.Request) -> None:
         header = request.headers.get("Host")

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import TypeVar
+
+Q = TypeVar("Q")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,3 +63,26 @@ class PageCache:
         self._entries[key] = (value, cost)
         self.used_bytes += cost
         return value
+
+
+class ParsedQueries:
+    """Request targets already parsed, so the hot path skips validation. Only short targets
+    are kept, and only so many: a padded or endlessly varied query string costs a parse, never
+    memory. (Pages are keyed by the parsed query, in the PageCache.)"""
+
+    MAX_TARGET_BYTES = 256
+    MAX_ENTRIES = 1024
+
+    def __init__(self) -> None:
+        self._parsed: dict[str, object] = {}
+
+    def get(self, target: str, parse: Callable[[], Q]) -> Q:
+        found = self._parsed.get(target)
+        if found is not None:
+            return found  # type: ignore[return-value]  # the same target, the same route
+        parsed = parse()
+        if len(target) <= self.MAX_TARGET_BYTES:
+            if len(self._parsed) >= self.MAX_ENTRIES:
+                self._parsed.clear()
+            self._parsed[target] = parsed
+        return parsed

@@ -21,7 +21,13 @@ from registry.capacity import Assessment, Capacity, Margins
 from registry.footprint import Footprints, Observed
 from registry.logs import FLAP_EVENT, get_logger
 from registry.model import CatalogModel
-from registry.page_cache import DEFAULT_PAGE_CACHE_BYTES, CachedBody, PageCache, body_etag
+from registry.page_cache import (
+    DEFAULT_PAGE_CACHE_BYTES,
+    CachedBody,
+    PageCache,
+    ParsedQueries,
+    body_etag,
+)
 from registry.reservation import Reservation
 from registry.schemas import ListQuery
 
@@ -84,6 +90,7 @@ class CatalogView:
         self._snapshot = snapshot
         # Rendered answers of every listing, /fleet/models included, within one byte budget.
         self.pages = pages if pages is not None else PageCache(DEFAULT_PAGE_CACHE_BYTES)
+        self.queries = ParsedQueries()
         self._margins = margins
         self._footprints = footprints if footprints is not None else Footprints()
         self._bookings = Bookings(snapshot)

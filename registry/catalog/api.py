@@ -31,14 +31,18 @@ routes = web.RouteTableDef()
 @routes.get("/models")
 async def list_models(request: web.Request) -> web.Response:
     view = request.app[keys.VIEW]
-    # A repeated parameter counts with its last value, as in the original system.
-    try:
-        query = ListQuery.model_validate(dict(request.query.items()))
-    except ValidationError as exc:
-        raise unprocessable(validation_issues(exc, "query")) from None
+    query = view.queries.get(request.raw_path, lambda: _list_query(request))
     if "If-None-Match" not in request.headers:
         return json_answer(view.page(query))  # the hot path
     return await watched_json(request, lambda: view.page(query), request.app[keys.FEED])
+
+
+def _list_query(request: web.Request) -> ListQuery:
+    # A repeated parameter counts with its last value, as in the original system.
+    try:
+        return ListQuery.model_validate(dict(request.query.items()))
+    except ValidationError as exc:
+        raise unprocessable(validation_issues(exc, "query")) from None
 
 
 def model_id_of(request: web.Request) -> int:
