@@ -119,6 +119,7 @@ class ChangeFeed:
         self._subscriptions.discard(subscription)
         if not self._subscriptions:
             self._models = None
+            self.snapshot = None  # no stream left to share it
             self._reservations_put, self._reservations_ended = {}, {}
             self._instances_made, self._instances_ended = {}, {}
 
