@@ -117,24 +117,23 @@ def test_embedded_server_runs_as_an_ordinary_user(tmp_path: Path) -> None:
 
 
 def _modes_on_the_way(*paths: Path) -> dict[Path, int]:
-    """The mode of every directory from / down to each path, and of the files of each."""
-    modes = {}
-    for path in paths:
-        for directory in (*path.parents, path):
-            modes[directory] = directory.stat().st_mode
-        if path.is_dir():
-            modes.update({child: child.stat().st_mode for child in path.iterdir()})
-    return modes
+    """The mode of every directory from / down to each path."""
+    return {d: d.stat().st_mode for path in paths for d in (*path.parents, path)}
+
+
+def _modes_within(*directories: Path) -> dict[Path, int]:
+    return {child: child.stat().st_mode for d in directories for child in d.iterdir()}
 
 
 async def test_the_server_is_private_and_nothing_outside_the_state_dir_is_opened(
     embedded_state_dir: Path, aiohttp_client: Any
 ) -> None:
-    on_the_way = (embedded_state_dir.parent, install_dir() / "bin", install_dir() / "lib")
-    before = _modes_on_the_way(*on_the_way)
+    # (Not the other entries beside the state dir: other workers' servers are starting there.)
+    binaries = (install_dir() / "bin", install_dir() / "lib")
+    before = _modes_on_the_way(embedded_state_dir.parent, *binaries), _modes_within(*binaries)
     client = await aiohttp_client(create_app(_settings(embedded_state_dir)))
-    after = _modes_on_the_way(*on_the_way)
-    assert {path: after[path] for path in before} == before
+    after = _modes_on_the_way(embedded_state_dir.parent, *binaries), _modes_within(*binaries)
+    assert after == before
     dsn = client.app[keys.DATABASE].dsn
     _assert_owner_only(embedded_state_dir, Path(parse_qs(urlsplit(dsn).query)["host"][0]))
     connection = await asyncpg.connect(dsn)
