@@ -26,7 +26,8 @@ _COOKIE_PATHS = frozenset({"/", "/events"})
 _READS = frozenset({"GET", "HEAD"})
 
 
-def listens_on_loopback_only(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether listening on `host` means listening on loopback only."""
     if host.lower() == "localhost":
         return True
     try:
@@ -48,7 +49,7 @@ def host_name(header: str) -> str:
 
 class AccessGate:
     def __init__(self, settings: Settings) -> None:
-        self._check_host = listens_on_loopback_only(settings.host)
+        self._check_host = is_loopback(settings.host)
         self._hosts = LOOPBACK_NAMES | settings.allowed_host_names()
         self._seen: set[str] = set()  # Host headers already let through: the hot path
 

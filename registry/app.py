@@ -13,7 +13,7 @@ from aiohttp import web
 
 from gpu import GpuBackend, GpuPoller, GpuSnapshot, GpuState
 from registry import keys
-from registry.access import AccessGate
+from registry.access import AccessGate, is_loopback
 from registry.admission.api import routes as admission_routes
 from registry.admission.book import Clock, ReservationBook, utc_now
 from registry.admission.instances import InstanceBook
@@ -28,7 +28,6 @@ from registry.catalog.sync import CatalogSync
 from registry.config import GpuBackendName, LiveSettings, Settings
 from registry.database import Database, create_pool, migrated_database
 from registry.fleet.api import routes as fleet_routes
-from registry.fleet.identity import is_loopback
 from registry.fleet.metrics import FleetStats
 from registry.fleet.publisher import FleetPublisher
 from registry.fleet.reader import FleetReader

@@ -8,7 +8,6 @@ server notice a vanished host within about half a minute).
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 
 import asyncpg
 
@@ -68,12 +67,3 @@ async def connect_as_host(dsn: str, host_id: str) -> asyncpg.Connection:
         await conn.close()
         raise
     return conn
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
