@@ -16,9 +16,11 @@ the handshake within the same header timeout.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import ssl
 import time
 from asyncio.sslproto import SSLProtocol
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +100,11 @@ class GuardedServer(web.Server):
         if self._handshaking.pop(handler, None) is None:  # counted at accept when TLS
             self._make_room(handler, transport)
 
+    def _all_connections(self) -> Iterator[tuple[Any, asyncio.Transport]]:
+        """Those still in their TLS handshake, then the others, each in the order they came:
+        walked lazily, since the first idle one is usually near the front."""
+        return itertools.chain(self._handshaking.items(), self._connections.items())
+
     def _make_room(self, handler: Any, transport: asyncio.Transport) -> None:
         if self.open_count <= self.max_connections:
             return
@@ -108,8 +115,7 @@ class GuardedServer(web.Server):
             return
         # Both tables keep connections in the order they came: the first idle one is the
         # oldest. A connection still in its TLS handshake serves no one yet: it goes first.
-        candidates = (*self._handshaking.items(), *self._connections.items())
-        for other, other_transport in candidates:
+        for other, other_transport in self._all_connections():
             if other is handler or other in self._closed:
                 continue
             if other in self._handshaking or getattr(other, "idle", False):
@@ -128,7 +134,7 @@ class GuardedServer(web.Server):
         deadline = time.monotonic() - self.header_timeout_s
         late = [
             transport
-            for handler, transport in (*self._handshaking.items(), *self._connections.items())
+            for handler, transport in self._all_connections()
             if (since := getattr(handler, "head_since", None)) is not None and since < deadline
         ]
         for transport in late:
