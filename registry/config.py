@@ -260,6 +260,14 @@ class Settings(BaseSettings):
         tokens = self.read_tokens() + self.scheduler_tokens() + self.admin_tokens()
         return tokens[0] if tokens else None
 
+    def writing_token(self, *, admin_first: bool) -> str | None:
+        """The token a command that writes sends. Ending what another token booked takes an
+        admin token, so removals try that first; bookings are made with a scheduler token when
+        there is one, so that they are its to renew and release."""
+        admin, scheduler = self.admin_tokens(), self.scheduler_tokens()
+        tokens = admin + scheduler if admin_first else scheduler + admin
+        return tokens[0] if tokens else None
+
     def allowed_host_names(self) -> frozenset[str]:
         return frozenset(
             name.strip().lower().rstrip(".") for name in self.allowed_hosts.split(",") if name

@@ -27,15 +27,6 @@ def base_url(settings: Settings, url: str | None) -> str:
     return f"http://{host}:{settings.port}"
 
 
-def writing_token(settings: Settings, *, admin_first: bool) -> str | None:
-    """The token a command that writes sends. Ending what another token booked takes an admin
-    token, so removals try that first; bookings are made with a scheduler token when there is
-    one, so that they are its to renew and release."""
-    admin, scheduler = settings.admin_tokens(), settings.scheduler_tokens()
-    tokens = admin + scheduler if admin_first else scheduler + admin
-    return tokens[0] if tokens else None
-
-
 def call(base: str, method: str, path: str, body: object = None, token: str | None = None) -> Any:
     headers = {"Accept": "application/json"}
     data = None

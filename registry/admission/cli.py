@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from registry.config import Settings
-from registry.http_client import ClientError, base_url, call, writing_token
+from registry.http_client import ClientError, base_url, call
 from registry.tables import text_table
 
 
@@ -50,10 +50,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         body: dict[str, Any] = {"model": args.model, "vram_mib": args.vram}
         body.update(ttl_s=args.ttl, holder=args.holder, gpu=args.gpu, pid=args.pid)
         body = {key: value for key, value in body.items() if value is not None}
-        token = writing_token(settings, admin_first=False)
+        token = settings.writing_token(admin_first=False)
         print(format_reservations([call(base, "POST", "/reservations", body, token)]))
     elif args.action == "remove":
-        token = writing_token(settings, admin_first=True)
+        token = settings.writing_token(admin_first=True)
         call(base, "DELETE", f"/reservations/{urllib.parse.quote(args.id, safe='')}", None, token)
         print(f"released {args.id}")
     return 0

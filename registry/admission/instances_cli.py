@@ -8,7 +8,7 @@ from typing import Any
 
 from registry.admission.cli import connection_options
 from registry.config import Settings
-from registry.http_client import base_url, call, writing_token
+from registry.http_client import base_url, call
 from registry.tables import text_table
 
 
@@ -40,10 +40,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     elif args.action == "add":
         body = {"model": args.model, "gpu": args.gpu, "pid": args.pid, "holder": args.holder}
         body = {key: value for key, value in body.items() if value is not None}
-        token = writing_token(settings, admin_first=False)
+        token = settings.writing_token(admin_first=False)
         print(format_instances([call(base, "POST", "/instances", body, token)]))
     elif args.action == "remove":
-        token = writing_token(settings, admin_first=True)
+        token = settings.writing_token(admin_first=True)
         call(base, "DELETE", f"/instances/{urllib.parse.quote(args.id, safe='')}", None, token)
         print(f"ended {args.id}")
     return 0
