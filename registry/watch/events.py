@@ -48,6 +48,11 @@ def _name_filter(request: web.Request) -> frozenset[str] | None:
     return frozenset(names)
 
 
+def _frame(generation: int, event: str, data: str) -> str:
+    # JSON from json.dumps has no raw line break, so the data is one `data:` line.
+    return f"id: {generation}\r\nevent: {event}\r\ndata: {data}\r\n\r\n"
+
+
 def _snapshot(request: web.Request, names: frozenset[str] | None) -> tuple[int, bytes]:
     """The snapshot event, encoded. Streams without a filter share one per generation: a
     thousand streams of a 10,000-model catalog hold one copy, not a thousand."""
@@ -60,14 +65,12 @@ def _snapshot(request: web.Request, names: frozenset[str] | None) -> tuple[int, 
     )
     gpus = feed.gpus_body().body.decode()
     reservations, instances = feed.reservations_json(), feed.instances_json()
-    # JSON from json.dumps has no raw line break, so the data is one `data:` line.
-    event = (
-        f"id: {view.generation}\r\nevent: snapshot\r\n"
-        f'data: {{"generation":{view.generation},"models":[{models}],'
+    data = (
+        f'{{"generation":{view.generation},"models":[{models}],'
         f'"capacity":{view.capacity_json},"gpus":{gpus},"reservations":{reservations},'
-        f'"instances":{instances}}}\r\n\r\n'
+        f'"instances":{instances}}}'
     )
-    encoded = (view.generation, event.encode())
+    encoded = (view.generation, _frame(view.generation, "snapshot", data).encode())
     if names is None:
         feed.snapshot = encoded
     return encoded
@@ -78,10 +81,8 @@ def _encoded(batch: Batch, names: frozenset[str] | None) -> bytes:
     encoding per batch, instead of each formatting the same events again."""
     if names is None and batch.encoded is not None:
         return batch.encoded
-    # JSON from json.dumps has no raw line break, so each event's data is one `data:` line.
     payload = "".join(
-        f"id: {batch.generation}\r\nevent: {event}\r\ndata: {data}\r\n\r\n"
-        for event, data in _batch_events(batch, names)
+        _frame(batch.generation, event, data) for event, data in _batch_events(batch, names)
     ).encode()
     if names is None:
         batch.encoded = payload
