@@ -27,6 +27,7 @@ from registry.catalog.store import CatalogStore
 from registry.catalog.sync import CatalogSync
 from registry.config import GpuBackendName, LiveSettings, Settings
 from registry.database import Database, create_pool, migrated_database
+from registry.embedded_supervisor import EmbeddedStats, EmbeddedSupervisor
 from registry.fleet.api import routes as fleet_routes
 from registry.fleet.metrics import FleetStats
 from registry.fleet.publisher import FleetPublisher
@@ -103,12 +104,20 @@ async def _stop_task(task: asyncio.Task[None]) -> None:
 
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The pool; an embedded server started here is looked after while the app runs."""
     settings = app[keys.SETTINGS].current
-    async with migrated_database(settings.database_dsn(), settings.state_dir) as dsn:
-        database = Database(dsn, await create_pool(dsn))
+    async with migrated_database(settings.database_dsn(), settings.state_dir) as server:
+        supervisor = None if server.embedded is None else EmbeddedSupervisor(server.embedded)
+        database = Database(server.dsn, await create_pool(server.dsn), supervisor)
         try:
             app[keys.DATABASE] = database
-            yield
+            if supervisor is None:
+                yield
+                return
+            with app[keys.METRICS].collecting(EmbeddedStats(supervisor)):
+                task = spawn(app, supervisor.run(), "embedded-postgres-supervisor")
+                yield
+                await _stop_task(task)  # before the server stops: that exit is no crash
         finally:
             await database.close()
 

@@ -22,12 +22,13 @@ from registry.catalog.cli import CliError
 from registry.catalog.document import CatalogInvalid, describe_issues
 from registry.catalog.store import DuplicateName
 from registry.config import ConfigError, Settings, load_settings
-from registry.database import DatabaseUnavailable, migrated_database
+from registry.database import DatabaseUnavailable, command_database
 from registry.embedded import EmbeddedDatabaseError
 from registry.fleet.identity import HostIdTaken
 from registry.http_client import ClientError
 from registry.logs import configure_logging, get_logger
 from registry.migrations import DatabaseTooNew
+from registry.state_dir import StateDirError
 
 log = get_logger("registry.cli")
 
@@ -104,10 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return terminal.run(args.url, settings, watch=args.watch)
         if args.command == "migrate":
-            return asyncio.run(_with_dsn(settings, _migrate_only))
+            return asyncio.run(_with_dsn(settings, "migrate", _migrate_only))
         return asyncio.run(
             _with_dsn(
                 settings,
+                f"models {args.action}",
                 lambda dsn: catalog_cli.run(dsn, args, document, settings.footprint_min_samples),
             )
         )
@@ -115,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("refusing to start: database is newer than this code", error=str(exc))
         print(f"model-registry: {exc}", file=sys.stderr)
         return 3
-    except (LedgerError, HostIdTaken, EmbeddedDatabaseError) as exc:
+    except (LedgerError, HostIdTaken, EmbeddedDatabaseError, StateDirError) as exc:
         log.error("refusing to start", error=str(exc))
         print(f"model-registry: {exc}", file=sys.stderr)
         return 1
@@ -136,9 +138,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-async def _with_dsn(settings: Settings, action: Callable[[str], Awaitable[int]]) -> int:
-    """Run `action` against the configured database, or the embedded one, migrated."""
-    async with migrated_database(settings.database_dsn(), settings.state_dir) as dsn:
+async def _with_dsn(
+    settings: Settings, command: str, action: Callable[[str], Awaitable[int]]
+) -> int:
+    """Run `action` against the configured database, or the embedded one, migrated: the
+    running daemon's when one serves the state directory, else one started for this run."""
+    async with command_database(settings.database_dsn(), settings.state_dir, command) as dsn:
         return await action(dsn)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
-import hashlib
+import json
 import os
 import pwd
 import shlex
@@ -29,6 +29,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from registry.logs import get_logger
+from registry.state_dir import NOFOLLOW, replace_atomically
 
 log = get_logger("registry.embedded")
 
@@ -40,6 +41,8 @@ STOP_TIMEOUT_S = 30
 # A Unix socket's path is at most 107 bytes on Linux.
 _SOCKET_NAME = ".s.PGSQL.5432"
 _MAX_SOCKET_PATH = 107
+_SOCKET_DIR_PREFIX = "model-registry-pg-"
+RECORD_NAME = "embedded-postgres.json"  # in the state directory: where its server listens
 
 
 class EmbeddedDatabaseError(Exception):
@@ -61,9 +64,15 @@ class _Account:
 
     def take(self, path: Path) -> None:
         """Give `path` to the server's user (what this process makes is its own already; and
-        under the unit's system call filter, chown is not allowed)."""
-        if not self.is_us:
-            os.chown(path, self.uid, self.gid)
+        under the unit's system call filter, chown is not allowed). By file descriptor, opened
+        without following a link: a path swapped meanwhile gives nothing away."""
+        if self.is_us:
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            os.fchown(fd, self.uid, self.gid)
+        finally:
+            os.close(fd)
 
 
 def install_dir() -> Path:
@@ -149,9 +158,45 @@ def _private_install(source: Path, state_dir: Path) -> Path:
     return target
 
 
+def _pid_in(lock_file: Path) -> int | None:
+    """The pid a PostgreSQL lock file names on its first line."""
+    try:
+        return int(lock_file.read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+
+
+def dsn_at(socket_dir: Path) -> str:
+    """The DSN of an embedded server listening in `socket_dir`."""
+    return f"postgresql://{DATABASE_USER}@/postgres?host={quote(str(socket_dir))}"
+
+
+def recorded_socket_dir(state_dir: Path) -> Path | None:
+    """Where the embedded server of `state_dir` listens (or listened), as recorded there."""
+    try:
+        fd = os.open(state_dir / RECORD_NAME, os.O_RDONLY | NOFOLLOW)
+        with os.fdopen(fd, "rb") as file:
+            return Path(json.loads(file.read())["socket_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def recorded_server(state_dir: Path) -> str | None:
+    """The DSN of the embedded server that the holder of `state_dir` runs, as it recorded it
+    there; None when it recorded none (it is starting or stopping, or uses a server of its own)."""
+    socket_dir = recorded_socket_dir(state_dir)
+    if socket_dir is None or not (socket_dir / _SOCKET_NAME).exists():
+        return None
+    return dsn_at(socket_dir)
+
+
 @dataclass
 class EmbeddedPostgres:
-    """A PostgreSQL server with its data in `data_dir` (`<state dir>/postgres`)."""
+    """A PostgreSQL server with its data in `data_dir` (`<state dir>/postgres`).
+
+    Whoever starts it must hold the state directory's lock (registry.state_dir): only then
+    is a server found running there a leftover of a daemon that was killed.
+    """
 
     data_dir: Path
     _account: _Account | None = field(default=None, repr=False)
@@ -168,11 +213,21 @@ class EmbeddedPostgres:
     def running(self) -> bool:
         return self._socket_dir is not None
 
+    @property
+    def state_dir(self) -> Path:
+        return self.data_dir.parent
+
+    @property
+    def dsn(self) -> str:
+        assert self._socket_dir is not None, "not started"
+        return dsn_at(self._socket_dir)
+
     def start_blocking(self) -> str:
         """Start the server (initialized first if new); its DSN."""
-        state_dir = self.data_dir.parent
+        state_dir = self.state_dir
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         account = self._account = embedded_account()
+        self._check_owner(account)
         install = install_dir()
         if not account.is_us:
             install = self._reachable(state_dir, install, account)
@@ -189,6 +244,51 @@ class EmbeddedPostgres:
         self._write_access_rules(account)
         self._stop_leftover()
         self._socket_dir = self._choose_socket_dir(account)
+        self._launch()
+        replace_atomically(
+            state_dir / RECORD_NAME,
+            json.dumps({"socket_dir": str(self._socket_dir), "pid": os.getpid()}).encode(),
+        )
+        log.info("embedded postgresql running", data_dir=str(self.data_dir), dsn=self.dsn)
+        return self.dsn
+
+    def restart_blocking(self, dead_pid: int | None = None) -> None:
+        """Start the server again after it died, where it listened before. `dead_pid` is the
+        postmaster known to have exited: a lock file that still names it is stale, even while
+        that process is a zombie nobody has reaped yet (PostgreSQL would wait for it)."""
+        assert self._socket_dir is not None, "not started"
+        if dead_pid is not None:
+            for lock_file in (
+                self.data_dir / "postmaster.pid",
+                self._socket_dir / f"{_SOCKET_NAME}.lock",
+            ):
+                if _pid_in(lock_file) == dead_pid:
+                    with contextlib.suppress(FileNotFoundError):
+                        lock_file.unlink()
+        self._launch()
+
+    def postmaster_pid(self) -> int | None:
+        """The server's process, as its postmaster.pid says (None when it says none)."""
+        return _pid_in(self.data_dir / "postmaster.pid")
+
+    def stop_blocking(self) -> None:
+        if self._socket_dir is None:
+            return
+        socket_dir, self._socket_dir = self._socket_dir, None
+        with contextlib.suppress(FileNotFoundError):
+            (self.state_dir / RECORD_NAME).unlink()
+        try:
+            self._run("pg_ctl", ["-w", "-m", "fast", "-t", str(STOP_TIMEOUT_S), "stop"])
+        except EmbeddedDatabaseError as exc:
+            log.warning("the embedded postgresql did not stop cleanly", error=str(exc))
+        if socket_dir != self.data_dir:
+            shutil.rmtree(socket_dir, ignore_errors=True)
+        log.info("embedded postgresql stopped", data_dir=str(self.data_dir))
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _launch(self) -> None:
+        assert self._socket_dir is not None
         options = f"-h '' -k {shlex.quote(str(self._socket_dir))} -c unix_socket_permissions=0700"
         self._run(
             "pg_ctl",
@@ -204,23 +304,20 @@ class EmbeddedPostgres:
             ],
             what="start",
         )
-        dsn = f"postgresql://{DATABASE_USER}@/postgres?host={quote(str(self._socket_dir))}"
-        log.info("embedded postgresql running", data_dir=str(self.data_dir), dsn=dsn)
-        return dsn
 
-    def stop_blocking(self) -> None:
-        if self._socket_dir is None:
-            return
-        socket_dir, self._socket_dir = self._socket_dir, None
+    def _check_owner(self, account: _Account) -> None:
+        """Data of another user (a daemon's under DynamicUser, found by root while that daemon
+        is stopped) is not this process's to start: PostgreSQL would refuse it anyway."""
         try:
-            self._run("pg_ctl", ["-w", "-m", "fast", "-t", str(STOP_TIMEOUT_S), "stop"])
-        except EmbeddedDatabaseError as exc:
-            log.warning("the embedded postgresql did not stop cleanly", error=str(exc))
-        if socket_dir != self.data_dir:
-            shutil.rmtree(socket_dir, ignore_errors=True)
-        log.info("embedded postgresql stopped", data_dir=str(self.data_dir))
-
-    # -- internals ------------------------------------------------------------------------
+            owner = self.data_dir.stat().st_uid
+        except FileNotFoundError:
+            return
+        if owner != account.uid:
+            raise EmbeddedDatabaseError(
+                f"the embedded PostgreSQL data in {self.data_dir} belongs to user {owner}, "
+                f"and no daemon of that user is running on it: start the daemon "
+                "(systemctl start model-registry) and run this again, or run it as that user"
+            )
 
     def _reachable(self, state_dir: Path, install: Path, account: _Account) -> Path:
         """Run by root: let `account` reach its data without opening anything outside the
@@ -240,21 +337,21 @@ class EmbeddedPostgres:
         return install
 
     def _write_access_rules(self, account: _Account) -> None:
-        """Only this daemon's OS user, over the socket, as the database's superuser."""
+        """This daemon's OS user and root (an operator's `sudo model-registry models list`
+        beside a daemon of its own user), over the socket, as the database's superuser."""
         me = _own_name()
         # Peer authentication needs a name for this daemon's uid. A uid without one (a
         # container's arbitrary uid) is let in by the socket alone, which is owner-only.
         method = "trust" if me is None else f"peer map={IDENT_MAP}"
+        users = [] if me is None else sorted({me, "root"})
         rules = {
             "pg_hba.conf": (
-                "# Written by model-registry at every start: this daemon's user, over the "
-                "socket, by its OS identity.\n"
+                "# Written by model-registry at every start: this daemon's user and root, over "
+                "the socket, by their OS identity.\n"
                 f"local all {DATABASE_USER} {method}\n"
             ),
-            "pg_ident.conf": (
-                "# Written by model-registry at every start.\n"
-                + ("" if me is None else f"{IDENT_MAP} {me} {DATABASE_USER}\n")
-            ),
+            "pg_ident.conf": "# Written by model-registry at every start.\n"
+            + "".join(f"{IDENT_MAP} {user} {DATABASE_USER}\n" for user in users),
         }
         for name, text in rules.items():
             path = self.data_dir / name
@@ -267,35 +364,40 @@ class EmbeddedPostgres:
             os.replace(temporary, path)
 
     def _stop_leftover(self) -> None:
-        """A server left running by a daemon that was killed: stop it, to start with ours."""
+        """A server left running by a daemon that was killed: stop it, to start with ours.
+        (The caller holds the state directory, so no live daemon runs this one.)"""
+        leftover_socket_dir = recorded_socket_dir(self.state_dir)
+        pid = self.postmaster_pid()
         try:
-            pid = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
-            os.kill(pid, 0)
-        except (OSError, ValueError):
+            if pid is not None:
+                os.kill(pid, 0)
+        except OSError:
+            pid = None
+        if pid is not None:
+            log.info("stopping the embedded postgresql a previous run left", pid=pid)
+            self._run("pg_ctl", ["-w", "-m", "fast", "-t", str(STOP_TIMEOUT_S), "stop"])
+        if leftover_socket_dir is not None:
+            self._remove_socket_dir(leftover_socket_dir)
+
+    def _remove_socket_dir(self, directory: Path) -> None:
+        """A socket directory of an earlier run, made by `_choose_socket_dir`."""
+        if directory == self.data_dir or not directory.name.startswith(_SOCKET_DIR_PREFIX):
             return
-        log.info("stopping the embedded postgresql a previous run left", pid=pid)
-        self._run("pg_ctl", ["-w", "-m", "fast", "-t", str(STOP_TIMEOUT_S), "stop"])
+        with contextlib.suppress(OSError):
+            info = os.lstat(directory)
+            if stat.S_ISDIR(info.st_mode) and info.st_uid in (os.geteuid(), self._uid()):
+                shutil.rmtree(directory)
+
+    def _uid(self) -> int:
+        return os.geteuid() if self._account is None else self._account.uid
 
     def _choose_socket_dir(self, account: _Account) -> Path:
         """The data directory (0700, the server's), unless its path is too long for a socket:
-        then a private directory under the temporary directory, named after the data
-        directory, so that the server is found at the same address after a restart."""
+        then a private directory with an unpredictable name under the temporary directory
+        (nobody can make it first), recorded in the state directory for clients to find."""
         if len(str(self.data_dir / _SOCKET_NAME).encode()) <= _MAX_SOCKET_PATH:
             return self.data_dir
-        digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
-        directory = Path(tempfile.gettempdir()) / f"model-registry-pg-{digest}"
-        with contextlib.suppress(FileExistsError):
-            directory.mkdir(mode=0o700)
-        info = os.lstat(directory)
-        if (
-            not stat.S_ISDIR(info.st_mode)
-            or info.st_uid not in (account.uid, os.geteuid())
-            or info.st_mode & 0o077
-        ):
-            raise EmbeddedDatabaseError(
-                f"the socket directory {directory} is not this daemon's own (a directory only "
-                "it may enter): remove it, or use a state directory with a shorter path"
-            )
+        directory = Path(tempfile.mkdtemp(prefix=_SOCKET_DIR_PREFIX))
         account.take(directory)
         return directory
 

@@ -112,13 +112,14 @@ class RepeatSummary(logging.Filter):
             return None
         error = record.exc_info[1] if record.exc_info else None
         # What the line is about is part of what makes it a repeat: a model that flaps is
-        # counted, but each reservation that expires is its own news.
+        # counted, but each reservation that expires (or process that dies) is its own news.
         return (
             record.name,
             str(event),
             type(error).__name__ if error else None,
             fields.get("model"),
             fields.get("reservation"),
+            fields.get("pid"),
         )
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -15,7 +15,7 @@ import pytest
 from registry import keys
 from registry.app import create_app
 from registry.config import SYSTEM_STATE_DIR, Settings, default_state_dir
-from registry.embedded import SYSTEM_USER, EmbeddedPostgres, install_dir
+from registry.embedded import SYSTEM_USER, EmbeddedPostgres, install_dir, recorded_server
 from tests.daemon import Daemon
 
 
@@ -156,7 +156,7 @@ def _assert_owner_only(state_dir: Path, socket_dir: Path) -> None:
     assert stat.S_IMODE((socket_dir / ".s.PGSQL.5432").stat().st_mode) == 0o700
 
 
-def test_a_state_dir_too_deep_for_a_socket_path_keeps_one_address_across_restarts(
+def test_a_state_dir_too_deep_for_a_socket_path_gets_an_unguessable_recorded_socket_dir(
     embedded_state_dir: Path,
 ) -> None:
     deep = embedded_state_dir / ("d" * 60) / ("e" * 60)
@@ -167,8 +167,13 @@ def test_a_state_dir_too_deep_for_a_socket_path_keeps_one_address_across_restart
         socket_dir = Path(parse_qs(urlsplit(first).query)["host"][0])
         assert socket_dir != deep / "postgres" and len(str(socket_dir)) < 60
         assert stat.S_IMODE(socket_dir.stat().st_mode) == 0o700
+        # Clients (a command beside the daemon) find it through the state directory.
+        assert recorded_server(deep) == first
         server.stop_blocking()
-        assert server.start_blocking() == first  # clients find it where they left it
+        assert not socket_dir.exists() and recorded_server(deep) is None
+        # Nobody can make the next one first: its name is not derived from the path.
+        second = server.start_blocking()
+        assert second != first and recorded_server(deep) == second
     finally:
         server.stop_blocking()
 

@@ -14,46 +14,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from registry.instance import Instance
 from registry.logs import get_logger
 from registry.reservation import Reservation
+from registry.state_dir import (
+    NOFOLLOW,
+    Holder,
+    StateDirError,
+    StateLock,
+    check_state_dir,
+    replace_atomically,
+    write_all,
+)
 
 log = get_logger("registry.admission.ledger")
 
 FILE_NAME = "reservations.jsonl"
-LOCK_NAME = "daemon.lock"
 FORMAT = 2  # 2 added instances; a daemon that reads only 1 refuses the file, and says so
 _HEADER = b'{"format":2}\n'
 
 
 class LedgerError(Exception):
     """The journal cannot be used; the message says which file and what to do."""
-
-
-def check_state_dir(directory: Path) -> None:
-    """Refuse a state directory that another user owns, or that others may write to: the
-    promises kept there (and the database) must be this daemon's alone."""
-    info = directory.stat()
-    fix = f"chown {os.geteuid()} {directory} && chmod go-w {directory}"
-    if info.st_uid != os.geteuid():
-        raise LedgerError(
-            f"the state directory {directory} belongs to user {info.st_uid}, not to this "
-            f"daemon's ({os.geteuid()}): give it its own (MODEL_REGISTRY_STATE_DIR), or {fix}"
-        )
-    if info.st_mode & 0o022:
-        raise LedgerError(
-            f"the state directory {directory} is writable by group or others "
-            f"(mode {info.st_mode & 0o777:o}): {fix}"
-        )
 
 
 class _Bind(BaseModel):
@@ -80,41 +69,12 @@ def _line(value: object) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode() + b"\n"
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-# Files of the state directory are never opened through a symbolic link someone planted.
-_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _replace_atomically(path: Path, payload: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(temporary)  # a leftover, or a planted link: created anew, exclusively
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
-    try:
-        _write_all(fd, payload)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(directory)  # the rename itself must survive a crash
-    finally:
-        os.close(directory)
-
-
 class ReservationLedger:
     def __init__(
         self, state_dir: Path, *, compact_after_lines: int = 10_000, boot_id: str | None = None
     ) -> None:
         self.path = state_dir / FILE_NAME
-        self._lock_path = state_dir / LOCK_NAME
-        self._lock_file: IO[str] | None = None
+        self._lock = StateLock(state_dir)
         self._fd: int | None = None
         self._compact_after = compact_after_lines
         self._boot_id = boot_id  # instances of another boot are dropped at start (pids reused)
@@ -141,7 +101,10 @@ class ReservationLedger:
         rewrite of the journal writes. `open_count` says how many there are, cheaply.
         """
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        check_state_dir(self.path.parent)
+        try:
+            check_state_dir(self.path.parent)
+        except StateDirError as exc:
+            raise LedgerError(str(exc)) from None
         self._take_lock()
         try:
             reservations = self._replay()
@@ -154,38 +117,19 @@ class ReservationLedger:
         return reservations
 
     def _take_lock(self) -> None:
+        def waiting(holder: Holder) -> None:
+            log.warning(f"waiting for {holder} to let go of the state directory")
+
         try:
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
-        except OSError as exc:
-            raise LedgerError(
-                f"cannot open {self._lock_path} ({exc.strerror}): it must be a plain file of "
-                "the state directory, not a symbolic link"
-            ) from None
-        lock_file = os.fdopen(fd, "a+")
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.seek(0)
-            holder = lock_file.read().strip() or "?"
-            lock_file.close()
-            raise LedgerError(
-                f"another model-registry daemon (pid {holder}) is using the state directory "
-                f"{self.path.parent}; give each daemon its own MODEL_REGISTRY_STATE_DIR"
-            ) from None
-        lock_file.truncate(0)
-        lock_file.write(f"{os.getpid()}\n")
-        lock_file.flush()
-        self._lock_file = lock_file
+            self._lock.take_as_daemon(on_wait=waiting)
+        except StateDirError as exc:
+            raise LedgerError(str(exc)) from None
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        if self._lock_file is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-            self._lock_file.close()
-            self._lock_file = None
+        self._lock.release()
 
     # -- recording ------------------------------------------------------------------------
 
@@ -248,7 +192,7 @@ class ReservationLedger:
         assert self._fd is not None
         before = os.lseek(self._fd, 0, os.SEEK_END)
         try:
-            _write_all(self._fd, data)
+            write_all(self._fd, data)
             os.fdatasync(self._fd)
         except OSError:
             # No torn line may stay in the middle of the journal.
@@ -266,17 +210,17 @@ class ReservationLedger:
             + b"".join(_line({"put": r.to_record()}) for r in reservations)
             + b"".join(_line({"instance": i.to_record()}) for i in instances or ())
         )
-        _replace_atomically(self.path, payload)
+        replace_atomically(self.path, payload)
         if self._fd is not None:
             os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | _NOFOLLOW)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | NOFOLLOW)
         self._lines_in_file = len(reservations) + len(instances or ())
 
     # -- reading --------------------------------------------------------------------------
 
     def _replay(self) -> list[Reservation]:
         try:
-            fd = os.open(self.path, os.O_RDONLY | _NOFOLLOW)
+            fd = os.open(self.path, os.O_RDONLY | NOFOLLOW)
             with os.fdopen(fd, "rb") as journal:
                 raw = journal.read()
         except FileNotFoundError:
