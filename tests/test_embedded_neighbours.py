@@ -41,9 +41,7 @@ def postmaster_pid(state_dir: Path) -> int:
 
 
 @pytest.fixture
-def embedded_daemon(
-    embedded_state_dir: Path, tmp_path: Path, gpu_file: Callable[..., Path]
-) -> Any:
+def embedded_daemon(embedded_state_dir: Path, tmp_path: Path, gpu_file: Callable[..., Path]) -> Any:
     """A real daemon on an embedded server of its own, in `embedded_state_dir`."""
     started: list[Daemon] = []
 
