@@ -145,6 +145,7 @@ async def admission_ctx(app: web.Application, *, clock: Clock) -> AsyncIterator[
             clock=clock,
             boot_id=boot,
             max_open=settings.max_instances,
+            max_per_owner=settings.instances_per_token(),
             on_sample=app[keys.FOOTPRINTS].sample,
         )
         instances.load(ledger.instances)
@@ -303,7 +304,9 @@ def create_app(
     app[keys.SETTINGS] = LiveSettings(settings)
     app[keys.STOP] = asyncio.Event()
     app[keys.FATAL] = asyncio.Event()
-    footprints = Footprints(settings.vram_source, settings.footprint_min_samples)
+    footprints = Footprints(
+        settings.vram_source, settings.footprint_min_samples, settings.footprint_max_shrink
+    )
     pages = PageCache(settings.page_cache_mib * 1024 * 1024)
     view = CatalogView(_initial_snapshot(settings), margins_from(settings), footprints, pages)
     app[keys.VIEW] = view

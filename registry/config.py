@@ -18,7 +18,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from registry.footprint import VramSource
+from registry.footprint import DEFAULT_MAX_SHRINK, VramSource
 
 ENV_PREFIX = "MODEL_REGISTRY_"
 _config_file: ContextVar[Path | None] = ContextVar("config_file", default=None)
@@ -173,6 +173,18 @@ class Settings(BaseSettings):
     footprint_min_samples: int = Field(
         default=3, ge=1, le=100, description="Samples before an observed size counts."
     )
+    footprint_max_shrink: float = Field(
+        default=DEFAULT_MAX_SHRINK,
+        ge=0.0,
+        le=1.0,
+        description="Under vram_source observed, the most a learned size takes off the declared "
+        "one (0.5: never below half of it).",
+    )
+    max_instances_per_token: int | None = Field(
+        default=None,
+        ge=1,
+        description="Live instances one token may own; default: a quarter of max_instances.",
+    )
 
     @field_validator("log_level")
     @classmethod
@@ -245,6 +257,9 @@ class Settings(BaseSettings):
     def database_dsn(self) -> str | None:
         """The configured PostgreSQL URL; None means the embedded server."""
         return None if self.database_url is None else self.database_url.get_secret_value()
+
+    def instances_per_token(self) -> int:
+        return self.max_instances_per_token or max(1, self.max_instances // 4)
 
     def admin_tokens(self) -> list[str]:
         return _tokens(self.admin_token)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 JSON = "application/json"
 
@@ -58,3 +58,15 @@ def http_error(
     return cls(
         text=json.dumps({"detail": detail}, ensure_ascii=False), content_type=JSON, headers=headers
     )
+
+
+Q = TypeVar("Q", bound=BaseModel)
+
+
+def validated_query(request: web.Request, schema: type[Q]) -> Q:
+    """The request's query parameters as `schema`, or a 422 naming each problem. A repeated
+    parameter counts with its last value, as in the original system."""
+    try:
+        return schema.model_validate(dict(request.query.items()))
+    except ValidationError as exc:
+        raise unprocessable(validation_issues(exc, "query")) from None

@@ -37,11 +37,20 @@ class Instance:
     boot_id: str
     holder: str | None = None
     reservation: str | None = None  # the reservation it was bound from
-    # What that reservation booked, held as pending until the process uses as much, or until
-    # `booked_until` (the reservation's expiry) passes. 0 for an adopted instance.
+    # What that reservation booked, held as pending until the process has grown by as much
+    # above `baseline_mib`, or until `booked_until` (the reservation's expiry) passes. 0 for an
+    # adopted instance.
     booked_mib: int = 0
     booked_until: AwareDatetime | None = None
     owner: str | None = None  # the hash of the token that made it (registry.auth.owner_of)
+    # What the process held on the device before this load: its memory in the reading current
+    # when the reservation was made (0 when it was not listed then), or, where that reading is
+    # no longer known, at the bind. Only growth above it is this load's.
+    baseline_mib: int = 0
+    # Whether its load may teach the model's footprint: bound with a known baseline, or
+    # adopted by an admin. Anything else (an adoption by a scheduler token, a baseline taken
+    # at the bind) could teach a size that is not the model's.
+    teaches: bool = False
 
     def to_record(self) -> dict[str, Any]:
         """The form kept on disk."""
@@ -58,6 +67,8 @@ class Instance:
             "booked_mib": self.booked_mib,
             "booked_until": None if self.booked_until is None else self.booked_until.isoformat(),
             "owner": self.owner,
+            "baseline_mib": self.baseline_mib,
+            "teaches": self.teaches,
         }
 
     def to_api(self, used_mib: int | None, peak_mib: int, pending_mib: int) -> dict[str, Any]:
@@ -72,6 +83,7 @@ class Instance:
             "loaded_at": self.loaded_at.isoformat(),
             "used_mib": used_mib,
             "peak_mib": peak_mib,
+            "baseline_mib": self.baseline_mib,
             "pending_mib": pending_mib,
         }
 

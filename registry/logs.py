@@ -65,6 +65,9 @@ REPEAT_WINDOW_S = 10.0
 AUTH_FAILURE_WINDOW_S = 1.0
 _AUTH_FAILURES = frozenset({401, 403})
 FLAP_EVENT = "model availability changed"
+# News that can come in floods (10,000 instances of one process ending together): folded per
+# reason, at most one line per second each, with the count.
+FOLDED_BY_REASON = {"instance ended": 1.0}
 
 
 @dataclass
@@ -79,8 +82,8 @@ class RepeatSummary(logging.Filter):
     """An error that repeats is logged once; further ones are counted and logged as one
     summary line (the count, no traceback) at most every `window_s`.
 
-    "Errors" are warnings and worse, access-log lines of answers with status >= 400, and a
-    model's availability changing (per model). Two
+    "Errors" are warnings and worse, access-log lines of answers with status >= 400, a
+    model's availability changing (per model), and the floods of FOLDED_BY_REASON. Two
     lines repeat when they come from the same logger with the same event (and exception type,
     or status): the details that vary (addresses, retry delays) do not make them different.
     """
@@ -108,6 +111,8 @@ class RepeatSummary(logging.Filter):
             if status in _AUTH_FAILURES:
                 return (record.name, event, status, fields.get("remote"))
             return (record.name, event, status) if status >= 400 else None
+        if event in FOLDED_BY_REASON:
+            return (record.name, event, fields.get("reason"))
         if record.levelno < logging.WARNING and event != FLAP_EVENT:
             return None
         error = record.exc_info[1] if record.exc_info else None
@@ -130,6 +135,8 @@ class RepeatSummary(logging.Filter):
         window_s = self._window_s
         if key[1] == "request" and key[2] in _AUTH_FAILURES:
             window_s = AUTH_FAILURE_WINDOW_S
+        elif key[1] in FOLDED_BY_REASON:
+            window_s = FOLDED_BY_REASON[str(key[1])]
         with self._lock:
             repeats = self._repeats.get(key)
             if repeats is None:

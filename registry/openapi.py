@@ -13,6 +13,7 @@ from registry.admission.schemas import (
     InstanceCreate,
     InstanceList,
     InstanceOut,
+    InstanceQuery,
     RefusalOut,
     ReservationCreate,
     ReservationList,
@@ -210,16 +211,8 @@ def _reservation_paths(secured: list[dict[str, list[str]]]) -> dict[str, Any]:
             "get": {
                 "summary": "Instances: models loaded on this host, oldest first",
                 "operationId": "list_instances",
-                "parameters": [
-                    {
-                        "name": "model",
-                        "in": "query",
-                        "required": False,
-                        "description": "Only this model's instances.",
-                        "schema": {"type": "string"},
-                    }
-                ],
-                "responses": {"200": _json(InstanceList, "Live instances")},
+                "parameters": _query_parameters(InstanceQuery),
+                "responses": {"200": _json(InstanceList, "A page of live instances"), **_ERRORS},
             },
             "post": {
                 "summary": "Bind a reservation to its loading process, or adopt a loaded model",
@@ -229,7 +222,11 @@ def _reservation_paths(secured: list[dict[str, list[str]]]) -> dict[str, Any]:
                 "responses": {
                     "201": _json(InstanceOut, "Followed from now on"),
                     "404": _json(ErrorOut, "No such reservation, model or GPU"),
-                    "409": _json(RefusalOut, "The process is not on the GPU (pid_not_on_gpu)"),
+                    "409": _json(
+                        RefusalOut,
+                        "The process is not on the GPU (pid_not_on_gpu), or already holds a "
+                        "live instance of the model there (already_loaded)",
+                    ),
                     "429": _json(RefusalOut, "Too many instances (too_many)"),
                     "503": _json(
                         ErrorOut,

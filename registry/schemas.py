@@ -72,7 +72,10 @@ class ModelOut(BaseModel):
     reason: Literal["disabled", "insufficient_vram", "gpu_state_unknown"] | None
     placement: PlacementOut | None
     headroom_mib: int | None
-    instances: list[ResidentOut] = Field(description="Where it is loaded on this host now.")
+    instances: list[ResidentOut] = Field(
+        description="Where it is loaded on this host now: the newest 100, oldest first."
+    )
+    instances_total: int = Field(description="How many instances of it are live here.")
     learn: bool = Field(description="Whether its loads teach its footprint.")
     vram_observed: int | None = Field(
         description="What its loads took (p95, MiB) on the placement's GPU product; null until "

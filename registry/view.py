@@ -9,6 +9,7 @@ cached until the next change; each change bumps `generation`, which every output
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import math
 import time
@@ -28,12 +29,14 @@ from registry.page_cache import (
     ParsedQueries,
     body_etag,
 )
+from registry.paging import pagination_json
 from registry.reservation import Reservation
 from registry.schemas import ListQuery
 
 log = get_logger("registry.view")
 
 _BULK_CHANGE = 256  # more changes than this at once: rebuild the indexes instead
+RESIDENTS_SHOWN = 100  # a model's instances in the listing: the newest, and their count
 K = TypeVar("K")
 
 
@@ -60,7 +63,7 @@ class _Entry:
         self.learn = f',"learn":{_json(model.learn)}'
 
     def render(
-        self, assessment: Assessment, instances_json: str, sizes: tuple[int | None, int]
+        self, assessment: Assessment, residents_json: str, sizes: tuple[int | None, int]
     ) -> str:
         placement = assessment.placement
         placement_json = (
@@ -74,7 +77,7 @@ class _Entry:
         return (
             f"{self.head}{_json(assessment.active)}{self.tail}{_json(assessment.fits)}"
             f',"reason":{reason},"placement":{placement_json},"headroom_mib":{headroom}'
-            f',"instances":{instances_json}{self.learn}'
+            f",{residents_json}{self.learn}"
             f',"vram_observed":{_json(sizes[0])},"vram_effective":{sizes[1]}}}'
         )
 
@@ -110,7 +113,8 @@ class CatalogView:
         # Enabled models whose effective size was learned, so may differ by GPU product: few
         # (those loaded here or in the fleet), assessed one by one instead of by bisection.
         self._learned: set[int] = set()
-        self._drift_logged: set[str] = set()  # models whose drift was logged
+        self._drift_logged: set[str] = set()  # models whose drift (up) was logged
+        self._shrink_logged: set[str] = set()  # models whose drift down was logged
         self._listeners: list[Callable[[], None]] = []
         self._capacity = Capacity(snapshot, margins)
         self._capacity_json = ""
@@ -198,22 +202,32 @@ class CatalogView:
 
     def _note_drift(self, model: CatalogModel) -> None:
         """Log once per model when what its loads take first exceeds its declared size by
-        more than 10%: the catalog is wrong, and operators should hear of it."""
-        if model.name in self._drift_logged:
-            return
-        for gpu_name in self._footprints.of_model(model.name):
-            observed = self._footprints.observed(model.name, gpu_name)
-            if observed is not None and observed > 1.1 * model.vram:
+        more than 10%, or falls more than 30% below it: either the catalog is wrong, or (below)
+        the samples are, and operators should hear of it."""
+        footprints = self._footprints
+        for gpu_name in footprints.of_model(model.name):
+            observed = footprints.observed(model.name, gpu_name)
+            if observed is None:
+                continue
+            if observed > 1.1 * model.vram and model.name not in self._drift_logged:
                 self._drift_logged.add(model.name)
-                log.warning(
-                    "a model's loads take more than it declares",
-                    model=model.name,
-                    gpu_name=gpu_name,
-                    declared_mib=model.vram,
-                    observed_mib=observed,
-                    learn=model.learn,
-                )
-                return
+                event = "a model's loads take more than it declares"
+            elif (
+                footprints.below_declared(model, gpu_name) and model.name not in self._shrink_logged
+            ):
+                self._shrink_logged.add(model.name)
+                event = "a model's loads take much less than it declares"
+            else:
+                continue
+            log.warning(
+                event,
+                model=model.name,
+                gpu_name=gpu_name,
+                declared_mib=model.vram,
+                observed_mib=observed,
+                effective_mib=footprints.effective(model, gpu_name),
+                learn=model.learn,
+            )
 
     def place_instances(
         self,
@@ -341,13 +355,17 @@ class CatalogView:
         return None if entry is None else entry.model
 
     def _resident_json(self, name: str) -> str:
+        """`"instances":[...],"instances_total":N`: where the model is loaded (its newest
+        RESIDENTS_SHOWN instances, oldest first, as /instances lists them) and how many."""
         cached = self._residents_json.get(name)
         if cached is None:
-            cached = self._residents_json[name] = _json(
-                [
-                    {"id": i, "gpu": uuid, "index": index}
-                    for i, (uuid, index) in self._residents.get(name, {}).items()
-                ]
+            residents = self._residents.get(name, {})
+            newest = itertools.islice(
+                residents.items(), max(0, len(residents) - RESIDENTS_SHOWN), None
+            )
+            shown = [{"id": i, "gpu": uuid, "index": index} for i, (uuid, index) in newest]
+            cached = self._residents_json[name] = (
+                f'"instances":{_json(shown)},"instances_total":{len(residents)}'
             )
         return cached
 
@@ -471,9 +489,7 @@ class CatalogView:
         body = (
             '{"data":['
             + ",".join(self._render(entries[i]) for i in page_ids)
-            + f'],"pagination":{{"total_items":{total},'
-            f'"total_pages":{math.ceil(total / query.limit)},'
-            f'"current_page":{query.skip // query.limit + 1},"per_page":{query.limit}}},'
+            + f'],"pagination":{pagination_json(total, query.skip, query.limit)},'
             f'"capacity":{self._capacity_json}}}'
         ).encode()
         return CachedBody(body, body_etag(body))

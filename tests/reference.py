@@ -36,6 +36,7 @@ def model_object(
         else {"gpu": placement.gpu, "index": placement.index, "free_mib": placement.free_mib},
         "headroom_mib": verdict.headroom_mib,
         "instances": instances or [],
+        "instances_total": len(instances or []),
         "learn": model.learn,
         "vram_observed": observed,
         "vram_effective": effective,

@@ -82,6 +82,7 @@ def test_the_alert_rules_are_well_formed() -> None:
         "ModelRegistryNoModelActive",
         "ModelRegistryFleetHostStale",
         "ModelRegistryFootprintAboveDeclared",
+        "ModelRegistryFootprintBelowDeclared",
     }
     for rule in rules:
         assert set(rule) == {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]

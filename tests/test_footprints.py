@@ -62,16 +62,25 @@ async def _poll(client: Any) -> None:
 async def _load_and_exit(
     client: Any, gpus: Callable[..., Path], model: str, pid: int, used: int | None
 ) -> None:
-    """A process loads `model` (adopted as an instance), then exits: one sample, its peak."""
-    gpus(TOTAL - (used or 0), {pid: used})
-    await _poll(client)
-    adopted = await client.post(
-        "/instances", json={"model": model, "gpu": GPU, "pid": pid}, headers=AS_SCHEDULER
-    )
-    assert adopted.status == 201, await adopted.text()
+    """A worker reserves `model`, starts, loads it (bound to the reservation), reports the
+    unload and exits: one load watched to its end, one sample, what it took."""
     gpus(TOTAL)
     await _poll(client)
-    await _poll(client)  # absent from two polls: ended, and its sample given
+    reserved = await client.post("/reservations", json={"model": model}, headers=AS_SCHEDULER)
+    assert reserved.status == 201, await reserved.text()
+    gpus(TOTAL - (used or 0), {pid: used})
+    await _poll(client)
+    bound = await client.post(
+        "/instances",
+        json={"reservation": (await _json(reserved))["id"], "pid": pid},
+        headers=AS_SCHEDULER,
+    )
+    assert bound.status == 201, await bound.text()
+    instance = await _json(bound)
+    unloaded = await client.delete(f"/instances/{instance['id']}", headers=AS_SCHEDULER)
+    assert unloaded.status == 204
+    gpus(TOTAL)
+    await _poll(client)
     assert (await _json(await client.get("/instances")))["data"] == []
 
 

@@ -354,4 +354,10 @@ def test_a_learned_size_counts_in_the_active_count_and_pages() -> None:
     observed.set_footprint("big", {"H200": Observed(5000, 3)})
     assert observed.active_count == 2
     [entry] = json.loads(observed.page(ListQuery(name="big")).body)["data"]
-    assert (entry["vram_observed"], entry["vram_effective"], entry["active"]) == (5000, 5000, True)
+    # Never below half of what it declares (MODEL_REGISTRY_FOOTPRINT_MAX_SHRINK, 0.5).
+    assert (entry["vram_observed"], entry["vram_effective"], entry["active"]) == (5000, 6000, True)
+    trusting = CatalogView(snapshot, Margins(), Footprints(VramSource.OBSERVED, max_shrink=0.75))
+    trusting.replace_catalog([small, big])
+    trusting.set_footprint("big", {"H200": Observed(5000, 3)})
+    [entry] = json.loads(trusting.page(ListQuery(name="big")).body)["data"]
+    assert (entry["vram_observed"], entry["vram_effective"]) == (5000, 5000)

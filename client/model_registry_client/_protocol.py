@@ -80,6 +80,18 @@ def place_body(model: str, options: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+def last_page(page: dict[str, Any], collected: int) -> bool:
+    """Whether a paged listing is done, `collected` items in (an empty page ends it too)."""
+    return not page["data"] or collected >= page["pagination"]["total_items"]
+
+
+def instance_params(model: str | None) -> dict[str, Any]:
+    params: dict[str, Any] = {"limit": PAGE}
+    if model is not None:
+        params["model"] = model
+    return params
+
+
 def list_params(active: bool | None, name: str | None) -> dict[str, Any]:
     params: dict[str, Any] = {"limit": PAGE}
     if active is not None:

@@ -8,9 +8,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from httpx_sse import aconnect_sse
@@ -34,6 +34,7 @@ from model_registry_client.objects import (
 )
 
 log = logging.getLogger("model_registry_client")
+T = TypeVar("T")
 
 
 class _AsyncHttp:
@@ -255,12 +256,17 @@ class AsyncRegistry:
 
     async def models(self, active: bool | None = None, name: str | None = None) -> list[Model]:
         params = protocol.list_params(active, name)
-        models: list[Model] = []
+        return await self._every_page("/models", params, Model.from_json)
+
+    async def _every_page(
+        self, path: str, params: dict[str, Any], parse: Callable[[dict[str, Any]], T]
+    ) -> list[T]:
+        items: list[T] = []
         while True:
-            page = await self._http.call("GET", "/models", params={**params, "skip": len(models)})
-            models.extend(Model.from_json(raw) for raw in page["data"])
-            if not page["data"] or len(models) >= page["pagination"]["total_items"]:
-                return models
+            page = await self._http.call("GET", path, params={**params, "skip": len(items)})
+            items.extend(parse(raw) for raw in page["data"])
+            if protocol.last_page(page, len(items)):
+                return items
 
     async def model(self, model_id: int) -> Model:
         return Model.from_json(await self._http.call("GET", f"/models/{model_id}"))
@@ -280,9 +286,8 @@ class AsyncRegistry:
         return Footprint.from_json(answer)
 
     async def instances(self, model: str | None = None) -> list[Instance]:
-        params = {} if model is None else {"model": model}
-        answer = await self._http.call("GET", "/instances", params=params)
-        return [Instance.from_json(i) for i in answer["data"]]
+        params = protocol.instance_params(model)
+        return await self._every_page("/instances", params, Instance.from_json)
 
     def reserve(
         self,

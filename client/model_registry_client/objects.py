@@ -196,6 +196,7 @@ class Instance:
     used_mib: int | None
     peak_mib: int
     pending_mib: int
+    baseline_mib: int = 0  # what the process held before this load
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Instance:
@@ -212,6 +213,7 @@ class Instance:
             used_mib=raw.get("used_mib"),
             peak_mib=raw["peak_mib"],
             pending_mib=raw["pending_mib"],
+            baseline_mib=raw.get("baseline_mib", 0),
         )
 
 
@@ -235,6 +237,7 @@ class ProductFootprint:
     peak_mib: int
     p95_mib: int
     updated_at: datetime
+    below_declared: bool = False  # more than 30% below what the model declares
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,7 @@ class Footprint:
     effective_mib: int
     source: str
     observed: list[ProductFootprint]
+    floor_mib: int | None = None  # the least booked under source "observed"
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Footprint:
@@ -253,11 +257,21 @@ class Footprint:
         for product in raw["observed"]:
             updated_at = _when(product["updated_at"])
             assert updated_at is not None
-            observed.append(ProductFootprint(**{**product, "updated_at": updated_at}))
+            observed.append(
+                ProductFootprint(
+                    gpu_name=product["gpu_name"],
+                    samples=product["samples"],
+                    peak_mib=product["peak_mib"],
+                    p95_mib=product["p95_mib"],
+                    updated_at=updated_at,
+                    below_declared=bool(product.get("below_declared", False)),
+                )
+            )
         return cls(
             model=raw["model"],
             declared_mib=raw["declared_mib"],
             effective_mib=raw["effective_mib"],
             source=raw["source"],
             observed=observed,
+            floor_mib=raw.get("floor_mib"),
         )

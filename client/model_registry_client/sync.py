@@ -10,9 +10,9 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from httpx_sse import connect_sse
@@ -36,6 +36,7 @@ from model_registry_client.objects import (
 )
 
 log = logging.getLogger("model_registry_client")
+T = TypeVar("T")
 
 
 class _Http:
@@ -266,12 +267,17 @@ class Registry:
     def models(self, active: bool | None = None, name: str | None = None) -> list[Model]:
         """Every model (across pages), optionally only those (not) active now, or by name."""
         params = protocol.list_params(active, name)
-        models: list[Model] = []
+        return self._every_page("/models", params, Model.from_json)
+
+    def _every_page(
+        self, path: str, params: dict[str, Any], parse: Callable[[dict[str, Any]], T]
+    ) -> list[T]:
+        items: list[T] = []
         while True:
-            page = self._http.call("GET", "/models", params={**params, "skip": len(models)})
-            models.extend(Model.from_json(raw) for raw in page["data"])
-            if not page["data"] or len(models) >= page["pagination"]["total_items"]:
-                return models
+            page = self._http.call("GET", path, params={**params, "skip": len(items)})
+            items.extend(parse(raw) for raw in page["data"])
+            if protocol.last_page(page, len(items)):
+                return items
 
     def model(self, model_id: int) -> Model:
         return Model.from_json(self._http.call("GET", f"/models/{model_id}"))
@@ -290,10 +296,8 @@ class Registry:
         return Footprint.from_json(self._http.call("GET", f"/models/{found[0].id}/footprint"))
 
     def instances(self, model: str | None = None) -> list[Instance]:
-        """Models loaded on the host now, oldest first; of one model when named."""
-        params = {} if model is None else {"model": model}
-        answer = self._http.call("GET", "/instances", params=params)
-        return [Instance.from_json(i) for i in answer["data"]]
+        """Models loaded on the host now, oldest first (across pages); of one model when named."""
+        return self._every_page("/instances", protocol.instance_params(model), Instance.from_json)
 
     def reserve(
         self,

@@ -94,6 +94,10 @@ class ReservationBook:
         # (expires_at, id) of every lease term granted; an entry whose reservation has ended
         # or been renewed since is skipped when it comes up.
         self._expiries: list[tuple[datetime, str]] = []
+        # The device as read when each reservation was made (or when a finished load of the
+        # process it names rebased it): what a process held before its load, for the bind.
+        # Kept in memory only: after a restart the reading is no longer known.
+        self._readings: dict[str, GpuDevice] = {}
         self._wake = asyncio.Event()
         self._background_save: asyncio.Task[None] | None = None
         self.counters = BookCounters()
@@ -113,6 +117,10 @@ class ReservationBook:
 
     def describe(self, reservation: Reservation) -> dict[str, object]:
         return reservation.to_api(self._view.capacity.pending_of(reservation))
+
+    def reading_of(self, reservation_id: str) -> GpuDevice | None:
+        """Its device as read when it was made; None when that is no longer known."""
+        return self._readings.get(reservation_id)
 
     # -- changing ------------------------------------------------------------------------
 
@@ -218,6 +226,7 @@ class ReservationBook:
             owner=request.owner,
         )
         self._keep(reservation)
+        self._readings[reservation.id] = device
         self.counters.created += 1
         return reservation
 
@@ -344,6 +353,8 @@ class ReservationBook:
         self._wake.set()
 
     def _ended(self, reservation_ids: list[str]) -> None:
+        for reservation_id in reservation_ids:
+            self._readings.pop(reservation_id, None)
         self._view.book_reservations([], reservation_ids)
         self._wake.set()
 
@@ -357,9 +368,11 @@ class ReservationBook:
         used = None if device is None else device.process_used_mib(ended.pid)
         if used is None:
             return
+        assert device is not None
         for sibling in self._view.bookings.naming(ended.gpu_uuid, ended.pid):
             if sibling.pid_baseline_mib < used:
                 self._keep(sibling.with_pid(ended.pid, used))
+                self._readings[sibling.id] = device
 
     def _next_expiry(self) -> datetime | None:
         expiries = self._expiries

@@ -3,9 +3,16 @@ adopted, and ended when their process leaves the GPU (absent from two polls in a
 the scheduler reports an unload.
 
 An instance bound before its load showed keeps what its reservation still booked as pending
-memory (`max(0, booked - used)`) until the process uses that much or the reservation's expiry
-passes; after that it holds nothing: its memory is real use, in NVML's used figure. Nothing
-ends while the GPU state is unknown or the device's process list cannot be read.
+memory, `max(0, booked - (used - baseline))`, until the process has grown by that much above
+what it held before (its baseline) or the reservation's expiry passes; after that it holds
+nothing: its memory is real use, in NVML's used figure. Nothing ends while the GPU state is
+unknown or the device's process list cannot be read (but a booking still ends at its expiry).
+
+What a load took teaches the model's footprint only when the daemon watched the load to its
+end: the process grew by what was booked, or lived SAMPLE_AFTER_S, or its owner reported the
+unload. A process that vanishes before that (a worker that crashed while loading) teaches
+nothing; so does an adoption, unless an admin made it. A sample is the growth above the
+baseline, at most the device's total, and discarded under MIN_SAMPLE_MIB.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ from registry.view import CatalogView
 log = get_logger("registry.admission.instances")
 
 ABSENT_POLLS_TO_END = 2
-SAMPLE_AFTER_S = 60.0  # a live instance gives its first sample after this long
+SAMPLE_AFTER_S = 60.0  # a live instance's load counts as done after this long
+MIN_SAMPLE_MIB = 64  # less than this is a CUDA context, not a model
 # (instance id, model, GPU product, peak MiB): one load's footprint, for the footprints store.
 SampleSink = Callable[[str, str, str, int], None]
 
@@ -40,6 +48,17 @@ class ProcessesUnknown(Exception):
     """The device's process list cannot be read, so nobody can say where the process is."""
 
 
+class AlreadyLoaded(Exception):
+    """The process already holds a live instance of this model on this device."""
+
+    def __init__(self, existing: Instance) -> None:
+        super().__init__(
+            f"process {existing.pid} already holds model {existing.model!r} on GPU "
+            f"{existing.gpu_uuid}: instance {existing.id}"
+        )
+        self.existing = existing
+
+
 @dataclass(slots=True)
 class _Live:
     """What the polls have seen of an instance's process."""
@@ -48,9 +67,11 @@ class _Live:
     peak_mib: int = 0
     absent_polls: int = 0
     settled: bool = False  # its booking has ended: it holds no pending memory any more
+    loaded: bool = False  # its load is known to be done: what it took may teach
     product: str | None = None  # of its device, as last seen
+    total_mib: int = 0  # of its device, as last seen
     measured: bool = False  # the driver reported the process's memory at least once
-    sampled_mib: int = 0  # the peak last given as a sample
+    sampled_mib: int = 0  # the size last given as a sample
 
 
 @dataclass
@@ -70,6 +91,7 @@ class InstanceBook:
         clock: Clock,
         boot_id: str,
         max_open: int = 10_000,
+        max_per_owner: int | None = None,
         on_sample: SampleSink | None = None,
     ) -> None:
         self._view = view
@@ -78,7 +100,10 @@ class InstanceBook:
         self._clock = clock
         self.boot_id = boot_id
         self.max_open = max_open
+        self.max_per_owner = max_per_owner or max(1, max_open // 4)
         self._open: dict[str, Instance] = {}
+        self._by_load: dict[tuple[str, int, str], Instance] = {}  # (gpu, pid, model) -> it
+        self._by_owner: dict[str, int] = {}  # token hash -> live instances it made
         self._by_model: dict[str, dict[str, Instance]] = {}  # model name -> its instances
         self._live: dict[str, _Live] = {}
         self._by_process: dict[tuple[str, int], int] = {}  # (gpu, pid) -> instances
@@ -126,30 +151,33 @@ class InstanceBook:
         for instance in instances:
             self._index(instance)
             self._live[instance.id] = _Live()
-        self._ledger.track_instances(lambda: list(self._open.values()))
+        self._ledger.track_instances(lambda: list(self._open.values()), lambda: len(self._open))
         self._show(instances)
 
     def bind(
         self, reservation: Reservation, pid: int, device: GpuDevice, owner: str | None = None
     ) -> Instance:
         """Turn an open reservation into an instance of `pid`, in one step (one journal line)."""
-        self._admit(device, pid)
+        owner = owner if owner is not None else reservation.owner
+        self._admit(device, pid, reservation.model, owner)
+        baseline, teaches = self._baseline(reservation, pid, device)
         if self._reservations.take(reservation.id) is None:
             raise NotFound(f"no open reservation {reservation.id!r}")
-        now = self._clock()
         instance = Instance(
             id=str(uuid.uuid4()),
             model=reservation.model,
             gpu_uuid=reservation.gpu_uuid,
             gpu_index=reservation.gpu_index,
             pid=pid,
-            loaded_at=now,
+            loaded_at=self._clock(),
             boot_id=self.boot_id,
             holder=reservation.holder,
             reservation=reservation.id,
             booked_mib=reservation.vram_mib,
             booked_until=reservation.expires_at,
-            owner=owner if owner is not None else reservation.owner,
+            owner=owner,
+            baseline_mib=baseline,
+            teaches=teaches,
         )
         self._ledger.bind(reservation.id, instance)
         self._start(instance, device)
@@ -162,9 +190,12 @@ class InstanceBook:
         pid: int,
         holder: str | None,
         owner: str | None = None,
+        *,
+        teaches: bool = False,
     ) -> Instance:
-        """An instance of a model that is already loaded: it books nothing."""
-        self._admit(device, pid)
+        """An instance of a model that is already loaded: it books nothing. It teaches the
+        model's footprint (its process's peak) only when `teaches`: adopted by an admin."""
+        self._admit(device, pid, model, owner)
         instance = Instance(
             id=str(uuid.uuid4()),
             model=model,
@@ -175,6 +206,7 @@ class InstanceBook:
             boot_id=self.boot_id,
             holder=holder,
             owner=owner,
+            teaches=teaches,
         )
         self._ledger.put_instance(instance)
         self._start(instance, device)
@@ -189,10 +221,16 @@ class InstanceBook:
             self._reservations.restore(reservation)
 
     def end(self, instance_id: str, reason: str) -> Instance | None:
+        """End an instance: its process left the GPU (`process_exited`), or its owner reported
+        the unload (`unloaded`: an orderly end, so its load was done)."""
         instance = self._open.get(instance_id)
         if instance is None:
             return None
-        self._sample(instance, self._live[instance_id])
+        live = self._live[instance_id]
+        if reason == "unloaded":
+            live.loaded = True
+        if live.loaded:
+            self._sample(instance, live)
         self._drop(instance)
         self._ledger.end_instance(instance_id)
         self.counters.ended[reason] = self.counters.ended.get(reason, 0) + 1
@@ -223,10 +261,15 @@ class InstanceBook:
         gone: list[str] = []
         holds: list[tuple[str, str, int]] = []
         for instance in self._open.values():
+            live = self._live[instance.id]
             processes = listed.get(instance.gpu_uuid)
             if processes is None:
-                continue  # cannot tell: nothing ends on a device we cannot see into
-            live = self._live[instance.id]
+                # Cannot tell: nothing ends on a device we cannot see into, but what its
+                # reservation booked is held only until that reservation's expiry.
+                if not live.settled and instance.booking_over(now):
+                    live.settled = True
+                    holds.append(self._hold(instance, live))
+                continue
             process = processes.get(instance.pid)
             if process is None:
                 live.absent_polls += 1
@@ -235,10 +278,15 @@ class InstanceBook:
                 continue
             live.absent_polls = 0
             self._observe(live, devices[instance.gpu_uuid], process.used_bytes)
-            if (now - instance.loaded_at).total_seconds() >= SAMPLE_AFTER_S:
+            if not live.loaded and (
+                self._grown_to_booking(instance, live)
+                or (now - instance.loaded_at).total_seconds() >= SAMPLE_AFTER_S
+            ):
+                live.loaded = True
+            if live.loaded:
                 self._sample(instance, live)
             if not live.settled:
-                if live.peak_mib >= instance.booked_mib or instance.booking_over(now):
+                if self._grown_to_booking(instance, live) or instance.booking_over(now):
                     live.settled = True
                 holds.append(self._hold(instance, live))
         for instance_id in gone:
@@ -248,12 +296,19 @@ class InstanceBook:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _admit(self, device: GpuDevice, pid: int) -> None:
+    def _admit(self, device: GpuDevice, pid: int, model: str | None, owner: str | None) -> None:
         if len(self._open) >= self.max_open:
             raise TooMany(
                 f"{len(self._open)} instances are open, the most this daemon takes "
                 "(MODEL_REGISTRY_MAX_INSTANCES)"
             )
+        if owner is not None and self._by_owner.get(owner, 0) >= self.max_per_owner:
+            raise TooMany(
+                f"this token has {self._by_owner[owner]} live instances, the most one token "
+                "may have (MODEL_REGISTRY_MAX_INSTANCES_PER_TOKEN)"
+            )
+        if model is not None and (existing := self._by_load.get((device.uuid, pid, model))):
+            raise AlreadyLoaded(existing)
         if not device.processes_known:
             raise ProcessesUnknown(
                 f"the process list of GPU {device.uuid} cannot be read (permissions, MIG or "
@@ -265,18 +320,40 @@ class InstanceBook:
                 "context there (pids are the host's, not a container's)"
             )
 
+    def _baseline(self, reservation: Reservation, pid: int, device: GpuDevice) -> tuple[int, bool]:
+        """What `pid` held before this load, and whether that is known well enough to learn
+        from: its memory in the reading current when the reservation was made (or rebased
+        since), else (a restart in between) its memory now, which teaches nothing."""
+        reading = self._reservations.reading_of(reservation.id)
+        now_mib = device.process_used_mib(pid) or 0
+        if reading is None or not reading.processes_known:
+            return now_mib, False
+        baseline = reading.process_used_mib(pid) or 0
+        if self._by_process.get((device.uuid, pid)):
+            # The process holds another instance: what it holds now is that one's too.
+            baseline = max(baseline, now_mib)
+        return baseline, True
+
     def _observe(self, live: _Live, device: GpuDevice, used_bytes: int | None) -> None:
         live.used_mib = None if used_bytes is None else used_bytes // MIB
         live.peak_mib = max(live.peak_mib, live.used_mib or 0)
         live.measured = live.measured or live.used_mib is not None
         live.product = product(device)
+        live.total_mib = device.total_mib
+
+    @staticmethod
+    def _grown_to_booking(instance: Instance, live: _Live) -> bool:
+        return live.peak_mib - instance.baseline_mib >= instance.booked_mib
 
     def _sample(self, instance: Instance, live: _Live) -> None:
-        """Give the instance's peak as a footprint sample, when it is one: what its own load
-        took, measured, of a model that learns, and larger than the last one given."""
+        """Give what the instance's load took as a footprint sample, when it is one: a load
+        that may teach, measured, of a model that learns, and larger than the last one given."""
         if self._on_sample is None or instance.model is None or live.product is None:
             return
-        if not live.measured or live.peak_mib <= live.sampled_mib:
+        if not instance.teaches or not live.measured:
+            return
+        size = min(live.peak_mib - instance.baseline_mib, live.total_mib)
+        if size < MIN_SAMPLE_MIB or size <= live.sampled_mib:
             return
         model = self._view.model_by_name(instance.model)
         if model is None or not model.learn:
@@ -286,14 +363,16 @@ class InstanceBook:
         key = (instance.gpu_uuid, instance.pid)
         if self._by_process.get(key, 0) > 1 or self._view.bookings.naming(*key):
             return
-        live.sampled_mib = live.peak_mib
-        self._on_sample(instance.id, instance.model, live.product, live.peak_mib)
+        live.sampled_mib = size
+        self._on_sample(instance.id, instance.model, live.product, size)
 
     def _start(self, instance: Instance, device: GpuDevice) -> None:
         live = _Live()
         process = next((p for p in device.processes if p.pid == instance.pid), None)
         self._observe(live, device, None if process is None else process.used_bytes)
-        live.settled = live.peak_mib >= instance.booked_mib
+        live.settled = self._grown_to_booking(instance, live)
+        # An adoption is of a model loaded before: its load is done.
+        live.loaded = instance.reservation is None
         self._index(instance)
         self._live[instance.id] = live
         self.counters.created += 1
@@ -303,8 +382,11 @@ class InstanceBook:
         self._open[instance.id] = instance
         key = (instance.gpu_uuid, instance.pid)
         self._by_process[key] = self._by_process.get(key, 0) + 1
+        if instance.owner is not None:
+            self._by_owner[instance.owner] = self._by_owner.get(instance.owner, 0) + 1
         if instance.model is not None:
             self._by_model.setdefault(instance.model, {})[instance.id] = instance
+            self._by_load.setdefault((*key, instance.model), instance)
 
     def _drop(self, instance: Instance) -> None:
         del self._open[instance.id]
@@ -314,7 +396,14 @@ class InstanceBook:
             self._by_process[key] -= 1
         else:
             del self._by_process[key]
+        if instance.owner is not None:
+            if self._by_owner[instance.owner] > 1:
+                self._by_owner[instance.owner] -= 1
+            else:
+                del self._by_owner[instance.owner]
         if instance.model is not None:
+            if self._by_load.get((*key, instance.model)) is instance:
+                del self._by_load[(*key, instance.model)]
             of_model = self._by_model[instance.model]
             del of_model[instance.id]
             if not of_model:
@@ -327,7 +416,8 @@ class InstanceBook:
     def _pending(self, instance: Instance, live: _Live) -> int:
         if live.settled:
             return 0
-        return max(0, instance.booked_mib - (live.used_mib or 0))
+        used = live.used_mib if live.used_mib is not None else instance.baseline_mib
+        return max(0, instance.booked_mib - max(0, used - instance.baseline_mib))
 
     def _show(
         self,

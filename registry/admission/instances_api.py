@@ -8,12 +8,18 @@ from aiohttp import web
 from registry import keys
 from registry.admission.api import json_answer, not_recorded
 from registry.admission.book import NotFound, TooMany
-from registry.admission.instances import InstanceBook, PidNotOnGpu, ProcessesUnknown
-from registry.admission.schemas import InstanceCreate
+from registry.admission.instances import (
+    AlreadyLoaded,
+    InstanceBook,
+    PidNotOnGpu,
+    ProcessesUnknown,
+)
+from registry.admission.schemas import InstanceCreate, InstanceQuery
 from registry.auth import Role, check_owner, require
 from registry.bodies import validated_body
-from registry.errors import http_error, unprocessable
+from registry.errors import http_error, unprocessable, validated_query
 from registry.instance import Instance
+from registry.paging import pagination
 
 routes = web.RouteTableDef()
 
@@ -29,9 +35,9 @@ def _found(request: web.Request) -> Instance:
     return instance
 
 
-def _refusal(status: int, reason: str, detail: str) -> web.Response:
+def _refusal(status: int, reason: str, detail: str, **extra: object) -> web.Response:
     headers = {"Retry-After": "1"} if status in (429, 503) else None
-    return json_answer({"detail": detail, "reason": reason}, status, headers)
+    return json_answer({"detail": detail, "reason": reason, **extra}, status, headers)
 
 
 @routes.post("/instances")
@@ -77,7 +83,16 @@ async def create_instance(request: web.Request) -> web.StreamResponse:
             instance = instances.bind(reservation, pid, device, caller.owner)
         else:
             assert data.model is not None
-            instance = instances.adopt(data.model, device, pid, data.holder, caller.owner)
+            instance = instances.adopt(
+                data.model,
+                device,
+                pid,
+                data.holder,
+                caller.owner,
+                teaches=caller.role is Role.ADMIN,
+            )
+    except AlreadyLoaded as exc:
+        return _refusal(409, "already_loaded", str(exc), instance=exc.existing.id)
     except ProcessesUnknown as exc:
         return _refusal(503, "processes_unknown", str(exc))
     except PidNotOnGpu as exc:
@@ -96,8 +111,15 @@ async def create_instance(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/instances")
 async def list_instances(request: web.Request) -> web.StreamResponse:
-    model, instances = request.query.get("model"), _instances(request)
-    return json_answer({"data": [instances.describe(i) for i in instances.listed(model)]})
+    query, instances = validated_query(request, InstanceQuery), _instances(request)
+    listed = instances.listed(query.model)
+    page = listed[query.skip : query.skip + query.limit]
+    return json_answer(
+        {
+            "data": [instances.describe(i) for i in page],
+            "pagination": pagination(len(listed), query.skip, query.limit),
+        }
+    )
 
 
 @routes.get("/instances/{id}")

@@ -80,6 +80,7 @@ class ReservationLedger:
         self._boot_id = boot_id  # instances of another boot are dropped at start (pids reused)
         self.instances: list[Instance] = []  # what the journal held, read by open()
         self._current_instances: Callable[[], list[Instance]] = list
+        self._instance_count: Callable[[], int] = int
         self._current: Callable[[], list[Reservation]] = list
         self._open_count: Callable[[], int] = int
         self._pending: list[bytes] = []  # lines recorded, not yet written
@@ -133,9 +134,13 @@ class ReservationLedger:
 
     # -- recording ------------------------------------------------------------------------
 
-    def track_instances(self, current: Callable[[], list[Instance]]) -> None:
-        """`current` returns the live instances: what a rewrite keeps besides reservations."""
+    def track_instances(
+        self, current: Callable[[], list[Instance]], count: Callable[[], int]
+    ) -> None:
+        """`current` returns the live instances: what a rewrite keeps besides reservations;
+        `count` says how many there are, cheaply."""
         self._current_instances = current
+        self._instance_count = count
 
     def put_instance(self, instance: Instance) -> None:
         self._record(_line({"instance": instance.to_record()}))
@@ -171,9 +176,9 @@ class ReservationLedger:
                 return  # a write that started after we recorded covered us
             lines, self._pending = self._pending, []
             covers = self._recorded
-            # Rewrite once the file holds twice the open reservations (and at least
-            # `compact_after` lines): a rewrite costs O(open), so it must stay rare.
-            limit = max(self._compact_after, 2 * self._open_count())
+            # Rewrite once the file holds twice the open reservations and live instances (and
+            # at least `compact_after` lines): a rewrite costs O(open), so it must stay rare.
+            limit = max(self._compact_after, 2 * (self._open_count() + self._instance_count()))
             if self._lines_in_file + len(lines) > limit:
                 snapshot = self._current()
                 instances = self._current_instances()

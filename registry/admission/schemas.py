@@ -16,7 +16,7 @@ from pydantic import (
     model_validator,
 )
 
-from registry.schemas import ModelName, Vram, integral_float_as_int
+from registry.schemas import ModelName, Pagination, Vram, integral_float_as_int
 
 TTL_MAX_S = 3600
 PID_MAX = 4_194_304  # the kernel's upper bound for pid_max
@@ -155,7 +155,11 @@ class RefusalOut(BaseModel):
         "too_many",
         "pid_not_on_gpu",
         "processes_unknown",
+        "already_loaded",
     ]
+    instance: str | None = Field(
+        default=None, description="already_loaded: the live instance that holds the load."
+    )
 
 
 def _bind_or_adopt(schema: dict[str, Any]) -> None:
@@ -212,8 +216,22 @@ class InstanceOut(BaseModel):
     loaded_at: datetime
     used_mib: int | None = Field(description="What NVML attributes to pid on the device.")
     peak_mib: int = Field(description="The most used_mib seen.")
+    baseline_mib: int = Field(
+        description="What pid held on the device before this load: only growth above it counts."
+    )
     pending_mib: int = Field(description="What its reservation still books, until the load shows.")
 
 
 class InstanceList(BaseModel):
     data: list[InstanceOut]
+    pagination: Pagination
+
+
+class InstanceQuery(BaseModel):
+    """Query parameters of GET /instances."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    model: str | None = Field(default=None, description="Only this model's instances.")
+    skip: int = Field(default=0, ge=0, description="Items to skip from the start (offset).")
+    limit: int = Field(default=100, ge=1, le=1000, description="Page size.")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 from aiohttp import web
-from pydantic import ValidationError
 
 from registry import keys
 from registry.auth import Role, require
@@ -15,7 +14,7 @@ from registry.catalog.document import CatalogInvalid, parse_catalog
 from registry.catalog.schemas import ApplyQuery, ModelCreate, ModelPatch
 from registry.catalog.store import DuplicateName
 from registry.database import UNAVAILABLE_ERRORS
-from registry.errors import http_error, unprocessable, validation_issues
+from registry.errors import http_error, unprocessable, validated_query
 from registry.model import CatalogModel
 from registry.observe import Handler
 from registry.page_cache import CachedBody
@@ -38,11 +37,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 def _list_query(request: web.Request) -> ListQuery:
-    # A repeated parameter counts with its last value, as in the original system.
-    try:
-        return ListQuery.model_validate(dict(request.query.items()))
-    except ValidationError as exc:
-        raise unprocessable(validation_issues(exc, "query")) from None
+    return validated_query(request, ListQuery)
 
 
 def model_id_of(request: web.Request) -> int:
@@ -146,10 +141,7 @@ async def patch_model(request: web.Request) -> web.StreamResponse:
 @_admin_write
 async def apply_catalog(request: web.Request) -> web.StreamResponse:
     """The whole catalog in one request: upsert by name, optionally prune, in one transaction."""
-    try:
-        options = ApplyQuery.model_validate(dict(request.query.items()))
-    except ValidationError as exc:
-        raise unprocessable(validation_issues(exc, "query")) from None
+    options = validated_query(request, ApplyQuery)
     body = await read_limited(request, CATALOG_MAX_BYTES)
     try:
         document = json.loads(body)

@@ -4,33 +4,22 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 from collections.abc import Iterable
-from typing import TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
 
 from registry import keys
-from registry.errors import unprocessable, validation_issues
+from registry.errors import validated_query
 from registry.fleet.reader import Candidate, Placements
 from registry.fleet.schemas import FleetModelsQuery, FleetQuery
 from registry.footprint import Footprints, VramSource, product_of
 from registry.model import CatalogModel
 from registry.page_cache import CachedBody, body_etag
+from registry.paging import pagination_json
 from registry.watch.conditional import cached_json
 
 routes = web.RouteTableDef()
 _SOURCES = frozenset(source.value for source in VramSource)
-
-Q = TypeVar("Q", bound=BaseModel)
-
-
-def _query(request: web.Request, schema: type[Q]) -> Q:
-    try:
-        return schema.model_validate(dict(request.query.items()))
-    except ValidationError as exc:
-        raise unprocessable(validation_issues(exc, "query")) from None
 
 
 def _fleet_state(stale: bool) -> str:
@@ -39,7 +28,7 @@ def _fleet_state(stale: bool) -> str:
 
 @routes.get("/fleet")
 async def fleet_hosts(request: web.Request) -> web.StreamResponse:
-    query = _query(request, FleetQuery)
+    query = validated_query(request, FleetQuery)
     fleet = await request.app[keys.FLEET].hosts()
     rows = [
         f'{{"host":{json.dumps(h.host)},"url":{json.dumps(h.url)},"state":"{h.state}",'
@@ -67,7 +56,9 @@ def _candidates(
     def need(i: int) -> int:
         source = VramSource(fleet.sources[i]) if fleet.sources[i] in _SOURCES else VramSource.MAX
         gpu_product = product_of(fleet.names[i])
-        return footprints.effective_under(model, gpu_product, source, fleet.min_samples[i])
+        return footprints.effective_under(
+            model, gpu_product, source, fleet.min_samples[i], fleet.max_shrink[i]
+        )
 
     return fleet.fits_by_device(need, hosts_limit)
 
@@ -151,9 +142,7 @@ def _render(request: web.Request, query: FleetModelsQuery, fleet: Placements) ->
         total, page = len(matching), matching[query.skip : end]
     objects = ",".join(_model_object(m, fleet, view.footprints, query.hosts_limit) for m in page)
     body = (
-        f'{{"data":[{objects}],"pagination":{{"total_items":{total},'
-        f'"total_pages":{math.ceil(total / query.limit)},'
-        f'"current_page":{query.skip // query.limit + 1},"per_page":{query.limit}}},'
+        f'{{"data":[{objects}],"pagination":{pagination_json(total, query.skip, query.limit)},'
         f'"fleet_state":"{_fleet_state(fleet.stale)}"}}'
     ).encode()
     return CachedBody(body, body_etag(body))
@@ -161,7 +150,7 @@ def _render(request: web.Request, query: FleetModelsQuery, fleet: Placements) ->
 
 @routes.get("/fleet/models")
 async def fleet_models(request: web.Request) -> web.StreamResponse:
-    query = _query(request, FleetModelsQuery)
+    query = validated_query(request, FleetModelsQuery)
     reader = request.app[keys.FLEET]
     fleet = await reader.placements()
     view = request.app[keys.VIEW]

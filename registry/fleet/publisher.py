@@ -29,15 +29,16 @@ _UPSERT = """
 INSERT INTO fleet_hosts AS f (host, url, version, gpu_state, devices, reservations,
                               heartbeat_interval_s, started_at, heartbeat_at, stopped_at,
                               reservations_open, pending_mib, instances, vram_source,
-                              footprint_min_samples)
+                              footprint_min_samples, footprint_max_shrink)
 VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7, now(), now(), NULL, $9, $10, $11::jsonb,
-        $12, $13)
+        $12, $13, $14)
 ON CONFLICT (host) DO UPDATE
    SET url = EXCLUDED.url, version = EXCLUDED.version, gpu_state = EXCLUDED.gpu_state,
        devices = EXCLUDED.devices, reservations = EXCLUDED.reservations,
        reservations_open = EXCLUDED.reservations_open, pending_mib = EXCLUDED.pending_mib,
        instances = EXCLUDED.instances, vram_source = EXCLUDED.vram_source,
        footprint_min_samples = EXCLUDED.footprint_min_samples,
+       footprint_max_shrink = EXCLUDED.footprint_max_shrink,
        heartbeat_interval_s = EXCLUDED.heartbeat_interval_s,
        started_at = CASE WHEN $8 THEN now() ELSE f.started_at END,
        heartbeat_at = now(), stopped_at = NULL
@@ -115,6 +116,7 @@ class FleetPublisher:
             instances,
             self._view.footprints.source.value,
             self._view.footprints.min_samples,
+            self._view.footprints.max_shrink,
             timeout=5,
         )
         self._first_write = False

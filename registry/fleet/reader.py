@@ -42,7 +42,7 @@ SELECT host, url, version, gpu_state, devices::text AS devices,
 _CANDIDATES = """
 WITH d AS (
     SELECT h.host, h.url, d.uuid, d.index, d.usable_mib, d.name, h.vram_source,
-           h.footprint_min_samples
+           h.footprint_min_samples, h.footprint_max_shrink
       FROM fleet_hosts AS h,
            jsonb_to_recordset(h.devices)
                AS d(uuid text, index int, usable_mib int, healthy bool, name text)
@@ -59,6 +59,8 @@ SELECT coalesce(array_agg(usable_mib ORDER BY usable_mib, host, index), '{}') AS
        coalesce(array_agg(vram_source ORDER BY usable_mib, host, index), '{}') AS sources,
        coalesce(array_agg(footprint_min_samples ORDER BY usable_mib, host, index), '{}')
            AS min_samples,
+       coalesce(array_agg(footprint_max_shrink ORDER BY usable_mib, host, index), '{}')
+           AS max_shrink,
        (SELECT coalesce(array_agg(best ORDER BY best), '{}')
           FROM (SELECT max(usable_mib) AS best FROM d GROUP BY host) AS per_host) AS host_best
   FROM d
@@ -122,6 +124,7 @@ class Placements:
     names: list[str] = field(default_factory=list)  # each device's name (its GPU product)
     sources: list[str] = field(default_factory=list)  # its host's MODEL_REGISTRY_VRAM_SOURCE
     min_samples: list[int] = field(default_factory=list)  # ... and FOOTPRINT_MIN_SAMPLES
+    max_shrink: list[float] = field(default_factory=list)  # ... and FOOTPRINT_MAX_SHRINK
     warm: dict[str, list[WarmSpot]] = field(default_factory=dict)  # model name -> where
     version: int = 0
     stale: bool = True
@@ -274,6 +277,7 @@ class FleetReader:
             names=row["names"],
             sources=row["sources"],
             min_samples=row["min_samples"],
+            max_shrink=row["max_shrink"],
             warm=warm,
             version=self._versions,
             stale=False,

@@ -12,6 +12,7 @@ from registry.auth import Role, require
 from registry.catalog.api import model_id_of
 from registry.database import UNAVAILABLE_ERRORS
 from registry.errors import JSON, http_error
+from registry.footprint import shrink_floor
 from registry.model import CatalogModel
 
 routes = web.RouteTableDef()
@@ -38,13 +39,18 @@ async def get_footprint(request: web.Request) -> web.Response:
     capacity = view.capacity
     assessment = capacity.assess(model)
     _observed, effective = capacity.sizes(model, assessment)
+    footprints = view.footprints
     body = {
         "model": model.name,
         "declared_mib": model.vram,
         "effective_mib": effective,
-        "source": view.footprints.source.value,  # MODEL_REGISTRY_VRAM_SOURCE
+        "source": footprints.source.value,  # MODEL_REGISTRY_VRAM_SOURCE
+        "floor_mib": shrink_floor(model.vram, footprints.max_shrink),
         "learn": model.learn,
-        "observed": [s.to_api() for s in summaries],
+        "observed": [
+            {**s.to_api(), "below_declared": footprints.below_declared(model, s.gpu_name)}
+            for s in summaries
+        ],
     }
     return web.Response(text=json.dumps(body), content_type=JSON)
 

@@ -14,6 +14,9 @@ class ProductFootprintOut(BaseModel):
     peak_mib: int = Field(description="The largest peak among them.")
     p95_mib: int = Field(description="p95 of the newest 20: the observed size.")
     updated_at: datetime
+    below_declared: bool = Field(
+        description="The observed size is more than 30% below the declared one (logged, alerted)."
+    )
 
 
 class FootprintOut(BaseModel):
@@ -22,6 +25,10 @@ class FootprintOut(BaseModel):
     effective_mib: int = Field(description="What admission books, on the placement's product.")
     source: Literal["max", "declared", "observed"] = Field(
         description="MODEL_REGISTRY_VRAM_SOURCE of this daemon."
+    )
+    floor_mib: int = Field(
+        description="The least admission books under source observed: declared x (1 - "
+        "MODEL_REGISTRY_FOOTPRINT_MAX_SHRINK)."
     )
     learn: bool
     observed: list[ProductFootprintOut]
