@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 from registry.config import Settings
 
 _TIMEOUT_S = 10
+PAGE = 1000  # items per request when reading a whole paged listing
 
 
 class ClientError(Exception):
@@ -45,6 +47,19 @@ def call(base: str, method: str, path: str, body: object = None, token: str | No
         reason = getattr(exc, "reason", exc)
         raise ClientError(f"cannot reach the daemon at {base}: {reason}") from None
     return json.loads(payload) if payload else None
+
+
+def every_page(
+    base: str, path: str, params: dict[str, str], token: str | None = None
+) -> list[dict[str, Any]]:
+    """Every item of a paged listing (`data` and `pagination`), page by page."""
+    items: list[dict[str, Any]] = []
+    while True:
+        query = urllib.parse.urlencode({**params, "skip": len(items), "limit": PAGE})
+        page = call(base, "GET", f"{path}?{query}", token=token)
+        items.extend(page["data"])
+        if not page["data"] or len(items) >= page["pagination"]["total_items"]:
+            return items
 
 
 def event_names(base: str, token: str | None = None) -> Iterator[str]:

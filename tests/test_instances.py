@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from registry import keys
-from tests.conftest import AS_SCHEDULER, SCHEDULER_TOKEN, AppClient, LogLines
+from tests.clock import ManualClock
+from tests.conftest import ADMIN_TOKEN, AS_SCHEDULER, SCHEDULER_TOKEN, AppClient, LogLines
 from tests.scrape import scrape
 from tests.sse import EventReader
 from tests.waiting import eventually
@@ -21,6 +22,7 @@ from tests.waiting import eventually
 GPU = "GPU-sim-0"
 TOTAL = 81920
 WORKER = 4242
+OTHER_SCHEDULER = "another-scheduler-token-51d0"
 
 
 @pytest.fixture
@@ -315,3 +317,99 @@ async def test_the_fleet_says_where_a_model_is_warm(
     assert (await tiny_in_fleet()) == tiny
     medium = (await _json(await there.get("/fleet/models?name=medium")))["data"][0]
     assert (medium["warm_total"], medium["warm"]) == (0, [])
+
+
+async def test_one_live_instance_per_process_and_model_and_a_cap_per_token(
+    start_app: AppClient, gpus: Callable[..., Path]
+) -> None:
+    client = await start_app(
+        admin_token=ADMIN_TOKEN,
+        scheduler_token=f"{SCHEDULER_TOKEN},{OTHER_SCHEDULER}",
+        poll_interval=60,
+        max_instances_per_token=2,
+    )
+    gpus(TOTAL - 2100, {WORKER: 700, WORKER + 1: 700, WORKER + 2: 700})
+    await _poll(client)
+    first = await _json(await _bind(client, model="tiny", gpu=GPU, pid=WORKER))
+    again = await _bind(client, model="tiny", gpu=GPU, pid=WORKER)
+    assert again.status == 409
+    refusal = await _json(again)
+    assert (refusal["reason"], refusal["instance"]) == ("already_loaded", first["id"])
+    # A bind of a reservation into a process that already holds the model: the same answer,
+    # and the reservation stays open.
+    reservation = await _reserve(client, model="tiny")
+    bound = await _bind(client, reservation=reservation["id"], pid=WORKER)
+    assert bound.status == 409 and (await _json(bound))["instance"] == first["id"]
+    assert (await client.get(f"/reservations/{reservation['id']}")).status == 200
+    # Another model in the same process is another load.
+    assert (await _bind(client, model="medium", gpu=GPU, pid=WORKER)).status == 201
+    capped = await _bind(client, model="tiny", gpu=GPU, pid=WORKER + 1)
+    assert capped.status == 429 and (await _json(capped))["reason"] == "too_many"
+    assert "MODEL_REGISTRY_MAX_INSTANCES_PER_TOKEN" in (await _json(capped))["detail"]
+    # Another token has its own share.
+    other = {"Authorization": f"Bearer {OTHER_SCHEDULER}"}
+    answer = await client.post(
+        "/instances", json={"model": "tiny", "gpu": GPU, "pid": WORKER + 1}, headers=other
+    )
+    assert answer.status == 201
+    # Once one ends, the token may have another.
+    assert (await client.delete(f"/instances/{first['id']}", headers=AS_SCHEDULER)).status == 204
+    assert (await _bind(client, model="tiny", gpu=GPU, pid=WORKER + 2)).status == 201
+
+
+async def test_instances_are_listed_page_by_page_and_a_model_shows_its_newest(
+    client: Any, gpus: Callable[..., Path], json_lines: LogLines
+) -> None:
+    pids = list(range(10_000, 10_105))
+    gpus(TOTAL - 105 * 10, dict.fromkeys(pids, 10))
+    await _poll(client)
+    made = []
+    for pid in pids:
+        answer = await _bind(client, model="tiny", gpu=GPU, pid=pid)
+        assert answer.status == 201, await answer.text()
+        made.append((await _json(answer))["id"])
+    page = await _json(await client.get("/instances?skip=100&limit=50"))
+    assert [i["id"] for i in page["data"]] == made[100:]
+    assert page["pagination"] == {
+        "total_items": 105,
+        "total_pages": 3,
+        "current_page": 3,
+        "per_page": 50,
+    }
+    assert (await _json(await client.get("/instances?model=medium")))["pagination"][
+        "total_items"
+    ] == 0
+    for query in ("skip=-1", "limit=0", "limit=1001", "skip=abc", "limit=1e9"):
+        answer = await client.get(f"/instances?{query}")
+        assert answer.status == 422, query
+        assert (await _json(answer))["detail"][0]["loc"][0] == "query"
+    tiny = await _json(await client.get("/models?name=tiny"))
+    shown = tiny["data"][0]
+    assert shown["instances_total"] == 105
+    assert [i["id"] for i in shown["instances"]] == made[5:]  # the newest 100, oldest first
+    # All of them end at once (their processes left): the log says so in a few lines.
+    json_lines()
+    gpus(TOTAL)
+    await _poll(client)
+    await _poll(client)
+    ended = [x for x in json_lines() if x["event"] == "instance ended"]
+    assert 1 <= len(ended) < 5 and {x["reason"] for x in ended} == {"process_exited"}
+    assert (await _json(await client.get("/instances")))["pagination"]["total_items"] == 0
+
+
+async def test_a_booking_ends_at_its_expiry_while_the_process_list_cannot_be_read(
+    start_app: AppClient, gpus: Callable[..., Path]
+) -> None:
+    clock = ManualClock()
+    client = await start_app(scheduler_token=SCHEDULER_TOKEN, poll_interval=60, clock=clock)
+    gpus(TOTAL - 500, {WORKER: 500})
+    await _poll(client)
+    reservation = await _reserve(client, model="large-v3", ttl_s=60)
+    bound = await _bind(client, reservation=reservation["id"], pid=WORKER)
+    assert bound.status == 201 and await _pending(client) == 10000
+    gpus(TOTAL - 500, known=False)  # the driver stops listing processes
+    await _poll(client)
+    assert await _pending(client) == 10000
+    clock.advance(61)
+    await _poll(client)
+    assert await _pending(client) == 0

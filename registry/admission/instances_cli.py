@@ -8,7 +8,7 @@ from typing import Any
 
 from registry.admission.cli import connection_options
 from registry.config import Settings
-from registry.http_client import base_url, call
+from registry.http_client import base_url, call, every_page
 from registry.tables import text_table
 
 
@@ -34,9 +34,8 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     base = base_url(settings, args.url)
     if args.action == "list":
-        query = "" if args.model is None else "?" + urllib.parse.urlencode({"model": args.model})
-        instances = call(base, "GET", f"/instances{query}", token=settings.reading_token())
-        print(format_instances(instances["data"]))
+        params = {} if args.model is None else {"model": args.model}
+        print(format_instances(every_page(base, "/instances", params, settings.reading_token())))
     elif args.action == "add":
         body = {"model": args.model, "gpu": args.gpu, "pid": args.pid, "holder": args.holder}
         body = {key: value for key, value in body.items() if value is not None}

@@ -97,7 +97,8 @@ def _reservations(reservations: dict[str, Any]) -> Table:
 
 
 def _instances(instances: dict[str, Any]) -> Table:
-    table = Table(title=f"Instances · {len(instances['data'])} loaded", title_justify="left")
+    total = instances.get("pagination", {}).get("total_items", len(instances["data"]))
+    table = Table(title=f"Instances · {total} loaded", title_justify="left")
     for header in ("model", "GPU", "pid", "used MiB", "peak MiB", "pending MiB", "holder"):
         table.add_column(header, justify="right" if "MiB" in header or header == "pid" else "left")
     for i in instances["data"]:
