@@ -5,12 +5,18 @@
   name was rebound to 127.0.0.1 cannot read or act through a user's browser.
 - With MODEL_REGISTRY_READ_TOKEN set, every GET but /healthz and /readyz needs a read, scheduler
   or admin token. A browser cannot send a bearer token, so the status page takes `?token=` once
-  and answers with an HttpOnly, SameSite=Strict cookie that `/` and `/events` accept.
+  and answers with an HttpOnly, SameSite=Strict cookie that `/` and `/events` accept. The cookie
+  is not the token: it is an HMAC, under a key of this daemon's own, of the tokens allowed to
+  read, so it grants reading only (whatever token was offered), and stops working when those
+  tokens change (a reload that rotates them) or the daemon restarts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
+import secrets
 
 from aiohttp import web
 
@@ -37,10 +43,15 @@ def is_loopback(host: str) -> bool:
 
 
 def host_name(header: str) -> str:
-    """The name part of a Host header, lower case, without port or trailing dot."""
+    """The name part of a Host header, lower case, without port or trailing dot. A bracketed
+    IPv6 host is `[address]`, optionally followed by `:port` and nothing else: anything else
+    (`[::1]evil.com`) is returned whole, so it matches no allowed name."""
     header = header.strip().lower()
     if header.startswith("["):
-        return header.partition("]")[0] + "]"
+        address, bracket, rest = header.partition("]")
+        if bracket and (not rest or (rest[0] == ":" and rest[1:].isdigit())):
+            return address + "]"
+        return header
     name, colon, port = header.rpartition(":")
     if colon and port.isdigit() and ":" not in name:
         header = name
@@ -52,6 +63,8 @@ class AccessGate:
         self._check_host = is_loopback(settings.host)
         self._hosts = LOOPBACK_NAMES | settings.allowed_host_names()
         self._seen: set[str] = set()  # Host headers already let through: the hot path
+        self._cookie_key = secrets.token_bytes(32)
+        self._cookie: tuple[tuple[str, ...], str] = ((), "")  # (readers, its cookie), last made
 
     def __call__(self, request: web.Request) -> web.Response | None:
         """Raise 403 or 401, or answer in place of the handler (None: on to the handler)."""
@@ -62,7 +75,46 @@ class AccessGate:
             return None  # the hot path: reads are open
         if request.path in _OPEN_PATHS or not (read_tokens := settings.read_tokens()):
             return None
-        return _require_reader(request, settings, read_tokens)
+        return self._require_reader(request, settings, read_tokens)
+
+    def _require_reader(
+        self, request: web.Request, settings: Settings, read_tokens: list[str]
+    ) -> web.Response | None:
+        readers = read_tokens + settings.scheduler_tokens() + settings.admin_tokens()
+        given = bearer_token(request)
+        if given is not None and matches_any(given, readers):
+            return None
+        if given is None and request.path in _COOKIE_PATHS:
+            cookie = request.cookies.get(COOKIE, "").encode(errors="replace")
+            if hmac.compare_digest(cookie, self._reading_cookie(readers)):
+                return None
+        offered = _encoded(request.query.get("token")) if request.path == "/" else None
+        if offered is not None and matches_any(offered, readers):
+            # The status page, opened once with ?token=: a cookie from now on, a URL without it.
+            page = web.Response(status=303, headers={"Location": "/", "Cache-Control": "no-store"})
+            page.set_cookie(
+                COOKIE,
+                self._reading_cookie(readers).decode(),
+                httponly=True,
+                samesite="Strict",
+                secure=settings.tls,
+                path="/",
+            )
+            return page
+        raise http_error(
+            web.HTTPUnauthorized,
+            "reads need a token here (MODEL_REGISTRY_READ_TOKEN is set): send a read, scheduler "
+            "or admin token as a bearer token; in a browser, open /?token=... once",
+            headers={"WWW-Authenticate": 'Bearer realm="model-registry"'},
+        )
+
+    def _reading_cookie(self, readers: list[str]) -> bytes:
+        """The cookie that lets a browser read while exactly these tokens may read."""
+        key = tuple(sorted(readers))
+        if self._cookie[0] != key:
+            message = b"read\0" + "\0".join(key).encode()
+            self._cookie = (key, hmac.new(self._cookie_key, message, hashlib.sha256).hexdigest())
+        return self._cookie[1].encode()
 
     def _require_own_host(self, request: web.Request) -> None:
         header = request.headers.get("Host")
@@ -77,36 +129,6 @@ class AccessGate:
             )
         if len(self._seen) < 4096:
             self._seen.add(header)
-
-
-def _require_reader(
-    request: web.Request, settings: Settings, read_tokens: list[str]
-) -> web.Response | None:
-    readers = read_tokens + settings.scheduler_tokens() + settings.admin_tokens()
-    given = bearer_token(request)
-    if given is None and request.path in _COOKIE_PATHS:
-        given = _encoded(request.cookies.get(COOKIE))
-    if given is not None and matches_any(given, readers):
-        return None
-    offered = _encoded(request.query.get("token")) if request.path == "/" else None
-    if offered is not None and matches_any(offered, readers):
-        # The status page, opened once with ?token=: a cookie from now on, and a URL without it.
-        page = web.Response(status=303, headers={"Location": "/", "Cache-Control": "no-store"})
-        page.set_cookie(
-            COOKIE,
-            offered.decode(),
-            httponly=True,
-            samesite="Strict",
-            secure=settings.tls,
-            path="/",
-        )
-        return page
-    raise http_error(
-        web.HTTPUnauthorized,
-        "reads need a token here (MODEL_REGISTRY_READ_TOKEN is set): send a read, scheduler or "
-        "admin token as a bearer token; in a browser, open /?token=... once",
-        headers={"WWW-Authenticate": 'Bearer realm="model-registry"'},
-    )
 
 
 def _encoded(value: str | None) -> bytes | None:

@@ -19,6 +19,28 @@ class ClientError(Exception):
     """The daemon could not be reached or said no; the message is for the user."""
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A request that carries a token never follows a redirect: the token would go wherever
+    the answer points. A daemon never redirects; whatever did is not one to trust."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        raise ClientError(
+            f"{req.full_url} answered with a redirect (HTTP {code}) to {newurl}, which is not "
+            "followed: give the daemon's own address with --url"
+        )
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def base_url(settings: Settings, url: str | None) -> str:
     """`url` as given, else the configured host and port (a wildcard address as loopback)."""
     if url:
@@ -39,7 +61,7 @@ def call(base: str, method: str, path: str, body: object = None, token: str | No
         headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
+        with _OPENER.open(request, timeout=_TIMEOUT_S) as response:
             payload = response.read()
     except urllib.error.HTTPError as exc:
         raise ClientError(_explain(exc.code, exc.read())) from None
@@ -69,7 +91,7 @@ def event_names(base: str, token: str | None = None) -> Iterator[str]:
         headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(base + "/events", headers=headers)
     try:
-        with urllib.request.urlopen(request) as response:
+        with _OPENER.open(request) as response:
             for raw in response:
                 line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
                 if line.startswith("event:"):

@@ -13,7 +13,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from pydantic import SecretStr
 
+from registry import keys
 from registry.access import host_name
 from registry.cli import main
 from tests.conftest import ADMIN_TOKEN, AS_ADMIN, SCHEDULER_TOKEN, AppClient, SpawnDaemon
@@ -32,6 +34,9 @@ AS_READER = {"Authorization": f"Bearer {READ_TOKEN}"}
         ("127.0.0.1", "127.0.0.1"),
         ("evil.example:80", "evil.example"),
         ("::1", "::1"),
+        ("[::1]evil.com", "[::1]evil.com"),
+        ("[::1]:80x", "[::1]:80x"),
+        ("[::1", "[::1"),
     ],
 )
 def test_host_names_are_read_without_port_or_trailing_dot(header: str, name: str) -> None:
@@ -45,7 +50,14 @@ async def test_a_loopback_daemon_answers_only_to_loopback_host_names(
     for allowed in ("localhost:8700", "127.0.0.1", "[::1]:1234", "Registry.Internal:8700"):
         answer = await client.get("/models", headers={"Host": allowed})
         assert answer.status == 200, allowed
-    for foreign in ("evil.example", "evil.example:8700", "127.0.0.1.nip.io", "[::2]"):
+    for foreign in (
+        "evil.example",
+        "evil.example:8700",
+        "127.0.0.1.nip.io",
+        "[::2]",
+        "[::1]evil.com",
+        "[::1]evil.com:8700",
+    ):
         for method, path in (("GET", "/models"), ("POST", "/reservations"), ("GET", "/")):
             answer = await client.request(method, path, headers={"Host": foreign})
             assert answer.status == 403, (foreign, path)
@@ -90,13 +102,34 @@ async def test_the_status_page_trades_token_for_a_strict_http_only_cookie(
     assert answer.status == 303 and answer.headers["Location"] == "/"
     cookie = answer.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
-    jar = {"model_registry_token": READ_TOKEN}
+    value = answer.cookies["model_registry_token"].value
+    # Not the token, nor anything a token can be read back from.
+    assert value and READ_TOKEN not in value and READ_TOKEN not in cookie
+    jar = {"model_registry_token": value}
     assert (await client.get("/", cookies=jar)).status == 200
     events = await client.get("/events", cookies=jar)
     assert events.status == 200
     events.close()
+    # The raw token is no cookie.
+    assert (await client.get("/", cookies={"model_registry_token": READ_TOKEN})).status == 401
     # The cookie is for the page and its stream only: the API wants the bearer token.
     assert (await client.get("/models", cookies=jar)).status == 401
+    # Offered an admin token, the page still gives a cookie that only reads.
+    admin_page = await start_app(read_token=READ_TOKEN, admin_token=ADMIN_TOKEN)
+    answer = await admin_page.get(f"/?token={ADMIN_TOKEN}", allow_redirects=False)
+    admin_jar = {"model_registry_token": answer.cookies["model_registry_token"].value}
+    assert ADMIN_TOKEN not in admin_jar["model_registry_token"]
+    assert (await admin_page.get("/", cookies=admin_jar)).status == 200
+    write = await admin_page.post("/models", json={"name": "x", "vram": 1}, cookies=admin_jar)
+    assert write.status == 401
+    # A reload that keeps the tokens keeps the cookie; one that rotates them ends it.
+    live = client.app[keys.SETTINGS]
+    live.reload(live.current.model_copy())
+    assert (await client.get("/", cookies=jar)).status == 200
+    live.reload(
+        live.current.model_copy(update={"read_token": SecretStr("rotated-read-token-0000")})
+    )
+    assert (await client.get("/", cookies=jar)).status == 401
 
 
 async def test_the_commands_send_the_token_each_action_needs(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,3 +131,40 @@ def test_database_passwords_are_redacted_in_the_user_info_and_the_query() -> Non
     redacted = redact_dsn("postgresql://u@h/db?sslmode=require&password=s3cret&PassWord=x")
     assert "s3cret" not in redacted and "=x" not in redacted
     assert redacted.startswith("postgresql://u@h/db?sslmode=require&password=***")
+
+
+async def test_the_command_line_never_follows_a_redirect_with_its_token(
+    aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from aiohttp import web
+
+    from registry.cli import main
+
+    seen: list[str | None] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response({"data": []})
+
+    collector = web.Application()
+    collector.router.add_get("/{tail:.*}", elsewhere)
+    target = await aiohttp_server(collector)
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(str(target.make_url(request.path_qs)))
+
+    redirecting = web.Application()
+    redirecting.router.add_route("*", "/{tail:.*}", redirect)
+    server = await aiohttp_server(redirecting)
+    monkeypatch.setenv("MODEL_REGISTRY_SCHEDULER_TOKEN", "scheduler-token-not-to-leak")
+    url = str(server.make_url("")).rstrip("/")
+    for command in (
+        ["reservations", "list"],
+        ["instances", "list"],
+        ["reservations", "add", "tiny"],
+    ):
+        code = await asyncio.to_thread(main, [*command, "--url", url])
+        assert code == 1, command
+        err = capsys.readouterr().err
+        assert "redirect" in err and "not followed" in err and "Traceback" not in err
+    assert seen == []

@@ -13,6 +13,7 @@ import pytest
 from registry import keys
 from registry.ops_view.page import memory_segments
 from tests.conftest import AS_SCHEDULER, SCHEDULER_TOKEN, AppClient
+from tests.db import execute
 
 
 class _Assets(HTMLParser):
@@ -21,6 +22,7 @@ class _Assets(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.fetched: list[str] = []
+        self.links: list[str] = []
         self.rows: dict[str, list[list[str]]] = {}
         self._table: str | None = None
         self._row: list[str] | None = None
@@ -32,6 +34,8 @@ class _Assets(HTMLParser):
             self.fetched.append(values["src"] or "")
         if tag == "link" and not (values.get("href") or "data:").startswith("data:"):
             self.fetched.append(values["href"] or "")
+        if tag == "a":
+            self.links.append(values.get("href") or "")
         if tag == "table":
             self._table = values.get("id") or "?"
             self.rows[self._table] = []
@@ -151,7 +155,7 @@ async def test_gpus_lists_who_holds_the_memory(
 
 
 async def test_the_fleet_shows_when_there_is_one(
-    start_app: AppClient, gpu_file: Callable[..., Path]
+    start_app: AppClient, gpu_file: Callable[..., Path], database_url: str
 ) -> None:
     first = await start_app()
     _html, page = await _page(first)
@@ -160,6 +164,15 @@ async def test_the_fleet_shows_when_there_is_one(
     first.app[keys.FLEET]._hosts._read_at = float("-inf")  # read again now
     _html, page = await _page(first)
     assert [row[0] for row in page.rows["fleet"][1:]] == ["test-host-0", "test-host-1"]
+    # A row that advertises something other than a web address is shown, not linked.
+    await execute(
+        database_url,
+        "UPDATE fleet_hosts SET url = 'javascript:alert(1)' WHERE host = 'test-host-1'",
+    )
+    first.app[keys.FLEET]._hosts._read_at = float("-inf")
+    _html, page = await _page(first)
+    assert page.rows["fleet"][2][-1] == "javascript:alert(1)"
+    assert not [link for link in page.links if not link.startswith(("http", "/", "#", "?"))]
 
 
 @pytest.mark.parametrize(
