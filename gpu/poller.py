@@ -63,6 +63,8 @@ class GpuPoller:
         self.last_tick = time.monotonic()
         self.last_success_wall: datetime | None = None
         self.polls = 0
+        # The poll a request last asked for (its number, and when): requests share it.
+        self._asked: tuple[int, float] = (0, float("-inf"))
 
     @property
     def snapshot(self) -> GpuSnapshot:
@@ -82,6 +84,22 @@ class GpuPoller:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 while self._last_poll_ended < wanted:
+                    self._polled.clear()
+                    await self._polled.wait()
+        return self._snapshot
+
+    async def recent_poll(self, timeout_s: float) -> GpuSnapshot:
+        """A reading taken since a request last asked for one, at most one poll interval ago:
+        requests share one poll per interval, however many ask (a client cannot make the
+        daemon poll faster than its interval)."""
+        number, asked_at = self._asked
+        if time.monotonic() - asked_at >= self.interval_s:
+            number = self._polls_started + 1
+            self._asked = (number, time.monotonic())
+            self.poll_now()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while self._last_poll_ended < number:
                     self._polled.clear()
                     await self._polled.wait()
         return self._snapshot

@@ -219,3 +219,25 @@ def test_root_keeps_its_state_where_a_system_daemon_does(
     assert default_state_dir(euid=0, system_dir=system) == system
     monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/from-systemd")
     assert default_state_dir(euid=0, system_dir=system) == Path("/var/lib/from-systemd")
+
+
+def test_files_are_given_to_the_servers_user_by_descriptor_never_through_a_link(
+    tmp_path: Path,
+) -> None:
+    from registry.embedded import embedded_account
+
+    if os.geteuid() != 0:
+        pytest.skip("only root gives files to the server's own user")
+    account = embedded_account()
+    mine = tmp_path / "mine"
+    mine.write_text("")
+    account.take(mine)
+    assert mine.stat().st_uid == account.uid
+    # A path swapped for a link to something else gives nothing away.
+    precious = tmp_path / "precious"
+    precious.write_text("root's\n")
+    swapped = tmp_path / "swapped"
+    swapped.symlink_to(precious)
+    with pytest.raises(OSError):
+        account.take(swapped)
+    assert precious.stat().st_uid == 0

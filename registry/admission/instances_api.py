@@ -71,10 +71,11 @@ async def create_instance(request: web.Request) -> web.StreamResponse:
     if device is None:
         raise http_error(web.HTTPNotFound, f"no GPU with uuid {gpu!r} on this host")
     if device.processes_known and not device.has_process(pid):
-        # Not in the latest poll: maybe it just made its CUDA context. Look again, now.
+        # Not in the latest poll: maybe it just made its CUDA context. Look again (once per
+        # poll interval, however many requests ask).
         poller = app.get(keys.POLLER)
         if poller is not None:
-            fresh = await poller.poll_and_wait(app[keys.SETTINGS].current.gpu_call_timeout + 1)
+            fresh = await poller.recent_poll(app[keys.SETTINGS].current.gpu_call_timeout + 1)
             device = next((d for d in fresh.devices if d.uuid == gpu), device)
         if data.reservation is not None and (reservation := book.get(data.reservation)) is None:
             raise http_error(web.HTTPNotFound, f"no open reservation {data.reservation!r}")
