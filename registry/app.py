@@ -97,8 +97,14 @@ def spawn(app: web.Application, coro: Coroutine[Any, Any, None], name: str) -> a
     return task
 
 
-async def _stop_task(task: asyncio.Task[None]) -> None:
-    task.cancel()
+async def stop_task(task: asyncio.Task[None]) -> None:
+    """Cancel a background task and wait for it to end. It is cancelled again each second
+    until it does: on Python 3.11 `asyncio.wait_for` can swallow a cancellation that arrives as
+    the awaitable it wraps completes (CPython gh-86296), and a loop that swallowed the only one
+    would run, and keep the app from stopping, forever."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
     with contextlib.suppress(asyncio.CancelledError):
         await task
 
@@ -117,7 +123,7 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
             with app[keys.METRICS].collecting(EmbeddedStats(supervisor)):
                 task = spawn(app, supervisor.run(), "embedded-postgres-supervisor")
                 yield
-                await _stop_task(task)  # before the server stops: that exit is no crash
+                await stop_task(task)  # before the server stops: that exit is no crash
         finally:
             await database.close()
 
@@ -160,7 +166,7 @@ async def admission_ctx(app: web.Application, *, clock: Clock) -> AsyncIterator[
         ):
             task = spawn(app, book.run_expiry(), "reservation-expiry")
             yield
-            await _stop_task(task)
+            await stop_task(task)
             await book.persist()
     finally:
         ledger.close()
@@ -196,7 +202,7 @@ async def gpu_ctx(
             error=first.error,
         )
     yield
-    await _stop_task(task)
+    await stop_task(task)
 
 
 async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -212,7 +218,7 @@ async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
     app[keys.CATALOG_SYNC] = sync
     task = spawn(app, sync.run(), "catalog-sync")
     yield
-    await _stop_task(task)
+    await stop_task(task)
 
 
 async def footprints_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -222,7 +228,7 @@ async def footprints_ctx(app: web.Application) -> AsyncIterator[None]:
     await recorder.load(store)
     task = spawn(app, recorder.run(database.dsn, store), "footprints")
     yield
-    await _stop_task(task)
+    await stop_task(task)
 
 
 async def fleet_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -251,7 +257,7 @@ async def fleet_ctx(app: web.Application) -> AsyncIterator[None]:
     with app[keys.METRICS].collecting(FleetStats(reader)):
         task = spawn(app, publisher.run(), "fleet-publisher")
         yield
-        await _stop_task(task)
+        await stop_task(task)
         await publisher.stop()
 
 

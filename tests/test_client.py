@@ -183,6 +183,32 @@ async def test_models_come_typed_and_across_pages(daemon: Any) -> None:
     assert (gpus.state, gpus.devices[0].free_mib) == ("ok", 30000)
 
 
+async def test_instances_come_across_pages(
+    start_app: AppClient, gpu_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from model_registry_client import _protocol
+
+    pids = range(20_000, 20_120)
+    device = {"uuid": "GPU-sim-0", "name": "Simulated GPU", "total_mib": 81920}
+    processes = [{"pid": pid, "used_mib": 10} for pid in pids]
+    gpu_file({**device, "free_mib": 80000, "processes": processes})
+    daemon = await start_app(scheduler_token=SCHEDULER_TOKEN)
+    headers = {"Authorization": f"Bearer {SCHEDULER_TOKEN}"}
+    for pid in pids:
+        body = {"model": "tiny", "gpu": "GPU-sim-0", "pid": pid}
+        assert (await daemon.post("/instances", json=body, headers=headers)).status == 201
+    monkeypatch.setattr(_protocol, "PAGE", 50)  # three pages
+    url = _url(daemon)
+
+    def read() -> list[int]:
+        with Registry(url) as reg:
+            return [instance.pid for instance in reg.instances(model="tiny")]
+
+    assert await asyncio.to_thread(read) == list(pids)
+    async with AsyncRegistry(url) as reg:
+        assert [instance.pid for instance in await reg.instances()] == list(pids)
+
+
 async def test_watch_carries_on_across_a_daemon_restart(spawn_daemon: SpawnDaemon) -> None:
     port = free_port()
     first = spawn_daemon(port=port)

@@ -364,6 +364,39 @@ def test_with_many_open_the_journal_is_not_rewritten_at_every_flush(tmp_path: Pa
     assert len(rewrites) <= 6
 
 
+def test_live_instances_count_when_the_journal_decides_to_compact(tmp_path: Path) -> None:
+    from registry.admission.ledger import ReservationLedger
+    from registry.instance import Instance
+
+    rewrites = []
+    now = datetime(2026, 11, 28, tzinfo=UTC)
+    instances = [Instance(f"i{n}", "tiny", "GPU-0", 0, 1000 + n, now, "boot") for n in range(1000)]
+
+    async def scenario() -> None:
+        ledger = ReservationLedger(tmp_path, compact_after_lines=20)
+        ledger.open(list, lambda: 0)
+        ledger.track_instances(lambda: instances, lambda: len(instances))
+        for instance in instances:
+            ledger.put_instance(instance)
+        await ledger.flush()
+        rewrite = ledger._rewrite
+
+        def counted(reservations: list[Reservation], live: list[Instance] | None = None) -> None:
+            rewrites.append(len(live or ()))
+            rewrite(reservations, live)
+
+        ledger._rewrite = counted  # type: ignore[method-assign]
+        reservation = _reservation("renewed")
+        for _ in range(300):  # a renewal at a time, beside 1,000 live instances
+            ledger.put(reservation)
+            await ledger.flush()
+        ledger.close()
+
+    asyncio.run(scenario())
+    # Not one rewrite of the 1,000 instances per renewal: the file may hold twice what is live.
+    assert len(rewrites) <= 1
+
+
 def test_the_state_directory_must_be_this_daemons_alone(tmp_path: Path) -> None:
     from registry.admission.ledger import LedgerError, ReservationLedger
 

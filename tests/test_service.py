@@ -270,3 +270,26 @@ async def test_a_short_token_is_warned_of_by_setting_never_by_value(
     ]
     assert [w["setting"] for w in warnings] == ["MODEL_REGISTRY_SCHEDULER_TOKEN"]
     assert "tiny-tok" not in daemon.log()
+
+
+async def test_a_background_task_that_swallows_a_cancellation_still_stops() -> None:
+    """Python 3.11's asyncio.wait_for can swallow a cancellation (CPython gh-86296): the app
+    cancels its loops until they end, or stopping would hang."""
+    from registry.app import stop_task
+
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed += 1
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(stop_task(task), 5)
+    assert task.cancelled() and swallowed == 1
