@@ -39,7 +39,7 @@ from registry.footprints.store import FootprintStore
 from registry.gpus_report import gpus_body
 from registry.instance import this_boot
 from registry.logs import get_logger
-from registry.metrics import Metrics
+from registry.metrics import Flag, Metrics
 from registry.observe import Observer
 from registry.ops_view.page import routes as status_routes
 from registry.ops_view.page import setup_templates
@@ -216,9 +216,16 @@ async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     await sync.load()
     app[keys.CATALOG_SYNC] = sync
-    task = spawn(app, sync.run(), "catalog-sync")
-    yield
-    await stop_task(task)
+    supervisor = database.supervisor
+    reachable = Flag(
+        "model_registry_database_up",
+        "1 while the daemon holds a connection to its database (its catalog listener).",
+        lambda: sync.listening.is_set() and (supervisor is None or not supervisor.restarting),
+    )
+    with app[keys.METRICS].collecting(reachable):
+        task = spawn(app, sync.run(), "catalog-sync")
+        yield
+        await stop_task(task)
 
 
 async def footprints_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -21,7 +21,7 @@ from registry.catalog import cli as catalog_cli
 from registry.catalog.cli import CliError
 from registry.catalog.document import CatalogInvalid, describe_issues
 from registry.catalog.store import DuplicateName
-from registry.config import ConfigError, Settings, load_settings
+from registry.config import ConfigError, Settings, load_settings, settings_problems
 from registry.database import DatabaseUnavailable, command_database
 from registry.embedded import EmbeddedDatabaseError
 from registry.fleet.identity import HostIdTaken
@@ -78,12 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides = {"host": args.host, "port": args.port}
         settings = load_settings(args.config, **overrides)
     except ValidationError as exc:
-        # Never the values: a URL or a token in them would reach the journal.
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}"
-            for e in exc.errors(include_input=False, include_url=False)
-        )
-        print(f"model-registry: configuration error: {problems}", file=sys.stderr)
+        print(f"model-registry: configuration error: {settings_problems(exc)}", file=sys.stderr)
         return 2
     except (ConfigError, tomllib.TOMLDecodeError) as exc:
         print(f"model-registry: configuration error: {exc}", file=sys.stderr)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+import tomllib
 from contextvars import ContextVar
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -300,10 +301,19 @@ class ConfigError(Exception):
     """The configuration cannot be loaded; the message is meant for the operator."""
 
 
+def settings_problems(error: ValidationError) -> str:
+    """What is wrong with the settings, in one line: names and reasons, never the values (a
+    URL or a token among them would reach the journal)."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}"
+        for e in error.errors(include_input=False, include_url=False)
+    )
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build the settings; `overrides` (CLI flags) win over everything, None means not given."""
-    if config_file is not None and not config_file.is_file():
-        raise ConfigError(f"config file not found: {config_file}")
+    if config_file is not None:
+        _check_readable(config_file)
     token = _config_file.set(config_file)
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
@@ -311,8 +321,27 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         _config_file.reset(token)
 
 
-# The settings that SIGHUP can change without a restart. (Tokens from the --config file: the
-# environment of a running process does not change.)
+def _check_readable(config_file: Path) -> None:
+    """A config file that is missing, unreadable or not TOML is one clear ConfigError."""
+    try:
+        text = config_file.read_bytes().decode()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {config_file}") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read config file {config_file}: {exc.strerror or exc} (the daemon's user "
+            "must be able to read it; see docs/operations.md)"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {config_file} is not UTF-8 text") from None
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None
+
+
+# The settings that SIGHUP can change without a restart, read again from the --config file (the
+# environment of a running process does not change: a setting there shadows the file's).
 LIVE_SETTINGS = (
     "poll_interval",
     "vram_margin_mib",
@@ -331,6 +360,15 @@ class LiveSettings:
     def __init__(self, settings: Settings) -> None:
         self.current = settings
 
+    def needing_restart(self, fresh: Settings) -> list[str]:
+        """Settings `fresh` changes that a reload cannot apply: they wait for a restart."""
+        current = self.current
+        return sorted(
+            name
+            for name in Settings.model_fields
+            if name not in LIVE_SETTINGS and getattr(fresh, name) != getattr(current, name)
+        )
+
     def reload(self, fresh: Settings) -> dict[str, dict[str, Any]]:
         """Take the reloadable settings from `fresh`; return what changed (from, to)."""
         current = self.current
@@ -343,6 +381,16 @@ class LiveSettings:
             update={name: getattr(fresh, name) for name in LIVE_SETTINGS}
         )
         return changed
+
+
+def shadowed_by_environment() -> list[str]:
+    """Reloadable settings set in the environment: a reload cannot change them (the file's
+    value is ignored), so the operator should move them to the config file."""
+    return [
+        f"{ENV_PREFIX}{name.upper()}"
+        for name in LIVE_SETTINGS
+        if f"{ENV_PREFIX}{name.upper()}" in os.environ
+    ]
 
 
 def _change(before: Any, after: Any) -> dict[str, Any]:

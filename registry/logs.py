@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
+import os
 import sys
 import threading
 import time
@@ -186,6 +188,41 @@ def flush_repeated() -> None:
         _repeat_summary.flush()
 
 
+# syslog priorities, which journald reads from a `<N>` prefix (SyslogLevelPrefix=, on by default).
+_SYSLOG_PRIORITY = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+
+
+def writes_to_journal(stream: TextIO) -> bool:
+    """Whether `stream` is the journal's: systemd says so in $JOURNAL_STREAM (device:inode of
+    the stream it connected), which a process started from a service may inherit for another
+    stdout, so the stream itself is compared."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        info = os.fstat(stream.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return expected == f"{info.st_dev}:{info.st_ino}"
+
+
+class _JournalPriority(logging.Formatter):
+    """Each line prefixed with its level as a syslog priority, so `journalctl -p err` finds
+    the errors."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _SYSLOG_PRIORITY.get(record.levelno, 6)
+        return f"<{priority}>{self._inner.format(record)}"
+
+
 def configure_logging(
     log_format: LogFormat | None, level: str = "info", stream: TextIO | None = None
 ) -> None:
@@ -218,7 +255,7 @@ def configure_logging(
     )
     global _repeat_summary
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(formatter)
+    handler.setFormatter(_JournalPriority(formatter) if writes_to_journal(stream) else formatter)
 
     def emit_unfiltered(record: logging.LogRecord) -> None:
         with handler.lock or contextlib.nullcontext():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import platform
 import time
 from collections.abc import Callable, Iterator
 
@@ -15,6 +16,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -26,7 +28,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from gpu import MIB
+from gpu import MIB, GpuState
+from registry import __version__
 from registry.view import CatalogView
 
 disable_created_metrics()  # type: ignore[no-untyped-call] # the *_created series only add noise to every scrape
@@ -62,13 +65,14 @@ class _StateCollector(Collector):
             per_model.add_metric([model.name], 1.0 if assessment and assessment.active else 0.0)
         yield per_model
         yield _footprint_metrics(view)
-        last = GaugeMetricFamily(
-            "model_registry_gpu_last_successful_poll_timestamp_seconds",
-            "Unix time of the last successful GPU poll.",
-        )
-        if (when := self._last_success()) is not None:
-            last.add_metric([], when)
-        yield last
+        if view.snapshot.state is not GpuState.DISABLED:
+            # 0 until the first good poll, so that the stale-readings alert fires after a
+            # restart with the GPUs unreadable too (an absent series alerts on nothing).
+            yield GaugeMetricFamily(
+                "model_registry_gpu_last_successful_poll_timestamp_seconds",
+                "Unix time of the last successful GPU poll; 0 before the first.",
+                value=self._last_success() or 0.0,
+            )
         yield GaugeMetricFamily(
             "model_registry_page_cache_bytes",
             "Bytes of rendered listings kept (MODEL_REGISTRY_PAGE_CACHE_MIB bounds them).",
@@ -209,6 +213,27 @@ def _bound(value: float) -> str:
     return "+Inf" if value == float("inf") else repr(value)
 
 
+class _BuildInfo(Collector):
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "model_registry_build_info",
+            "Always 1: the running version and the Python it runs on.",
+            labels=["version", "python"],
+        )
+        info.add_metric([__version__, platform.python_version()], 1.0)
+        yield info
+
+
+class Flag(Collector):
+    """A gauge that is 1 while `probe` says so, else 0, read at scrape time."""
+
+    def __init__(self, name: str, documentation: str, probe: Callable[[], bool]) -> None:
+        self._name, self._documentation, self._probe = name, documentation, probe
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self._name, self._documentation, value=float(self._probe()))
+
+
 class Metrics:
     def __init__(self, view: CatalogView, *, dcgm: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
@@ -224,6 +249,9 @@ class Metrics:
         )
         self._requests = _RequestStats()
         self.registry.register(self._requests)
+        # process_start_time_seconds and friends: a restart loop shows as its changes.
+        ProcessCollector(registry=self.registry)
+        self.registry.register(_BuildInfo())
         self.registry.register(_StateCollector(view, lambda: self.last_success, dcgm))
 
     @contextlib.contextmanager

@@ -10,11 +10,20 @@ import time
 from pathlib import Path
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from gpu import GpuPoller
 from registry import keys
 from registry.app import SERVER_OPTIONS, create_app, margins_from
-from registry.config import SYSTEM_STATE_DIR, Settings, load_settings, user_state_dir
+from registry.config import (
+    SYSTEM_STATE_DIR,
+    ConfigError,
+    Settings,
+    load_settings,
+    settings_problems,
+    shadowed_by_environment,
+    user_state_dir,
+)
 from registry.guard.connections import (
     KEEPALIVE_TIMEOUT_S,
     GuardedRunner,
@@ -90,6 +99,13 @@ class Service:
         )
         _warn_about_short_tokens(settings)
         _warn_about_a_legacy_state_dir(settings)
+        if self.config_file is not None and (shadowed := shadowed_by_environment()):
+            log.warning(
+                "reloadable settings are set in the environment, where a reload cannot change "
+                "them: move them to the config file",
+                config_file=str(self.config_file),
+                settings=shadowed,
+            )
         runner = GuardedRunner(
             self.app,
             max_connections=max_connections,
@@ -191,9 +207,21 @@ class Service:
         self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             fresh = load_settings(self.config_file, **self.overrides)
-        except Exception as exc:
-            log.error("reload failed; keeping the current settings", error=str(exc))
+        except ValidationError as exc:
+            log.error(
+                "reload failed, invalid settings; keeping the current ones",
+                error=settings_problems(exc),
+            )
+        except ConfigError as exc:
+            log.error(
+                "reload failed, unreadable config file; keeping the current settings",
+                error=str(exc),
+            )
         else:
+            if waiting := self.live.needing_restart(fresh):
+                log.warning(
+                    "reloaded settings that take effect only at a restart", settings=waiting
+                )
             changed = self.live.reload(fresh)
             self.app[keys.VIEW].set_margins(margins_from(self.settings))
             self._reload_tls()

@@ -145,14 +145,16 @@ class CatalogView:
         through `book_reservations` and `set_reservations`."""
         return self._bookings
 
-    def replace_catalog(self, models: Iterable[CatalogModel]) -> None:
-        """Take the whole catalog (start-up, reconnect, periodic reload)."""
+    def replace_catalog(self, models: Iterable[CatalogModel]) -> tuple[int, int]:
+        """Take the whole catalog (start-up, reconnect, periodic reload); how many models it
+        changed (or added) and removed."""
         fresh = {model.id: model for model in models}
         was_loaded, self.loaded = self.loaded, True
         changed = [m for m in fresh.values() if self._model(m.id) != m]
         gone = [model_id for model_id in self._entries if model_id not in fresh]
         if changed or gone or not was_loaded:
             self._apply(gone, changed)
+        return len(changed), len(gone)
 
     def apply_changes(self, requested_ids: Iterable[int], found: Iterable[CatalogModel]) -> None:
         """Refresh the models whose ids were asked for; an id not found was deleted."""

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.conftest import AS_SCHEDULER, SCHEDULER_TOKEN, AppClient
@@ -17,6 +21,7 @@ from tests.scrape import scrape
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "grafana" / "model-registry.json"
 ALERTS = ROOT / "prometheus" / "alerts.yml"
+ALERT_TESTS = ROOT / "prometheus" / "alerts.test.yml"
 METRIC = re.compile(r"\b(model_registry_[a-z0-9_]+)\b")
 DURATION = re.compile(r"^\d+(ms|s|m|h|d|w|y)$")
 
@@ -77,6 +82,9 @@ def test_the_dashboard_imports_as_is() -> None:
 def test_the_alert_rules_are_well_formed() -> None:
     rules = _rules()
     assert {r["alert"] for r in rules} == {
+        "ModelRegistryTargetDown",
+        "ModelRegistryRestartLoop",
+        "ModelRegistryDatabaseUnreachable",
         "ModelRegistryReadingsStale",
         "ModelRegistryPollerFailing",
         "ModelRegistryNoModelActive",
@@ -90,6 +98,35 @@ def test_the_alert_rules_are_well_formed() -> None:
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
         assert _balanced(rule["expr"]), rule["expr"]
+
+
+def _promtool() -> str:
+    found = os.environ.get("MODEL_REGISTRY_TEST_PROMTOOL") or shutil.which("promtool")
+    if not found:
+        pytest.skip(
+            "promtool is not installed (Debian: apt-get install prometheus, or point "
+            "MODEL_REGISTRY_TEST_PROMTOOL at one); .ci/run provides it"
+        )
+    return found
+
+
+def test_every_alert_rule_has_promtool_unit_tests_and_they_pass() -> None:
+    promtool = _promtool()
+    checked = subprocess.run(
+        [promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = subprocess.run(
+        [promtool, "test", "rules", str(ALERT_TESTS)], capture_output=True, text=True, timeout=60
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    # Each rule is shown firing at least once, and not firing at least once.
+    scenarios = yaml.safe_load(ALERT_TESTS.read_text())["tests"]
+    checks = [check for scenario in scenarios for check in scenario["alert_rule_test"]]
+    for rule in _rules():
+        of_rule = [c for c in checks if c["alertname"] == rule["alert"]]
+        assert any(c["exp_alerts"] for c in of_rule), f"{rule['alert']} never shown firing"
+        assert any(not c["exp_alerts"] for c in of_rule), f"{rule['alert']} never shown quiet"
 
 
 async def test_every_metric_they_use_is_exported(start_app: AppClient, database_url: str) -> None:

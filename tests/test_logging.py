@@ -6,7 +6,11 @@ import asyncio
 import io
 import json
 import logging
+import os
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from registry.config import LogFormat
 from registry.logs import configure_logging
@@ -283,3 +287,39 @@ def test_refused_logins_are_told_per_address_at_most_once_a_second() -> None:
     assert summary.filter(line)
     assert isinstance(line.msg, dict) and line.msg["repeated"] == 51
     assert line.msg["repeated_within_s"] == 1.0 and line.msg["remote"] == "10.0.0.7"
+
+
+def test_under_journald_each_line_carries_its_syslog_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from registry.logs import get_logger
+
+    def logged(journal: bool) -> list[str]:
+        path = tmp_path / f"journal-{journal}.log"
+        with path.open("w") as stream:
+            info = os.fstat(stream.fileno())
+            # systemd names the stream it connected; another stream (a file, a terminal, a
+            # pipe to a command started from a service) gets no prefix.
+            monkeypatch.setenv("JOURNAL_STREAM", f"{info.st_dev}:{info.st_ino + (not journal)}")
+            configure_logging(LogFormat.JSON, "debug", stream=stream)
+            log = get_logger("registry.test")
+            log.error("an error", n=1)
+            log.warning("a warning")
+            log.info("news")
+            log.debug("detail")
+            logging.getLogger("asyncpg.pool").error("a library's error")
+        logging.getLogger().handlers.clear()
+        return path.read_text().splitlines()
+
+    journal = logged(journal=True)
+    assert [line[:3] for line in journal] == ["<3>", "<4>", "<6>", "<7>", "<3>"]
+    assert json.loads(journal[0][3:])["event"] == "an error"
+    plain = logged(journal=False)
+    assert all(line.startswith("{") for line in plain)
+    assert [json.loads(line)["level"] for line in plain] == [
+        "error",
+        "warning",
+        "info",
+        "debug",
+        "error",
+    ]

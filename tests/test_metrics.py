@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import AppClient
 from tests.scrape import scrape
@@ -84,3 +85,45 @@ async def test_poll_errors_are_counted(start_app: AppClient, gpu_file: Callable[
     samples = await scrape(client)
     assert samples[("model_registry_gpu_poll_errors_total", ())] >= 1
     assert not any(name == "model_registry_gpu_memory_free_bytes" for name, _ in samples)
+
+
+async def test_what_the_alerts_need_is_there_from_the_start(
+    start_app: AppClient, tmp_path: Path
+) -> None:
+    from registry import __version__, keys
+    from tests.waiting import eventually
+
+    # GPUs unreadable from the start: the last success reads 0, so "stale" can fire.
+    unreadable = await start_app(gpu_simulated_file=tmp_path / "no-such-gpus.json")
+    samples = await scrape(unreadable)
+    assert samples[("model_registry_gpu_last_successful_poll_timestamp_seconds", ())] == 0
+    info = [labels for name, labels in samples if name == "model_registry_build_info"]
+    assert [dict(labels)["version"] for labels in info] == [__version__]
+    assert samples[("process_start_time_seconds", ())] > 1.7e9
+    await eventually(lambda: unreadable.app[keys.CATALOG_SYNC].listening.is_set())
+    assert (await scrape(unreadable))[("model_registry_database_up", ())] == 1
+    # Without GPU awareness there are no readings to go stale: no series, no alert.
+    blind = await start_app(gpu_backend="none")
+    assert not [
+        key
+        for key in await scrape(blind)
+        if key[0] == "model_registry_gpu_last_successful_poll_timestamp_seconds"
+    ]
+
+
+async def test_a_lost_database_shows_in_its_metric(start_app: AppClient, own_server: Any) -> None:
+    import asyncio
+
+    from tests.waiting import eventually
+
+    dsn = own_server.start()
+    client = await start_app(database_url=dsn)
+
+    async def database_up() -> float:
+        return (await scrape(client))[("model_registry_database_up", ())]
+
+    await eventually(database_up, lambda up: up == 1)
+    await asyncio.to_thread(own_server.stop)
+    await eventually(database_up, lambda up: up == 0, timeout_s=10)
+    await asyncio.to_thread(own_server.start)
+    await eventually(database_up, lambda up: up == 1, timeout_s=15)

@@ -144,6 +144,69 @@ async def test_sighup_reloads_live_settings(
     assert reload_lines and set(reload_lines[0]["changed"]) == {"poll_interval", "vram_margin_mib"}
 
 
+async def test_a_reload_says_what_waits_for_a_restart_and_a_bad_file_changes_nothing(
+    daemon_env: dict[str, str],
+    notify: NotifyListener,
+    start_daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "registry.toml"
+    config.write_text("poll_interval = 1.0\n")
+    env = {**daemon_env, "NOTIFY_SOCKET": str(notify.path)}
+    # Left in the environment, where a reload cannot reach it: said at start.
+    del env["MODEL_REGISTRY_POLL_INTERVAL"]
+    env["MODEL_REGISTRY_VRAM_MARGIN_MIB"] = "10"
+    daemon = start_daemon(env, "--config", str(config))
+    notify.wait_for("READY=1")
+    config.write_text("poll_interval = 1.0\nshutdown_timeout = 9.0\n")
+    daemon.signal(signal.SIGHUP)
+    notify.wait_for("RELOADING=1")
+    notify.wait_for("READY=1")
+    config.write_text("poll_interval = [not toml\n")
+    daemon.signal(signal.SIGHUP)
+    notify.wait_for("RELOADING=1")
+    notify.wait_for("READY=1")
+    config.write_text('poll_interval = 0.001\nadvertise_url = "ftp://u:hunter2@h/x"\n')
+    daemon.signal(signal.SIGHUP)
+    notify.wait_for("RELOADING=1")
+    notify.wait_for("READY=1")
+    status, gpus = await get_json(f"{daemon.url}/gpus")
+    assert (status, gpus["poll_interval_s"], gpus["margin_mib"]) == (200, 1.0, 10)
+    lines = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+    events = {line["event"]: line for line in lines}
+    shadowed = events[
+        "reloadable settings are set in the environment, where a reload cannot change them: "
+        "move them to the config file"
+    ]
+    assert shadowed["settings"] == ["MODEL_REGISTRY_VRAM_MARGIN_MIB"]
+    waiting = events["reloaded settings that take effect only at a restart"]
+    assert waiting["settings"] == ["shutdown_timeout"] and waiting["level"] == "warning"
+    failed = [line for line in lines if line["event"].startswith("reload failed")]
+    assert len(failed) == 2 and all(line["level"] == "error" for line in failed)
+    assert "not valid TOML" in failed[0]["error"]
+    assert "poll_interval" in failed[1]["error"] and "advertise_url" in failed[1]["error"]
+    assert "hunter2" not in daemon.log() and "Traceback" not in daemon.log()
+
+
+def test_an_unreadable_or_invalid_config_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    for config, said in (
+        (tmp_path, "cannot read config file"),  # a directory: unreadable as a file
+        (tmp_path / "missing.toml", "config file not found"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "registry", "serve", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2, result.stderr
+        assert said in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
 async def test_a_reload_reaches_every_reader_retry_after_included(
     daemon_env: dict[str, str],
     notify: NotifyListener,

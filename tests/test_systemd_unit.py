@@ -46,6 +46,37 @@ def test_unit_declares_what_the_service_needs() -> None:
     allowed = " ".join(unit["DeviceAllow"])
     for device in ("/dev/nvidiactl", "/dev/nvidia-uvm", "char-nvidia-frontend"):
         assert device in allowed
+    # Exit 2 (bad configuration) and 3 (a database it refuses) are not restarted in a loop.
+    assert unit["RestartPreventExitStatus"] == ["2 3"]
+
+
+def test_the_unit_reads_a_config_file_that_a_reload_copies_in_again() -> None:
+    unit = _settings_of(UNIT.read_text())
+    copy = "+/usr/bin/install -m 0444 /etc/model-registry/config.toml %t/model-registry/config.toml"
+    assert unit["ExecStartPre"] == [copy]
+    assert unit["ExecStart"] == [
+        "/opt/model-registry/bin/model-registry serve --config %t/model-registry/config.toml"
+    ]
+    assert unit["ExecReload"] == [copy, "/bin/kill -HUP $MAINPID"]
+    assert unit["RuntimeDirectoryMode"] == ["0700"]  # the copy is the service's alone
+
+
+def test_the_config_example_lists_every_live_setting_and_loads(tmp_path: Path) -> None:
+    from registry.config import LIVE_SETTINGS, load_settings
+
+    example = (SYSTEMD / "config.toml.example").read_text()
+    keys = re.findall(r"^#(\w+) = ", example, re.MULTILINE)
+    assert sorted(keys) == sorted(LIVE_SETTINGS)
+    assert load_settings(_write(tmp_path / "as-shipped.toml", example)).poll_interval == 1.0
+    uncommented = re.sub(r"^#(\w+ = )", r"\1", example, flags=re.MULTILINE)
+    uncommented = uncommented.replace('""', '"a-token-of-sixteen-chars"')
+    settings = load_settings(_write(tmp_path / "uncommented.toml", uncommented))
+    assert settings.admin_tokens() == ["a-token-of-sixteen-chars"]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 def test_env_example_documents_every_setting() -> None:

@@ -40,8 +40,9 @@ class CatalogSync:
         self._lost = False
         self.listening = asyncio.Event()
 
-    async def load(self) -> None:
-        self._view.replace_catalog(await self._store.list_all())
+    async def load(self) -> tuple[int, int]:
+        """Read the whole catalog into the view: how many models changed and were removed."""
+        return self._view.replace_catalog(await self._store.list_all())
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         # A row trigger sends one id; a bulk apply sends "1,2,3", or "*" when too many.
@@ -91,13 +92,27 @@ class CatalogSync:
                 self._wake.clear()
                 if time.monotonic() >= next_reload:
                     await conn.execute("SELECT 1", timeout=5)  # is the listener still alive?
-                    self._reload_all = True
                     next_reload = time.monotonic() + self.reload_interval_s
+                    await self._reload_unannounced()
                 await self._apply_pending()
             log.warning("catalog listener connection lost; reconnecting")
         finally:
             if not conn.is_closed():
                 conn.terminate()
+
+    async def _reload_unannounced(self) -> None:
+        """The periodic reload: what it finds changed, no notification announced (a restore,
+        a write with the triggers off): said, since nobody else will."""
+        self._changed_ids.clear()
+        changed, removed = await self.load()
+        if changed or removed:
+            log.info(
+                "catalog changes no notification announced were picked up (a restore, or a "
+                "write without the triggers)",
+                changed=changed,
+                removed=removed,
+                models=self._view.model_count,
+            )
 
     async def _apply_pending(self) -> None:
         if self._reload_all:
