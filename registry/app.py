@@ -112,7 +112,9 @@ async def stop_task(task: asyncio.Task[None]) -> None:
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     """The pool; an embedded server started here is looked after while the app runs."""
     settings = app[keys.SETTINGS].current
-    async with migrated_database(settings.database_dsn(), settings.state_dir) as server:
+    async with migrated_database(
+        settings.database_dsn(), settings.state_dir, host_id=settings.host_id
+    ) as server:
         supervisor = None if server.embedded is None else EmbeddedSupervisor(server.embedded)
         database = Database(server.dsn, await create_pool(server.dsn), supervisor)
         try:

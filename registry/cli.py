@@ -17,17 +17,18 @@ from registry import __version__
 from registry.admission import cli as reservations_cli
 from registry.admission import instances_cli
 from registry.admission.ledger import LedgerError
+from registry.backup import cli as backup_cli
 from registry.catalog import cli as catalog_cli
 from registry.catalog.cli import CliError
 from registry.catalog.document import CatalogInvalid, describe_issues
 from registry.catalog.store import DuplicateName
 from registry.config import ConfigError, Settings, load_settings, settings_problems
 from registry.database import DatabaseUnavailable, command_database
-from registry.embedded import EmbeddedDatabaseError
+from registry.embedded import EmbeddedDatabaseError, MajorVersionMismatch
 from registry.fleet.identity import HostIdTaken
 from registry.http_client import ClientError
 from registry.logs import configure_logging, get_logger
-from registry.migrations import DatabaseTooNew
+from registry.migrations import DatabaseTooNew, FleetStillUp
 from registry.state_dir import StateDirError
 
 log = get_logger("registry.cli")
@@ -48,9 +49,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8700)")
 
-    commands.add_parser("migrate", parents=[common], help="apply database migrations and exit")
+    migrate = commands.add_parser(
+        "migrate", parents=[common], help="apply database migrations and exit"
+    )
+    migrate.add_argument(
+        "--force",
+        action="store_true",
+        help="apply a migration that running daemons cannot follow although fleet hosts are up",
+    )
 
     catalog_cli.add_parser(commands, common)
+    backup_cli.add_parser(commands, common)
     reservations_cli.add_parser(commands, common)
     instances_cli.add_parser(commands, common)
 
@@ -99,8 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from registry.ops_view import terminal
 
             return terminal.run(args.url, settings, watch=args.watch)
+        if args.command in ("backup", "restore"):
+            return asyncio.run(
+                _with_dsn(settings, args.command, lambda dsn: backup_cli.run(dsn, args))
+            )
         if args.command == "migrate":
-            return asyncio.run(_with_dsn(settings, "migrate", _migrate_only))
+            return asyncio.run(_with_dsn(settings, "migrate", _migrate_only, force=args.force))
         return asyncio.run(
             _with_dsn(
                 settings,
@@ -108,8 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lambda dsn: catalog_cli.run(dsn, args, document, settings.footprint_min_samples),
             )
         )
-    except DatabaseTooNew as exc:
-        log.error("refusing to start: database is newer than this code", error=str(exc))
+    except (DatabaseTooNew, MajorVersionMismatch, FleetStillUp) as exc:
+        # Exit 3: an operator must act (the unit does not restart it in a loop).
+        log.error("refusing to run on this database", error=str(exc))
         print(f"model-registry: {exc}", file=sys.stderr)
         return 3
     except (LedgerError, HostIdTaken, EmbeddedDatabaseError, StateDirError) as exc:
@@ -134,11 +148,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _with_dsn(
-    settings: Settings, command: str, action: Callable[[str], Awaitable[int]]
+    settings: Settings,
+    command: str,
+    action: Callable[[str], Awaitable[int]],
+    *,
+    force: bool = False,
 ) -> int:
     """Run `action` against the configured database, or the embedded one, migrated: the
     running daemon's when one serves the state directory, else one started for this run."""
-    async with command_database(settings.database_dsn(), settings.state_dir, command) as dsn:
+    async with command_database(
+        settings.database_dsn(), settings.state_dir, command, force=force
+    ) as dsn:
         return await action(dsn)
 
 

@@ -77,10 +77,10 @@ class Server:
     embedded: EmbeddedPostgres | None = None
 
 
-async def _migrate(dsn: str) -> None:
+async def _migrate(dsn: str, host_id: str | None = None, force: bool = False) -> None:
     log.info("connecting to the database", dsn=redact_dsn(dsn))
     try:
-        applied = await migrate(dsn)
+        applied = await migrate(dsn, host_id=host_id, force=force)
     except UNAVAILABLE_ERRORS as exc:
         raise DatabaseUnavailable(f"cannot reach {redact_dsn(dsn)}: {exc}") from exc
     if applied:
@@ -88,8 +88,15 @@ async def _migrate(dsn: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def migrated_database(database_url: str | None, state_dir: Path) -> AsyncIterator[Server]:
-    """The configured database, or an embedded one in `state_dir`, migrated.
+async def migrated_database(
+    database_url: str | None,
+    state_dir: Path,
+    *,
+    host_id: str | None = None,
+    force: bool = False,
+) -> AsyncIterator[Server]:
+    """The configured database, or an embedded one in `state_dir`, migrated (as fleet host
+    `host_id`, for a daemon; `force` applies even what live fleet hosts cannot follow).
 
     The caller holds the state directory (registry.state_dir.StateLock). An embedded server
     started here is stopped on the way out.
@@ -101,7 +108,7 @@ async def migrated_database(database_url: str | None, state_dir: Path) -> AsyncI
     else:
         dsn = database_url
     try:
-        await _migrate(dsn)
+        await _migrate(dsn, host_id, force)
         yield Server(dsn, embedded)
     finally:
         if embedded is not None:
@@ -110,7 +117,7 @@ async def migrated_database(database_url: str | None, state_dir: Path) -> AsyncI
 
 @contextlib.asynccontextmanager
 async def command_database(
-    database_url: str | None, state_dir: Path, command: str
+    database_url: str | None, state_dir: Path, command: str, *, force: bool = False
 ) -> AsyncIterator[str]:
     """The database a command works on, migrated; yields its DSN.
 
@@ -120,7 +127,7 @@ async def command_database(
     (a daemon that starts then waits for it).
     """
     if database_url is not None:
-        async with migrated_database(database_url, state_dir) as server:
+        async with migrated_database(database_url, state_dir, force=force) as server:
             yield server.dsn
         return
     lock = StateLock(state_dir)
@@ -131,7 +138,7 @@ async def command_database(
     daemon = await asyncio.to_thread(lock.take, f"command {command}", on_wait=waiting)
     if daemon is None:
         try:
-            async with migrated_database(None, state_dir) as server:
+            async with migrated_database(None, state_dir, force=force) as server:
                 yield server.dsn
         finally:
             lock.release()
@@ -144,7 +151,7 @@ async def command_database(
             "(give this command the same MODEL_REGISTRY_DATABASE_URL)"
         )
     try:
-        await _migrate(dsn)
+        await _migrate(dsn, force=force)
     except asyncpg.InvalidAuthorizationSpecificationError:
         raise EmbeddedDatabaseError(
             f"the embedded PostgreSQL of {daemon} lets in only the daemon's own user and "

@@ -49,6 +49,10 @@ class EmbeddedDatabaseError(Exception):
     """The embedded server cannot start here; the message says why and what to do."""
 
 
+class MajorVersionMismatch(EmbeddedDatabaseError):
+    """The data directory was made by another PostgreSQL major than the one shipped here."""
+
+
 @dataclass(frozen=True)
 class _Account:
     """Who the server runs as: this process's user, or, run by root, its own system user."""
@@ -232,6 +236,7 @@ class EmbeddedPostgres:
         if not account.is_us:
             install = self._reachable(state_dir, install, account)
         self._bin = install / "bin"
+        self._check_major()
         fresh = not (self.data_dir / "PG_VERSION").exists()
         if not self.data_dir.exists():
             self.data_dir.mkdir(mode=0o700)
@@ -304,6 +309,35 @@ class EmbeddedPostgres:
             ],
             what="start",
         )
+
+    def _check_major(self) -> None:
+        """Data of another PostgreSQL major cannot be read by these binaries: refuse, with the
+        way to move it, instead of failing obscurely (or worse) at start."""
+        try:
+            data_major = (self.data_dir / "PG_VERSION").read_text().strip()
+        except FileNotFoundError:
+            return
+        ours = self.binaries_major()
+        if data_major != ours:
+            raise MajorVersionMismatch(
+                f"the embedded PostgreSQL data in {self.data_dir} is of PostgreSQL {data_major}, "
+                f"but this model-registry runs PostgreSQL {ours}: reinstall the release that "
+                f"made it, or move the data to {ours} (pg_upgrade, or a dump with the old "
+                "release restored with this one: docs/operations.md, 'PostgreSQL majors')"
+            )
+
+    def binaries_major(self) -> str:
+        """The major version of the PostgreSQL binaries in use ("18")."""
+        assert self._bin is not None
+        result = subprocess.run(
+            [str(self._bin / "postgres"), "--version"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+        # "postgres (PostgreSQL) 18.6"
+        return result.stdout.split()[-1].split(".")[0]
 
     def _check_owner(self, account: _Account) -> None:
         """Data of another user (a daemon's under DynamicUser, found by root while that daemon

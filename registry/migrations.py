@@ -41,6 +41,10 @@ class DatabaseTooNew(Exception):
     """The database holds migrations this code does not know."""
 
 
+class FleetStillUp(Exception):
+    """A migration that running daemons cannot follow, while fleet hosts are up."""
+
+
 def migrations_dir() -> Path:
     # Installed wheel: shipped as registry/sql. Source checkout: the repository's sql/.
     packaged = Path(str(resources.files("registry"))) / "sql"
@@ -90,22 +94,35 @@ def _newer(applied: dict[int, bool], migrations: list[Migration]) -> tuple[list[
     return [v for v in newer if applied[v]], [v for v in newer if not applied[v]]
 
 
-async def migrate(dsn: str, migrations: list[Migration] | None = None) -> list[str]:
-    """Apply pending migrations; return the names applied. Raise DatabaseTooNew."""
+async def migrate(
+    dsn: str,
+    migrations: list[Migration] | None = None,
+    *,
+    host_id: str | None = None,
+    force: bool = False,
+) -> list[str]:
+    """Apply pending migrations; return the names applied. Raise DatabaseTooNew, or
+    FleetStillUp for a migration not marked compatible while fleet hosts (other than
+    `host_id`, the daemon asking) are up, unless `force`."""
     migrations = migrations if migrations is not None else load_migrations()
     # A dedicated connection: a session-level advisory lock must not go back to a pool.
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
         try:
-            return await _apply_pending(conn, migrations)
+            applied = await _prepare(conn)
+            _refuse_a_newer_database(applied, migrations)
+            if not force:
+                await _refuse_under_a_live_fleet(conn, migrations, applied, host_id)
+            return await _apply_pending(conn, migrations, applied)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
     finally:
         await conn.close()
 
 
-async def _apply_pending(conn: asyncpg.Connection, migrations: list[Migration]) -> list[str]:
+async def _prepare(conn: asyncpg.Connection) -> dict[int, bool]:
+    """The migrations table, made when missing; what it says is applied."""
     await conn.execute(
         """
         CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -119,7 +136,40 @@ async def _apply_pending(conn: asyncpg.Connection, migrations: list[Migration]) 
         "ALTER TABLE schema_migrations "
         "ADD COLUMN IF NOT EXISTS compatible boolean NOT NULL DEFAULT false"
     )
-    applied = await _applied(conn)
+    return await _applied(conn)
+
+
+_LIVE_HOSTS = """
+SELECT host FROM fleet_hosts
+ WHERE stopped_at IS NULL
+   AND now() - heartbeat_at <= 3 * heartbeat_interval_s * interval '1 second'
+   AND host IS DISTINCT FROM $1
+ ORDER BY host
+"""
+
+
+async def _refuse_under_a_live_fleet(
+    conn: asyncpg.Connection,
+    migrations: list[Migration],
+    applied: dict[int, bool],
+    host_id: str | None,
+) -> None:
+    breaking = [m.name for m in migrations if m.version not in applied and not m.compatible]
+    if not breaking or not applied:  # a new database has no fleet to break
+        return
+    if not await conn.fetchval("SELECT to_regclass('fleet_hosts') IS NOT NULL"):
+        return
+    hosts = [row["host"] for row in await conn.fetch(_LIVE_HOSTS, host_id)]
+    if hosts:
+        raise FleetStillUp(
+            f"migration(s) {breaking} change the schema in a way running daemons cannot follow, "
+            f"and these fleet hosts are up: {', '.join(hosts)}. Stop their daemons "
+            "(systemctl stop model-registry), then migrate; or run `model-registry migrate "
+            "--force` to apply it now (those hosts go not ready until they are upgraded)"
+        )
+
+
+def _refuse_a_newer_database(applied: dict[int, bool], migrations: list[Migration]) -> None:
     latest_known = max(m.version for m in migrations)
     compatible, breaking = _newer(applied, migrations)
     if breaking:
@@ -134,6 +184,11 @@ async def _apply_pending(conn: asyncpg.Connection, migrations: list[Migration]) 
             newer_migrations=compatible,
             known_up_to=latest_known,
         )
+
+
+async def _apply_pending(
+    conn: asyncpg.Connection, migrations: list[Migration], applied: dict[int, bool]
+) -> list[str]:
     done = []
     for migration in migrations:
         if migration.version in applied:

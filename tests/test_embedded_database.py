@@ -241,3 +241,35 @@ def test_files_are_given_to_the_servers_user_by_descriptor_never_through_a_link(
     with pytest.raises(OSError):
         account.take(swapped)
     assert precious.stat().st_uid == 0
+
+
+def test_data_of_another_postgresql_major_is_refused_with_the_way_out(
+    embedded_state_dir: Path, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from registry.embedded import embedded_account
+
+    data = embedded_state_dir / "postgres"
+    data.mkdir(parents=True, mode=0o700)
+    (data / "PG_VERSION").write_text("17\n")
+    account = embedded_account()
+    for path in (data, data / "PG_VERSION"):
+        account.take(path)
+    result = subprocess.run(
+        [sys.executable, "-m", "registry", "serve", "--port", "0"],
+        env={
+            **os.environ,
+            "MODEL_REGISTRY_STATE_DIR": str(embedded_state_dir),
+            "MODEL_REGISTRY_GPU_BACKEND": "none",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 3  # not restarted in a loop by the unit
+    assert "is of PostgreSQL 17, but this model-registry runs PostgreSQL 18" in result.stderr
+    assert "pg_upgrade" in result.stderr and "Traceback" not in result.stderr
+    assert (data / "PG_VERSION").read_text() == "17\n"  # left as it was
+    assert sorted(p.name for p in data.iterdir()) == ["PG_VERSION"]

@@ -285,3 +285,73 @@ async def test_the_daemon_brings_its_embedded_server_back_and_loses_nothing_ackn
     log = daemon.log()
     assert log.count("the embedded postgresql exited") == 3
     assert log.count("the embedded postgresql is back") == 3
+
+
+async def test_backup_and_restore_beside_a_serving_daemon_and_into_a_shared_server(
+    embedded_daemon: Callable[[], Daemon],
+    embedded_state_dir: Path,
+    tmp_path: Path,
+    database_url: str,
+) -> None:
+    from registry.embedded import recorded_server
+    from tests.db import execute, fetch
+
+    daemon = embedded_daemon()
+    await daemon.wait_ready(timeout_s=60)
+    dsn = recorded_server(embedded_state_dir)
+    assert dsn is not None
+    samples = "SELECT model, peak_mib FROM footprint_samples ORDER BY 1"
+    await execute(
+        dsn,
+        "INSERT INTO footprint_samples (instance_id, model, gpu_name, peak_mib, host) "
+        "VALUES ('i-1', 'medium', 'H200', 3000, 'here')",
+    )
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{daemon.url}/models", json={"name": "kept", "vram": 111}, headers=AS_ADMIN
+        ) as answer:
+            kept = await answer.json()
+        backup = tmp_path / "registry.backup"
+        made = await asyncio.to_thread(run_cli, embedded_state_dir, "backup", str(backup))
+        assert made.returncode == 0, made.stderr
+        assert backup.stat().st_mode & 0o777 == 0o600
+        # Life goes on: a model removed, another added, the samples gone.
+        async with session.delete(f"{daemon.url}/models/{kept['id']}", headers=AS_ADMIN):
+            pass
+        async with session.post(
+            f"{daemon.url}/models", json={"name": "after", "vram": 222}, headers=AS_ADMIN
+        ):
+            pass
+        await execute(dsn, "DELETE FROM footprint_samples")
+        unconfirmed = await asyncio.to_thread(run_cli, embedded_state_dir, "restore", str(backup))
+        assert unconfirmed.returncode == 1 and "--yes" in unconfirmed.stderr
+        assert "after" in await _names(session, daemon.url)  # nothing changed
+        async with ReadinessWatch(daemon.url) as watch:
+            restored = await asyncio.to_thread(
+                run_cli, embedded_state_dir, "restore", str(backup), "--yes"
+            )
+            assert restored.returncode == 0, restored.stderr
+            # The serving daemon reads it all again at once.
+            names = await eventually(
+                lambda: _names(session, daemon.url), lambda n: "kept" in n and "after" not in n
+            )
+        assert watch.failures == []
+        async with session.get(f"{daemon.url}/models?name=kept") as answer:
+            assert (await answer.json())["data"][0]["id"] == kept["id"]  # the same id
+    assert "large-v3" in names
+    assert [(r["model"], r["peak_mib"]) for r in await fetch(dsn, samples)] == [("medium", 3000)]
+    # Moving to a shared PostgreSQL: the same backup restored there keeps ids and samples.
+    moved = await asyncio.to_thread(
+        run_cli,
+        embedded_state_dir,
+        "restore",
+        str(backup),
+        "--yes",
+        MODEL_REGISTRY_DATABASE_URL=database_url,
+    )
+    assert moved.returncode == 0, moved.stderr
+    rows = await fetch(database_url, "SELECT id, name FROM models WHERE name = 'kept'")
+    assert [(r["id"], r["name"]) for r in rows] == [(kept["id"], "kept")]
+    assert [(r["model"], r["peak_mib"]) for r in await fetch(database_url, samples)] == [
+        ("medium", 3000)
+    ]

@@ -11,8 +11,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from registry import keys
 from registry.migrations import (
     DatabaseTooNew,
+    FleetStillUp,
     load_migrations,
     migrate,
     migrations_dir,
@@ -135,6 +137,49 @@ async def test_an_older_daemon_runs_on_a_database_whose_newer_migrations_are_com
     client = await start_app(database_url=database_url)
     assert (await client.get("/readyz")).status == 200
     assert (await client.get("/models")).status == 200
+
+
+async def test_a_migration_running_daemons_cannot_follow_waits_for_the_fleet_or_force(
+    database_url: str, start_app: AppClient, tmp_path: Path
+) -> None:
+    every = load_migrations()
+    for migration in every:
+        (tmp_path / f"{migration.name}.sql").write_text(migration.sql)
+    (tmp_path / "0098_adds.sql").write_text(
+        "-- compatible: a new table.\nCREATE TABLE added_by_0098 (x int);\n"
+    )
+    (tmp_path / "0099_breaks.sql").write_text(
+        "ALTER TABLE models RENAME COLUMN vram TO vram_mib;\n"
+    )
+    newer = load_migrations(tmp_path)
+    # Two hosts serve from this database.
+    serving = [await start_app(database_url=database_url) for _ in range(2)]
+    names = sorted(client.app[keys.SETTINGS].current.host_id for client in serving)
+    with pytest.raises(FleetStillUp, match=rf"0099_breaks.*{names[0]}, {names[1]}.*--force"):
+        await migrate(database_url, newer)
+    # Refused as a whole: not even the compatible one before it went in.
+    assert max(v for v, _ in await _applied(database_url)) == every[-1].version
+    # The daemon asking does not count itself; the other host still does.
+    with pytest.raises(FleetStillUp, match=names[1]):
+        await migrate(database_url, newer, host_id=names[0])
+    # Once the hosts are stopped (their rows say so), it applies; or with force, at once.
+    await serving[0].close()
+    with pytest.raises(FleetStillUp, match=names[1]):
+        await migrate(database_url, newer)
+    assert await migrate(database_url, newer, force=True) == ["0098_adds", "0099_breaks"]
+
+
+def test_the_migrate_command_takes_force(database_url: str) -> None:
+    env = {**os.environ, "MODEL_REGISTRY_DATABASE_URL": database_url}
+    result = subprocess.run(
+        [sys.executable, "-m", "registry", "migrate", "--force"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "schema is current" in result.stdout
 
 
 @pytest.mark.parametrize(

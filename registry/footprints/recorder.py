@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 
 from registry.database import UNAVAILABLE_ERRORS
-from registry.footprints.store import CHANNEL, FootprintStore, Sample
+from registry.footprints.store import CHANNEL, RELOAD_ALL, FootprintStore, Sample
 from registry.logs import get_logger
 from registry.view import CatalogView
 
@@ -118,5 +118,8 @@ class FootprintRecorder:
             self._view.set_footprint(name, by_product)
 
     def _heard(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        self._stale.add(payload)
+        if payload == RELOAD_ALL:
+            self._reload_all = True
+        else:
+            self._stale.add(payload)
         self._wake.set()

@@ -11,6 +11,7 @@ import asyncpg
 from registry.footprint import RECENT_SAMPLES, Observed
 
 CHANNEL = "model_registry_footprints"
+RELOAD_ALL = "*"  # a payload that names no model: read every model's footprints again
 KEPT_PER_KEY = 100
 
 

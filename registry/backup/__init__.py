@@ -1,0 +1,1 @@
+"""Backing up and restoring the database: `model-registry backup` and `restore`."""
