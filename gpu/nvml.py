@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+from dataclasses import replace
 from types import ModuleType
 from typing import Any
 
@@ -44,6 +45,9 @@ class NvmlBackend:
         self._use_v2: bool | None = None  # None: not tried yet
         self._uuid_by_index: dict[int, str] = {}
         self._process_names: dict[int, str | None] = {}  # pid -> name, while it runs
+        # Per device, the driver's timestamp of the newest utilization sample read: the next
+        # reading asks for what came after it.
+        self._utilization_seen: dict[str, int] = {}
 
     def _errors(self, *names: str) -> tuple[type[BaseException], ...]:
         return tuple(getattr(self._nvml, name) for name in names if hasattr(self._nvml, name))
@@ -136,6 +140,8 @@ class NvmlBackend:
     ) -> GpuDevice:
         memory, has_reserved = self._memory(handle)
         processes, processes_known = self._processes(handle)
+        if processes:
+            processes = self._with_activity(handle, uuid, processes)
         return GpuDevice(
             uuid=uuid,
             index=index,
@@ -178,6 +184,30 @@ class NvmlBackend:
             for pid, used in sorted(used_by_pid.items())
         )
         return processes, answered
+
+    def _with_activity(
+        self, handle: Any, uuid: str, processes: tuple[GpuProcess, ...]
+    ) -> tuple[GpuProcess, ...]:
+        """Each process's SM use since the last reading, where the driver samples it: no
+        sample since then is 0; a driver that does not sample (not supported) leaves None."""
+        nvml = self._nvml
+        function = getattr(nvml, "nvmlDeviceGetProcessUtilization", None)
+        if function is None:
+            return processes
+        since = self._utilization_seen.get(uuid, 0)
+        try:
+            samples = function(handle, since)
+        except self._errors("NVMLError_NotFound"):
+            samples = []  # nothing ran since the last reading
+        except nvml.NVMLError:
+            return processes  # not supported, no permission: activity unknown
+        busiest: dict[int, int] = {}
+        for sample in samples:
+            pid = int(sample.pid)
+            busiest[pid] = max(busiest.get(pid, 0), int(sample.smUtil))
+            since = max(since, int(sample.timeStamp))
+        self._utilization_seen[uuid] = since
+        return tuple(replace(p, sm_util=busiest.get(p.pid, 0)) for p in processes)
 
     def _process_name(self, pid: int) -> str | None:
         """The driver's name for the process, else the kernel's; asked once per process."""

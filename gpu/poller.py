@@ -178,9 +178,9 @@ class GpuPoller:
         self._last_good = time.monotonic()
         self.last_success_wall = datetime.now(UTC)
         self._report(started, ok=True)
-        self._publish(GpuState.OK, tuple(devices), error=None)
+        reading = self._publish(GpuState.OK, tuple(devices), error=None)
         for listener in self._poll_listeners:
-            listener(self._snapshot)
+            listener(reading)
 
     def _record_unavailable(self, error: str, started: float) -> None:
         """The GPUs cannot be read (no library, no driver, device lost): retry with backoff."""
@@ -220,7 +220,8 @@ class GpuPoller:
         *,
         error: str | None,
         keep_as_of: bool = False,
-    ) -> None:
+    ) -> GpuSnapshot:
+        """Publish the reading when it differs from the last one; return it either way."""
         previous = self._snapshot
         candidate = GpuSnapshot(
             backend=self.backend.name,
@@ -230,7 +231,7 @@ class GpuPoller:
             error=error,
         )
         if candidate.same_readings(previous):
-            return
+            return candidate
         if candidate.state is not previous.state or candidate.error != previous.error:
             log.info(
                 "gpu state changed",
@@ -243,6 +244,7 @@ class GpuPoller:
         self._snapshot = candidate
         for subscriber in self._subscribers:
             subscriber(candidate)
+        return candidate
 
     async def aclose(self) -> None:
         if not self._worker.busy:

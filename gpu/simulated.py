@@ -17,6 +17,7 @@ class _SimulatedProcess(BaseModel):
     pid: int = Field(ge=1)
     used_mib: int | None = Field(default=None, ge=0)
     name: str | None = None
+    sm_util: int | None = Field(default=None, ge=0, le=100)
 
 
 class _SimulatedDevice(BaseModel):
@@ -81,7 +82,7 @@ class SimulatedBackend:
                 healthy=device.healthy,
                 error=None if device.healthy else "marked unhealthy in the simulated file",
                 processes=tuple(
-                    GpuProcess(p.pid, _optional_bytes(p.used_mib), p.name)
+                    GpuProcess(p.pid, _optional_bytes(p.used_mib), p.name, p.sm_util)
                     for p in device.processes or ()
                 ),
                 processes_known=device.processes is not None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 MIB = 1024 * 1024
@@ -26,6 +26,11 @@ class GpuProcess:
     pid: int
     used_bytes: int | None = None
     name: str | None = None  # None: neither the driver nor /proc would say
+    # Its streaming-multiprocessor use (percent) since the last reading, where the driver
+    # reports it (NVML's per-process utilization); None where it does not. Not part of a
+    # reading's identity: activity alone does not make a new snapshot (nor a new page, ETag
+    # or event); the poll listeners see it in every reading.
+    sm_util: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,10 +16,9 @@ from registry import keys
 from registry.access import AccessGate, is_loopback
 from registry.admission.api import routes as admission_routes
 from registry.admission.book import Clock, ReservationBook, utc_now
-from registry.admission.instances import InstanceBook
-from registry.admission.instances_api import routes as instance_routes
+from registry.admission.claims import Claims, RoomPolicy
 from registry.admission.ledger import ReservationLedger
-from registry.admission.metrics import InstanceStats, ReservationStats
+from registry.admission.metrics import ReservationStats
 from registry.api import routes
 from registry.capacity import Margins
 from registry.catalog.api import routes as catalog_routes
@@ -38,6 +37,9 @@ from registry.footprints.recorder import FootprintRecorder
 from registry.footprints.store import FootprintStore
 from registry.gpus_report import gpus_body
 from registry.instance import this_boot
+from registry.instances.api import routes as instance_routes
+from registry.instances.book import InstanceBook
+from registry.instances.metrics import InstanceStats
 from registry.logs import get_logger
 from registry.metrics import Flag, Metrics
 from registry.observe import Observer
@@ -155,8 +157,22 @@ async def admission_ctx(app: web.Application, *, clock: Clock) -> AsyncIterator[
             max_open=settings.max_instances,
             max_per_owner=settings.instances_per_token(),
             on_sample=app[keys.FOOTPRINTS].sample,
+            on_load_time=app[keys.FOOTPRINTS].load_time,
         )
         instances.load(ledger.instances)
+        claims = Claims(
+            app[keys.VIEW],
+            instances,
+            clock=clock,
+            policy=RoomPolicy(
+                settings.idle_after_s, settings.min_residency_s, settings.room_timeout_s
+            ),
+        )
+        claims.attach(book)
+        book.claims = claims
+        instances.on_gone = claims.instance_gone
+        instances.on_withdrawn = claims.instance_withdrawn
+        claims.reconcile(instances.listed)
         if ledger.instances:
             log.info("instances restored", open=instances.open_count)
         app[keys.BOOK] = book
@@ -332,6 +348,7 @@ def create_app(
         gpus_body=lambda: gpus_body(view, app.get(keys.POLLER)),
         reservations_json=lambda: json.dumps(_reservations(app)),
         instances_json=lambda: json.dumps(_instances(app)),
+        describe_reservation=lambda r: app[keys.BOOK].describe(r),
     )
     slots = app[keys.STREAM_SLOTS] = StreamSlots(
         settings.max_streams, settings.max_streams_per_client

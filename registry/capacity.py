@@ -19,14 +19,15 @@ from dataclasses import dataclass
 
 from gpu import GpuDevice, GpuSnapshot, GpuState
 from registry.bookings import Bookings
-from registry.footprint import Footprints, product
+from registry.footprint import Footprints, product, reload_estimate
 from registry.model import CatalogModel
 from registry.reservation import Reservation
 
 
 class Reason(enum.StrEnum):
     DISABLED = "disabled"
-    INSUFFICIENT_VRAM = "insufficient_vram"
+    INSUFFICIENT_VRAM = "insufficient_vram"  # not now: memory may free up
+    TOO_LARGE = "too_large"  # never here: no device could hold it with nothing else on it
     GPU_STATE_UNKNOWN = "gpu_state_unknown"
 
 
@@ -53,6 +54,14 @@ class Assessment:
     reason: Reason | None
     placement: Placement | None
     headroom_mib: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    observed: int | None  # vram_observed
+    effective: int  # vram_effective: what admission books
+    reload_s: float  # how long a load takes: learned, else 1 s per GiB booked
+    reload_estimated: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +136,11 @@ class Capacity:
             for device in snapshot.devices
         )
         self.best: int | None = self._ranked[-1].usable_mib if self._ranked else None
+        # What each healthy device could ever hold (its total less the margin), the largest.
+        self._capacity = {
+            u.device.uuid: u.device.total_mib - margins.for_device(u.device) for u in self._ranked
+        }
+        self.largest: int | None = max(self._capacity.values(), default=None)
         self.threshold: float
         if self.disabled:
             self.threshold = math.inf
@@ -144,6 +158,18 @@ class Capacity:
         if gpu is None:
             return list(self._ranked)
         return [u for u in self._ranked if u.device.uuid == gpu]
+
+    def capacity_of(self, device: GpuDevice) -> int:
+        """What a healthy device could ever hold: its total less the margin."""
+        return self._capacity.get(device.uuid, 0)
+
+    def too_large(self, model: CatalogModel) -> bool:
+        """No healthy device could hold the model even with nothing else on it."""
+        if not self._ranked:
+            return False
+        if not self.footprints.learned(model):
+            return self.largest is not None and model.vram > self.largest
+        return all(self.need(model, u.device) > self.capacity_of(u.device) for u in self._ranked)
 
     def need(self, model: CatalogModel, device: GpuDevice) -> int:
         """What admission books for `model` on `device`: its effective size there."""
@@ -164,8 +190,9 @@ class Capacity:
             return best_fit(candidates, model.vram)
         return next((u for u in candidates if u.usable_mib >= self.need(model, u.device)), None)
 
-    def sizes(self, model: CatalogModel, assessment: Assessment) -> tuple[int | None, int]:
-        """(vram_observed, vram_effective) on the placement's device, else the roomiest."""
+    def sizes(self, model: CatalogModel, assessment: Assessment) -> Sizes:
+        """What the listing says of its sizes and load time: on the placement's device, else
+        the roomiest (with no device, nothing learned applies)."""
         device = None
         if assessment.placement is not None:
             device = next(
@@ -174,9 +201,16 @@ class Capacity:
         elif self._ranked:
             device = self._ranked[-1].device
         if device is None:
-            return None, model.vram  # no device: nothing learned applies
+            return Sizes(None, model.vram, reload_estimate(model.vram), True)
         gpu_product = product(device)
-        return self.footprints.observed(model.name, gpu_product), self.need(model, device)
+        effective = self.need(model, device)
+        learned = self.footprints.reload_s(model.name, gpu_product)
+        return Sizes(
+            observed=self.footprints.observed(model.name, gpu_product),
+            effective=effective,
+            reload_s=reload_estimate(effective) if learned is None else round(learned, 3),
+            reload_estimated=learned is None,
+        )
 
     def assess(self, model: CatalogModel) -> Assessment:
         if self.disabled:
@@ -185,7 +219,7 @@ class Capacity:
             return _unknown(model)
         if self.footprints.learned(model):
             return self._assess_learned(model)
-        return _assess(model, self._ranked, self.best)
+        return _assess(model, self._ranked, self.best, self.largest)
 
     def _assess_learned(self, model: CatalogModel) -> Assessment:
         """A model whose effective size differs by product: device by device."""
@@ -193,7 +227,7 @@ class Capacity:
         headroom = max(
             (u.usable_mib - self.need(model, u.device) for u in self._ranked), default=None
         )
-        return _verdict(model, chosen, headroom)
+        return _verdict(model, chosen, headroom, never=self.too_large(model))
 
 
 def assess_all(
@@ -208,12 +242,17 @@ def assess_all(
     return {m.id: capacity.assess(m) for m in models}
 
 
-def _assess(model: CatalogModel, devices: Sequence[UsableDevice], best: int | None) -> Assessment:
+def _assess(
+    model: CatalogModel, devices: Sequence[UsableDevice], best: int | None, largest: int | None
+) -> Assessment:
     chosen = best_fit(devices, model.vram)
-    return _verdict(model, chosen, None if best is None else best - model.vram)
+    never = largest is not None and model.vram > largest
+    return _verdict(model, chosen, None if best is None else best - model.vram, never=never)
 
 
-def _verdict(model: CatalogModel, chosen: UsableDevice | None, headroom: int | None) -> Assessment:
+def _verdict(
+    model: CatalogModel, chosen: UsableDevice | None, headroom: int | None, *, never: bool
+) -> Assessment:
     placement = None
     if chosen is not None:
         placement = Placement(chosen.device.uuid, chosen.device.index, chosen.device.free_mib)
@@ -221,7 +260,7 @@ def _verdict(model: CatalogModel, chosen: UsableDevice | None, headroom: int | N
     if not model.enabled:
         reason: Reason | None = Reason.DISABLED
     elif not fits:
-        reason = Reason.INSUFFICIENT_VRAM
+        reason = Reason.TOO_LARGE if never else Reason.INSUFFICIENT_VRAM
     else:
         reason = None
     return Assessment(

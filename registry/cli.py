@@ -15,7 +15,6 @@ from pydantic import ValidationError
 
 from registry import __version__
 from registry.admission import cli as reservations_cli
-from registry.admission import instances_cli
 from registry.admission.ledger import LedgerError
 from registry.backup import cli as backup_cli
 from registry.catalog import cli as catalog_cli
@@ -27,6 +26,7 @@ from registry.database import DatabaseUnavailable, command_database
 from registry.embedded import EmbeddedDatabaseError, MajorVersionMismatch
 from registry.fleet.identity import HostIdTaken
 from registry.http_client import ClientError
+from registry.instances import cli as instances_cli
 from registry.logs import configure_logging, get_logger
 from registry.migrations import DatabaseTooNew, FleetStillUp
 from registry.state_dir import StateDirError

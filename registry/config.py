@@ -181,6 +181,26 @@ class Settings(BaseSettings):
         description="Under vram_source observed, the most a learned size takes off the declared "
         "one (0.5: never below half of it).",
     )
+    idle_after_s: float = Field(
+        default=30.0,
+        ge=0.0,
+        le=86400.0,
+        description="Seconds an instance must be idle (no sessions, no GPU activity) before a "
+        "claim may ask for it to go.",
+    )
+    min_residency_s: float = Field(
+        default=60.0,
+        ge=0.0,
+        le=86400.0,
+        description="Seconds an instance must have been loaded before a claim may ask for it "
+        "to go (no evict/reload loops).",
+    )
+    room_timeout_s: float = Field(
+        default=120.0,
+        ge=1.0,
+        le=3600.0,
+        description="Seconds a claim waits for its victims to go before it is withdrawn.",
+    )
     max_instances_per_token: int | None = Field(
         default=None,
         ge=1,

@@ -42,8 +42,17 @@ def product_of(device_name: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Observed:
-    p95_mib: int
+    p95_mib: int | None  # None: no footprint sample (only load times)
     recent: int  # samples the p95 is taken over (at most RECENT_SAMPLES)
+    reload_s: float | None = None  # the median of the newest load times, once there are some
+
+
+# Without a load time learned, a load is estimated at this many seconds per GiB it books.
+ESTIMATED_S_PER_GIB = 1.0
+
+
+def reload_estimate(effective_mib: int) -> float:
+    return round(effective_mib / 1024 * ESTIMATED_S_PER_GIB, 3)
 
 
 def shrink_floor(declared_mib: int, max_shrink: float) -> int:
@@ -71,9 +80,14 @@ class Footprints:
     def observed(self, name: str, gpu_product: str) -> int | None:
         """The learned size on this product, once there are enough samples."""
         found = self._by_model.get(name, {}).get(gpu_product)
-        if found is None or found.recent < self.min_samples:
+        if found is None or found.p95_mib is None or found.recent < self.min_samples:
             return None
         return found.p95_mib
+
+    def reload_s(self, name: str, gpu_product: str) -> float | None:
+        """How long its loads took on this product (median of the newest), once any did."""
+        found = self._by_model.get(name, {}).get(gpu_product)
+        return None if found is None else found.reload_s
 
     def effective_under(
         self,
@@ -87,7 +101,7 @@ class Footprints:
         if source is VramSource.DECLARED or not model.learn:
             return model.vram
         found = self._by_model.get(model.name, {}).get(gpu_product)
-        if found is None or found.recent < min_samples:
+        if found is None or found.p95_mib is None or found.recent < min_samples:
             return model.vram
         if source is VramSource.OBSERVED:
             return max(found.p95_mib, shrink_floor(model.vram, max_shrink))
@@ -110,7 +124,7 @@ class Footprints:
         if self.source is VramSource.DECLARED or not model.learn:
             return False
         observed = self._by_model.get(model.name, {}).values()
-        return any(o.recent >= self.min_samples for o in observed)
+        return any(o.p95_mib is not None and o.recent >= self.min_samples for o in observed)
 
     def models(self) -> list[str]:
         return list(self._by_model)

@@ -26,6 +26,20 @@ def this_boot() -> str:
         return "unknown"
 
 
+DEFAULT_PRIORITY = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Evicting:
+    """A claim waits for the instance to go: its owner is asked to unload it."""
+
+    reservation: str
+    since: AwareDatetime
+
+    def to_api(self) -> dict[str, Any]:
+        return {"reservation": self.reservation, "since": self.since.isoformat()}
+
+
 @dataclass(frozen=True, slots=True)
 class Instance:
     id: str
@@ -51,6 +65,17 @@ class Instance:
     # adopted by an admin. Anything else (an adoption by a scheduler token, a baseline taken
     # at the bind) could teach a size that is not the model's.
     teaches: bool = False
+    # What its owner says of it, and what the daemon saw: the inputs of making room.
+    sessions: int = 0  # work in flight, as the scheduler reports it
+    pinned: bool = False  # never a victim
+    priority: int = DEFAULT_PRIORITY  # 0..100: a claim may take it only at this or above
+    ready_at: AwareDatetime | None = None  # its load is done (reported, or grown to its booking)
+    # The last time it had sessions, or its process showed GPU activity; None: since loaded.
+    last_active_at: AwareDatetime | None = None
+    # When its load began (its reservation was made, or a claim's room was freed), for the
+    # load time; None for an adoption.
+    load_started_at: AwareDatetime | None = None
+    evicting: Evicting | None = None
 
     def to_record(self) -> dict[str, Any]:
         """The form kept on disk."""
@@ -69,11 +94,36 @@ class Instance:
             "owner": self.owner,
             "baseline_mib": self.baseline_mib,
             "teaches": self.teaches,
+            "sessions": self.sessions,
+            "pinned": self.pinned,
+            "priority": self.priority,
+            "ready_at": _iso(self.ready_at),
+            "last_active_at": _iso(self.last_active_at),
+            "load_started_at": _iso(self.load_started_at),
+            "evicting": None
+            if self.evicting is None
+            else {
+                "reservation": self.evicting.reservation,
+                "since": self.evicting.since.isoformat(),
+            },
         }
 
-    def to_api(self, used_mib: int | None, peak_mib: int, pending_mib: int) -> dict[str, Any]:
-        """The form the HTTP API answers with."""
-        return {
+    def active_at(self) -> datetime:
+        """The last time it was in use (or loaded)."""
+        return self.last_active_at or self.loaded_at
+
+    def idle_s(self, now: datetime) -> float:
+        """Seconds since it was last in use: 0 while it has sessions."""
+        if self.sessions > 0:
+            return 0.0
+        return max(0.0, (now - self.active_at()).total_seconds())
+
+    def to_api(
+        self, used_mib: int | None, peak_mib: int, pending_mib: int, now: datetime | None = None
+    ) -> dict[str, Any]:
+        """The form the HTTP API answers with (`idle_s` only when `now` is given: it moves with
+        the clock, so what is cached or compared leaves it out)."""
+        shown: dict[str, Any] = {
             "id": self.id,
             "model": self.model,
             "gpu": {"uuid": self.gpu_uuid, "index": self.gpu_index},
@@ -85,7 +135,21 @@ class Instance:
             "peak_mib": peak_mib,
             "baseline_mib": self.baseline_mib,
             "pending_mib": pending_mib,
+            "sessions": self.sessions,
+            "pinned": self.pinned,
+            "priority": self.priority,
+            "ready": self.ready_at is not None,
+            "ready_at": _iso(self.ready_at),
+            "last_active_at": self.active_at().isoformat(),
+            "evicting": None if self.evicting is None else self.evicting.to_api(),
         }
+        if now is not None:
+            shown["idle_s"] = round(self.idle_s(now), 3)
+        return shown
 
     def booking_over(self, now: datetime) -> bool:
         return self.booked_until is None or now >= self.booked_until
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()

@@ -14,7 +14,6 @@ from aiohttp import web
 if TYPE_CHECKING:
     from gpu import GpuPoller
     from registry.admission.book import ReservationBook
-    from registry.admission.instances import InstanceBook
     from registry.catalog.store import CatalogStore
     from registry.catalog.sync import CatalogSync
     from registry.config import LiveSettings
@@ -22,6 +21,7 @@ if TYPE_CHECKING:
     from registry.fleet.reader import FleetReader
     from registry.footprints.recorder import FootprintRecorder
     from registry.footprints.store import FootprintStore
+    from registry.instances.book import InstanceBook
     from registry.metrics import Metrics
     from registry.view import CatalogView
     from registry.watch.feed import ChangeFeed

@@ -13,12 +13,15 @@ from registry.admission.schemas import (
     InstanceCreate,
     InstanceList,
     InstanceOut,
+    InstancePatch,
     InstanceQuery,
     RefusalOut,
     ReservationCreate,
     ReservationList,
     ReservationOut,
     ReservationPatch,
+    ReservationQuery,
+    TrialOut,
 )
 from registry.catalog.document import CatalogDocument
 from registry.catalog.schemas import ApplyQuery, ApplyResult, ModelCreate, ModelPatch
@@ -56,6 +59,7 @@ _VALIDATED = (
     ReservationCreate,
     ReservationPatch,
     InstanceCreate,
+    InstancePatch,
     CatalogDocument,
 )
 _NOT_FOUND = {"404": _json(ErrorOut, "No such model")}
@@ -136,14 +140,26 @@ def _reservation_paths(secured: list[dict[str, list[str]]]) -> dict[str, Any]:
                 "responses": {"200": _json(ReservationList, "Open reservations")},
             },
             "post": {
-                "summary": "Reserve VRAM for a load: check and book in one step",
+                "summary": "Reserve VRAM for a load: check and book in one step (with "
+                "make_room, claim the memory of idle instances)",
                 "operationId": "create_reservation",
                 "security": secured,
+                "parameters": _query_parameters(ReservationQuery),
                 "requestBody": _body(ReservationCreate),
                 "responses": {
+                    "200": _json(TrialOut, "dry_run: what a real request would get now"),
                     "201": _json(ReservationOut, "Booked"),
+                    "202": _json(
+                        ReservationOut,
+                        "A claim: booked, free once the instances in `awaiting` have gone",
+                    ),
+                    "403": _json(ErrorOut, "A priority above 50 without an admin token"),
                     "404": _json(ErrorOut, "No such model or GPU"),
-                    "409": _json(RefusalOut, "Does not fit, or the model is disabled"),
+                    "409": _json(
+                        RefusalOut,
+                        "Does not fit now (insufficient_vram), never here (too_large), or the "
+                        "model is disabled",
+                    ),
                     "429": _json(RefusalOut, "Too many open (reason too_many)"),
                     "503": _json(
                         ErrorOut,
@@ -246,6 +262,19 @@ def _reservation_paths(secured: list[dict[str, list[str]]]) -> dict[str, Any]:
                     "404": _json(ErrorOut, "No such instance"),
                 },
             },
+            "patch": {
+                "summary": "Say how it stands: sessions, pinned, priority, or that it is ready",
+                "operationId": "change_instance",
+                "security": secured,
+                "requestBody": _body(InstancePatch),
+                "responses": {
+                    "200": _json(InstanceOut, "The instance as it is now"),
+                    "403": _json(ErrorOut, "Another token's, or a priority above 50"),
+                    "404": _json(ErrorOut, "No such instance"),
+                    "503": _json(ErrorOut, "Not recorded"),
+                    **_RESERVATION_ERRORS,
+                },
+            },
             "delete": {
                 "summary": "Report an unload",
                 "operationId": "delete_instance",
@@ -280,8 +309,10 @@ def openapi_document() -> dict[str, Any]:
                 ReservationOut,
                 ReservationList,
                 InstanceCreate,
+                InstancePatch,
                 InstanceOut,
                 InstanceList,
+                TrialOut,
                 FootprintOut,
                 RefusalOut,
                 CatalogDocument,

@@ -24,6 +24,17 @@ class Reservation:
     # the process takes on top of this counts as the load's progress.
     pid_baseline_mib: int = 0
     owner: str | None = None  # the hash of the token that made it (registry.auth.owner_of)
+    priority: int = 50  # a claim's: it may take instances of this priority or below
+    # A claim: the instances still to go before the memory it booked is free (None: none,
+    # or no longer), since when it waits, and what its victims free.
+    awaiting: tuple[str, ...] | None = None
+    awaiting_since: AwareDatetime | None = None
+    frees_mib: int = 0
+    room_freed_at: AwareDatetime | None = None  # its victims were all gone: its load starts
+
+    @property
+    def is_claim_waiting(self) -> bool:
+        return self.awaiting is not None
 
     def renewed(self, expires_at: datetime) -> Reservation:
         return replace(self, expires_at=expires_at)
@@ -45,10 +56,17 @@ class Reservation:
             "pid": self.pid,
             "pid_baseline_mib": self.pid_baseline_mib,
             "owner": self.owner,
+            "priority": self.priority,
+            "awaiting": None if self.awaiting is None else list(self.awaiting),
+            "awaiting_since": _iso(self.awaiting_since),
+            "frees_mib": self.frees_mib,
+            "room_freed_at": _iso(self.room_freed_at),
         }
 
-    def to_api(self, pending_mib: int) -> dict[str, Any]:
-        """The form the HTTP API answers with."""
+    def to_api(
+        self, pending_mib: int, unload: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """The form the HTTP API answers with; a waiting claim's victims as `unload`."""
         return {
             "id": self.id,
             "model": self.model,
@@ -59,4 +77,12 @@ class Reservation:
             "created_at": self.created_at.isoformat(),
             "expires_at": self.expires_at.isoformat(),
             "pending_mib": pending_mib,
+            "priority": self.priority,
+            "awaiting": None
+            if self.awaiting is None
+            else {"unload": unload or [], "frees_mib": self.frees_mib},
         }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()

@@ -69,7 +69,7 @@ class ModelOut(BaseModel):
     updated_at: datetime | None
     enabled: bool = Field(description="The operator's switch.")
     fits: bool | None = Field(description="null: GPU state unknown or GPU awareness off.")
-    reason: Literal["disabled", "insufficient_vram", "gpu_state_unknown"] | None
+    reason: Literal["disabled", "insufficient_vram", "too_large", "gpu_state_unknown"] | None
     placement: PlacementOut | None
     headroom_mib: int | None
     instances: list[ResidentOut] = Field(
@@ -82,6 +82,11 @@ class ModelOut(BaseModel):
         "there are enough samples."
     )
     vram_effective: int = Field(description="What admission books for it there, MiB.")
+    reload_s: float = Field(
+        description="How long a load takes there: the median of its learned load times, or "
+        "an estimate of 1 s per GiB of vram_effective."
+    )
+    reload_estimated: bool = Field(description="reload_s is the estimate: nothing learned yet.")
 
 
 class Pagination(BaseModel):

@@ -13,13 +13,13 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TypeVar
 
-from gpu import GpuSnapshot
+from gpu import GpuDevice, GpuSnapshot
 from registry.bookings import Bookings
-from registry.capacity import Assessment, Capacity, Margins
-from registry.footprint import Footprints, Observed
+from registry.capacity import Assessment, Capacity, Margins, Sizes
+from registry.footprint import Footprints, Observed, product, reload_estimate
 from registry.logs import FLAP_EVENT, get_logger
 from registry.model import CatalogModel
 from registry.page_cache import (
@@ -62,9 +62,7 @@ class _Entry:
         )
         self.learn = f',"learn":{_json(model.learn)}'
 
-    def render(
-        self, assessment: Assessment, residents_json: str, sizes: tuple[int | None, int]
-    ) -> str:
+    def render(self, assessment: Assessment, residents_json: str, sizes: Sizes) -> str:
         placement = assessment.placement
         placement_json = (
             "null"
@@ -78,7 +76,8 @@ class _Entry:
             f"{self.head}{_json(assessment.active)}{self.tail}{_json(assessment.fits)}"
             f',"reason":{reason},"placement":{placement_json},"headroom_mib":{headroom}'
             f",{residents_json}{self.learn}"
-            f',"vram_observed":{_json(sizes[0])},"vram_effective":{sizes[1]}}}'
+            f',"vram_observed":{_json(sizes.observed)},"vram_effective":{sizes.effective}'
+            f',"reload_s":{sizes.reload_s},"reload_estimated":{_json(sizes.reload_estimated)}}}'
         )
 
 
@@ -100,12 +99,13 @@ class CatalogView:
         # The reservations the last change put or ended (empty for any other change), for the
         # event streams, which send what changed rather than the whole book.
         self.last_reservations_change: tuple[list[Reservation], list[str]] = ([], [])
-        # Where each model is loaded on this host: model name -> instance id -> (uuid, index),
-        # and each model's `instances` JSON array, made when a page first needs it.
-        self._residents: dict[str, dict[str, tuple[str, int]]] = {}
+        # Where each model is loaded on this host: model name -> instance id -> the instance as
+        # the listing shows it, and each model's `instances` JSON, made when a page needs it.
+        self._residents: dict[str, dict[str, dict[str, object]]] = {}
         self._residents_json: dict[str, str] = {}
         # Instances the last change made (as the API shows them) and ended, for the streams.
         self.last_instances_change: tuple[list[dict[str, object]], list[str]] = ([], [])
+        self.last_reservation_reasons: dict[str, str] = {}  # ended reservation id -> why
         self._entries: dict[int, _Entry] = {}
         self._ids: list[int] = []  # ascending: the listing's order
         self._by_name: dict[str, _Entry] = {}
@@ -233,19 +233,20 @@ class CatalogView:
 
     def place_instances(
         self,
-        placed: Iterable[tuple[str, str, str, int]] = (),
+        placed: Iterable[tuple[str, str, dict[str, object]]] = (),
         gone: Iterable[tuple[str, str]] = (),
         holds: Iterable[tuple[str, str, int]] = (),
         *,
         made: list[dict[str, object]] | None = None,
         ended: list[str] | None = None,
     ) -> None:
-        """Instances changed: `placed` (model, instance id, gpu uuid, index) and `gone` (model,
-        instance id) say where models are loaded; `holds` what instances still hold pending,
-        (key, uuid, MiB). Work in proportion to the change, not to the instances."""
+        """Instances changed: `placed` (model, instance id, the instance as the listing shows
+        it) and `gone` (model, instance id) say where models are loaded and how they stand;
+        `holds` what instances still hold pending, (key, uuid, MiB). Work in proportion to the
+        change, not to the instances."""
         touched = False
-        for name, instance_id, uuid, index in placed:
-            self._residents.setdefault(name, {})[instance_id] = (uuid, index)
+        for name, instance_id, shown in placed:
+            self._residents.setdefault(name, {})[instance_id] = shown
             self._residents_json.pop(name, None)
             touched = True
         for name, instance_id in gone:
@@ -273,15 +274,38 @@ class CatalogView:
             changed = self._bookings.hold(key, uuid, mib) or changed
         return changed
 
-    def book_reservations(self, put: Iterable[Reservation], ended: Iterable[str] = ()) -> None:
-        """Reservations made, renewed or ended: work in proportion to them, not to the book."""
+    def book_reservations(
+        self,
+        put: Iterable[Reservation],
+        ended: Iterable[str] = (),
+        reasons: Mapping[str, str] | None = None,
+    ) -> None:
+        """Reservations made, renewed or ended (with why, where the holder did not end it
+        itself): work in proportion to them, not to the book."""
         changed, gone = list(put), list(ended)
         for reservation in changed:
             self._bookings.put(reservation)
         for reservation_id in gone:
             self._bookings.remove(reservation_id)
         self.last_reservations_change = (changed, gone)
+        self.last_reservation_reasons = dict(reasons or {})
         self._recompute_capacity()
+
+    def reload_s_on_placement(
+        self, model: CatalogModel, assessment: Assessment
+    ) -> tuple[float, bool]:
+        """How long `model` takes to load where the listing places it, and whether that is
+        an estimate."""
+        sizes = self._capacity.sizes(model, assessment)
+        return sizes.reload_s, sizes.reload_estimated
+
+    def reload_s(self, model: CatalogModel, device: GpuDevice) -> tuple[float, bool]:
+        """How long `model` takes to load on `device`: learned from its loads on that GPU
+        product, or (True: an estimate) 1 s per GiB of what it books there."""
+        learned = self._footprints.reload_s(model.name, product(device))
+        if learned is not None:
+            return round(learned, 3), False
+        return reload_estimate(self._capacity.need(model, device)), True
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         """Call `listener` after every change of the view."""
@@ -362,10 +386,9 @@ class CatalogView:
         cached = self._residents_json.get(name)
         if cached is None:
             residents = self._residents.get(name, {})
-            newest = itertools.islice(
-                residents.items(), max(0, len(residents) - RESIDENTS_SHOWN), None
+            shown = list(
+                itertools.islice(residents.values(), max(0, len(residents) - RESIDENTS_SHOWN), None)
             )
-            shown = [{"id": i, "gpu": uuid, "index": index} for i, (uuid, index) in newest]
             cached = self._residents_json[name] = (
                 f'"instances":{_json(shown)},"instances_total":{len(residents)}'
             )
@@ -466,6 +489,7 @@ class CatalogView:
         for listener in self._listeners:
             listener()
         self.last_reservations_change = ([], [])
+        self.last_reservation_reasons = {}
         self.last_instances_change = ([], [])
 
     def _matching_ids(self, query: ListQuery) -> list[int]:

@@ -31,6 +31,9 @@ class FakeGpu:
     compute_processes: list[tuple[int, int | None]] = field(default_factory=list)
     graphics_processes: list[tuple[int, int | None]] = field(default_factory=list)
     processes_error: BaseException | None = None
+    # (pid, smUtil percent, timestamp) samples for nvmlDeviceGetProcessUtilization; None: the
+    # GPU does not sample per-process utilization (NotSupported).
+    utilization: list[tuple[int, int, int]] | None = None
 
 
 class FakeNvml:
@@ -137,6 +140,19 @@ class FakeNvml:
             raise gpu.processes_error
         # pynvml turns the driver's "not available" into None, as here.
         return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in listed]
+
+    def nvmlDeviceGetProcessUtilization(self, gpu: FakeGpu, since: int) -> list[Any]:
+        self._check()
+        if gpu.utilization is None:
+            raise pynvml.NVMLError_NotSupported()
+        found = [
+            SimpleNamespace(pid=pid, smUtil=util, memUtil=0, timeStamp=stamp)
+            for pid, util, stamp in gpu.utilization
+            if stamp > since
+        ]
+        if not found:
+            raise pynvml.NVMLError_NotFound()
+        return found
 
     def nvmlDeviceGetMemoryInfo(self, gpu: FakeGpu, version: int | None = None) -> Any:
         self._check()

@@ -6,7 +6,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from gpu import GpuSnapshot
-from registry.capacity import Assessment
+from registry.capacity import Assessment, Sizes
+from registry.footprint import reload_estimate
 from registry.model import CatalogModel
 from registry.reservation import Reservation
 
@@ -14,13 +15,14 @@ from registry.reservation import Reservation
 def model_object(
     model: CatalogModel,
     verdict: Assessment,
-    sizes: tuple[int | None, int] | None = None,
+    sizes: Sizes | None = None,
     instances: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The listing's JSON object for `model`, as the pure rule's `verdict` has it (with its
     (observed, effective) sizes and instances, when the caller knows of any)."""
     placement = verdict.placement
-    observed, effective = sizes if sizes is not None else (None, model.vram)
+    if sizes is None:
+        sizes = Sizes(None, model.vram, reload_estimate(model.vram), True)
     return {
         "id": model.id,
         "name": model.name,
@@ -38,8 +40,10 @@ def model_object(
         "instances": instances or [],
         "instances_total": len(instances or []),
         "learn": model.learn,
-        "vram_observed": observed,
-        "vram_effective": effective,
+        "vram_observed": sizes.observed,
+        "vram_effective": sizes.effective,
+        "reload_s": sizes.reload_s,
+        "reload_estimated": sizes.reload_estimated,
     }
 
 

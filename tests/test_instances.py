@@ -100,7 +100,18 @@ async def test_a_bind_right_after_the_worker_starts_carries_the_booking_until_th
     assert (instance["used_mib"], instance["pending_mib"]) == (500, 9500)
     assert (await client.get(f"/reservations/{reservation['id']}")).status == 404
     assert await _pending(client) == 9500  # what the reservation still booked lives on
-    assert (await _large(client))["instances"] == [{"id": instance["id"], "gpu": GPU, "index": 0}]
+    [resident] = (await _large(client))["instances"]
+    assert resident == {
+        "id": instance["id"],
+        "gpu": GPU,
+        "index": 0,
+        "sessions": 0,
+        "pinned": False,
+        "priority": 50,
+        "ready": False,
+        "last_active_at": instance["loaded_at"],
+        "evicting": None,
+    }
 
     gpus(TOTAL - 6000, {WORKER: 6000})  # loading
     await _poll(client)

@@ -162,11 +162,14 @@ async def test_refusals_are_counted_by_reason(client: Any, one_gpu: Callable[...
     disabled = await _reserve(client, model="tiny")
     assert disabled.status == 409
     assert (await _json(disabled))["reason"] == "disabled"
-    assert (await _reserve(client, vram_mib=90000)).status == 409
+    never = await _reserve(client, vram_mib=90000)  # more than the device holds at all
+    assert never.status == 409 and "Retry-After" not in never.headers
+    assert (await _json(never))["reason"] == "too_large"
     samples = await scrape(client)
     rejected = "model_registry_reservations_rejected_total"
     assert samples[(rejected, (("reason", "disabled"),))] == 1
-    assert samples[(rejected, (("reason", "insufficient_vram"),))] == 1
+    assert samples[(rejected, (("reason", "too_large"),))] == 1
+    assert samples[(rejected, (("reason", "insufficient_vram"),))] == 0
     assert samples[(rejected, (("reason", "gpu_state_unknown"),))] == 0
 
 

@@ -319,7 +319,7 @@ async def test_cli_adds_lists_and_removes_on_the_running_daemon(
     code, _, err = await cli("add", "large-v3", "--vram", "5")
     assert code == 1 and "one of the two" in err
     code, _, err = await cli("add", "--vram", "999999")
-    assert code == 1 and "insufficient_vram" in err and "HTTP 409" in err
+    assert code == 1 and "too_large" in err and "HTTP 409" in err
     code, _, err = await cli("add", "--vram", "0")
     assert code == 1 and "vram_mib" in err and "HTTP 422" in err
     monkeypatch.setenv("MODEL_REGISTRY_SCHEDULER_TOKEN", "wrong")

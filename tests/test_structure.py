@@ -22,7 +22,17 @@ CORE = [
     "registry.schemas",
     "registry.metrics",
 ]
-FEATURES = ("catalog", "admission", "watch", "fleet", "ops_view", "guard")
+FEATURES = (
+    "catalog",
+    "admission",
+    "instances",
+    "footprints",
+    "watch",
+    "fleet",
+    "ops_view",
+    "guard",
+    "backup",
+)
 
 
 def _loaded_after_importing(module: str) -> list[str]:

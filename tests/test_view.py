@@ -269,7 +269,8 @@ class ViewModel(RuleBasedStateMachine):
         instance_id = holds[0][0].removeprefix("instance:")
         if instance_id in self.instances:
             _name, uuid, index, _pending = self.instances[instance_id]
-            self.view.place_instances([(name, instance_id, uuid, index)], [], holds)
+            shown = {"id": instance_id, "gpu": uuid, "index": index}
+            self.view.place_instances([(name, instance_id, shown)], [], holds)
         else:
             self.view.place_instances([], [(name, instance_id)], holds)
 

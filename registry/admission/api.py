@@ -14,12 +14,13 @@ from registry.admission.book import (
     ReservationBook,
     ReservationRequest,
     TooMany,
+    Trial,
 )
-from registry.admission.schemas import ReservationCreate, ReservationPatch
-from registry.auth import Role, check_owner, require
+from registry.admission.schemas import ReservationCreate, ReservationPatch, ReservationQuery
+from registry.auth import Caller, Role, check_owner, require
 from registry.bodies import validated_body
 from registry.capacity import Reason
-from registry.errors import JSON, http_error
+from registry.errors import JSON, http_error, validated_query
 from registry.logs import get_logger
 from registry.reservation import Reservation
 
@@ -29,9 +30,11 @@ routes = web.RouteTableDef()
 
 _REFUSAL_STATUS = {
     Reason.INSUFFICIENT_VRAM: 409,
+    Reason.TOO_LARGE: 409,  # never here: no Retry-After, nothing to wait for
     Reason.DISABLED: 409,
     Reason.GPU_STATE_UNKNOWN: 503,
 }
+HIGH_PRIORITY = 50  # above this only an admin token may ask
 
 
 def json_answer(
@@ -65,13 +68,27 @@ def _found(request: web.Request) -> Reservation:
     return reservation
 
 
+def require_priority(caller: Caller, priority: int | None) -> None:
+    """A priority above 50 outranks what others load: only an admin token may ask for it."""
+    if priority is not None and priority > HIGH_PRIORITY and caller.role is not Role.ADMIN:
+        raise http_error(
+            web.HTTPForbidden,
+            f"priority {priority} is above {HIGH_PRIORITY}: only an admin token may ask for it",
+        )
+
+
 @routes.post("/reservations")
 async def create_reservation(request: web.Request) -> web.StreamResponse:
     caller = require(request, Role.SCHEDULER)
+    query = validated_query(request, ReservationQuery)
     data = await validated_body(request, ReservationCreate)
+    require_priority(caller, data.priority)
     book = _book(request)
+    asked = ReservationRequest(**data.model_dump(), owner=caller.owner)
     try:
-        reservation = book.reserve(ReservationRequest(**data.model_dump(), owner=caller.owner))
+        if query.dry_run:
+            return json_answer(_trial(request, book.trial(asked)))
+        reservation = book.reserve(asked)
     except NotFound as exc:
         raise http_error(web.HTTPNotFound, str(exc)) from None
     except Refused as refusal:
@@ -85,9 +102,23 @@ async def create_reservation(request: web.Request) -> web.StreamResponse:
         raise not_recorded(exc) from None
     return json_answer(
         book.describe(reservation),
-        status=201,
+        # 202: granted, and booked, but its memory is free only once `awaiting` has gone.
+        status=201 if reservation.awaiting is None else 202,
         headers={"Location": f"/reservations/{reservation.id}"},
     )
+
+
+def _trial(request: web.Request, trial: Trial) -> dict[str, object]:
+    victims = () if trial.plan is None else trial.plan.instance_ids
+    instances = request.app[keys.INSTANCES]
+    unload = [instances.describe(i) for v in victims if (i := instances.get(v)) is not None]
+    return {
+        "fits": not unload,
+        "gpu": {"uuid": trial.gpu, "index": trial.index},
+        "vram_mib": trial.reservation_vram,
+        "unload": unload,
+        "frees_mib": 0 if trial.plan is None else trial.plan.frees_mib,
+    }
 
 
 @routes.get("/reservations")

@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from gpu import GpuDevice, GpuState
+from registry.admission.claims import Claims
 from registry.admission.ledger import ReservationLedger
 from registry.capacity import Reason, UsableDevice, best_fit
 from registry.logs import get_logger
 from registry.model import CatalogModel
 from registry.reservation import Reservation
+from registry.room import Plan
 from registry.view import CatalogView
 
 log = get_logger("registry.admission")
@@ -41,6 +43,8 @@ class ReservationRequest:
     gpu: str | None = None
     pid: int | None = None
     owner: str | None = None
+    make_room: bool = False  # when it does not fit now: a claim on idle instances' memory
+    priority: int = 50  # a claim may take instances of this priority or below
 
 
 class Refused(Exception):
@@ -50,6 +54,16 @@ class Refused(Exception):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Trial:
+    """What a request would get now (a dry run): the device, and the victims if it must wait."""
+
+    reservation_vram: int
+    gpu: str
+    index: int
+    plan: Plan | None
 
 
 class NotFound(Exception):
@@ -100,6 +114,7 @@ class ReservationBook:
         self._readings: dict[str, GpuDevice] = {}
         self._wake = asyncio.Event()
         self._background_save: asyncio.Task[None] | None = None
+        self.claims: Claims | None = None
         self.counters = BookCounters()
 
     # -- reading -------------------------------------------------------------------------
@@ -116,7 +131,19 @@ class ReservationBook:
         return self._open.get(reservation_id)
 
     def describe(self, reservation: Reservation) -> dict[str, object]:
-        return reservation.to_api(self._view.capacity.pending_of(reservation))
+        unload = None
+        if reservation.awaiting is not None and self.claims is not None:
+            unload = self.claims.unload(reservation)
+        return reservation.to_api(self._view.capacity.pending_of(reservation), unload)
+
+    def waiting_claims(self) -> list[Reservation]:
+        """The claims whose victims have not all gone yet."""
+        return [r for r in self._open.values() if r.awaiting is not None]
+
+    @staticmethod
+    def load_started_at(reservation: Reservation) -> datetime:
+        """When the load it books began: when it was made, or when a claim's room was freed."""
+        return reservation.room_freed_at or reservation.created_at
 
     def reading_of(self, reservation_id: str) -> GpuDevice | None:
         """Its device as read when it was made; None when that is no longer known."""
@@ -134,7 +161,8 @@ class ReservationBook:
         self.expire_due()
 
     def reserve(self, request: ReservationRequest) -> Reservation:
-        """Check and book in one step; raise Refused, NotFound or TooMany."""
+        """Check and book in one step; raise Refused, NotFound or TooMany. A claim (a
+        `make_room` request that must wait for victims) comes back with `awaiting` set."""
         if len(self._open) >= self.max_open:
             self.counters.rejected["too_many"] = self.counters.rejected.get("too_many", 0) + 1
             raise TooMany(
@@ -148,26 +176,63 @@ class ReservationBook:
             raise
 
     def _reserve(self, request: ReservationRequest) -> Reservation:
+        trial = self.trial(request)
+        device = next(d for d in self._view.snapshot.devices if d.uuid == trial.gpu)
+        if trial.plan is None or not trial.plan.victims:
+            return self._record(request, trial.reservation_vram, device)
+        claim = self._record(request, trial.reservation_vram, device, trial.plan)
+        assert self.claims is not None
+        self.claims.started(claim)
+        return claim
+
+    def trial(self, request: ReservationRequest) -> Trial:
+        """Where the request would be booked now, and after unloading whom when it must make
+        room; raise Refused (too_large, insufficient_vram, ...) or NotFound as `reserve` would."""
         model = self._model_asked(request)
         self._check_gpu_state()
         candidates = self._candidates(request.gpu)
+        capacity = self._view.capacity
         if model is None:
             assert request.vram_mib is not None  # the schema asks for one of the two
             vram = request.vram_mib
             chosen = best_fit(candidates, vram)
         else:
             # By name: what its loads really took on each device's product, when learned.
-            capacity = self._view.capacity
             chosen = capacity.place(model, request.gpu)
             roomiest = chosen or (candidates[-1] if candidates else None)
             vram = model.vram if roomiest is None else capacity.need(model, roomiest.device)
-        if chosen is None:
-            best = candidates[-1].usable_mib if candidates else 0
-            where = f"GPU {request.gpu} has" if request.gpu else "the roomiest GPU has"
+        if chosen is not None:
+            return Trial(vram, chosen.device.uuid, chosen.device.index, None)
+        if self._never_fits(model, vram, candidates):
+            where = f"GPU {request.gpu}" if request.gpu else "any GPU here"
             raise Refused(
-                Reason.INSUFFICIENT_VRAM, f"{vram} MiB asked, but {where} {best} MiB usable"
+                Reason.TOO_LARGE,
+                f"{vram} MiB asked, more than {where} could ever hold (its total less the margin)",
             )
-        return self._record(request, vram, chosen.device)
+        if request.make_room and self.claims is not None:
+            planned = self.claims.plan(model, vram, request.gpu, request.priority)
+            if planned is not None:
+                device = next(d for d in self._view.snapshot.devices if d.uuid == planned.gpu)
+                booked = vram if model is None else capacity.need(model, device)
+                return Trial(booked, planned.gpu, planned.index, planned)
+        best = candidates[-1].usable_mib if candidates else 0
+        where = f"GPU {request.gpu} has" if request.gpu else "the roomiest GPU has"
+        detail = f"{vram} MiB asked, but {where} {best} MiB usable"
+        if request.make_room:
+            detail += ", and no idle instances free enough"
+        raise Refused(Reason.INSUFFICIENT_VRAM, detail)
+
+    def _never_fits(
+        self, model: CatalogModel | None, vram: int, candidates: list[UsableDevice]
+    ) -> bool:
+        capacity = self._view.capacity
+        if not candidates:
+            return False
+        if model is not None:
+            return all(
+                capacity.need(model, u.device) > capacity.capacity_of(u.device) for u in candidates
+            )
+        return all(vram > capacity.capacity_of(u.device) for u in candidates)
 
     def _model_asked(self, request: ReservationRequest) -> CatalogModel | None:
         """The catalog model asked for by name (None when a figure was given)."""
@@ -206,8 +271,15 @@ class ReservationBook:
             raise Refused(Reason.INSUFFICIENT_VRAM, f"GPU {gpu} is not healthy")
         return candidates
 
-    def _record(self, request: ReservationRequest, vram: int, device: GpuDevice) -> Reservation:
-        """Book `vram` on `device`: into the book, the journal and the view."""
+    def _record(
+        self,
+        request: ReservationRequest,
+        vram: int,
+        device: GpuDevice,
+        claimed: Plan | None = None,
+    ) -> Reservation:
+        """Book `vram` on `device`: into the book, the journal and the view (a claim in full
+        at once, with what it waits for)."""
         now = self._clock()
         baseline = 0
         if request.pid is not None:
@@ -224,6 +296,10 @@ class ReservationBook:
             pid=request.pid,
             pid_baseline_mib=baseline,
             owner=request.owner,
+            priority=request.priority,
+            awaiting=None if claimed is None else claimed.instance_ids,
+            awaiting_since=None if claimed is None else now,
+            frees_mib=0 if claimed is None else claimed.frees_mib,
         )
         self._keep(reservation)
         self._readings[reservation.id] = device
@@ -267,6 +343,7 @@ class ReservationBook:
             self.counters.bound += 1
             self._ended([reservation_id])
             self._rebase_siblings(reservation)
+            self._claim_ended(reservation, "released")
         return reservation
 
     def release(self, reservation_id: str) -> Reservation | None:
@@ -276,6 +353,17 @@ class ReservationBook:
             self.counters.released += 1
             self._ended([reservation_id])
             self._rebase_siblings(reservation)
+            self._claim_ended(reservation, "released")
+        return reservation
+
+    def end_claim(self, reservation_id: str, reason: str) -> Reservation | None:
+        """End a claim whose room will not come (its victims were told already); the event
+        that ends it says why."""
+        reservation = self._open.pop(reservation_id, None)
+        if reservation is not None:
+            self._ledger.end(reservation_id)
+            self._ended([reservation_id], reason)
+            self.persist_soon()
         return reservation
 
     def expire_due(self) -> list[Reservation]:
@@ -303,6 +391,9 @@ class ReservationBook:
             self._ended([r.id for r in expired])
             for reservation in expired:
                 self._rebase_siblings(reservation)
+                self._claim_ended(reservation, "expired")
+        if self.claims is not None:
+            self.claims.expire_due(now)
         return expired
 
     async def persist(self) -> None:
@@ -352,11 +443,16 @@ class ReservationBook:
         self._view.book_reservations([reservation])
         self._wake.set()
 
-    def _ended(self, reservation_ids: list[str]) -> None:
+    def _ended(self, reservation_ids: list[str], reason: str | None = None) -> None:
         for reservation_id in reservation_ids:
             self._readings.pop(reservation_id, None)
-        self._view.book_reservations([], reservation_ids)
+        reasons = None if reason is None else dict.fromkeys(reservation_ids, reason)
+        self._view.book_reservations([], reservation_ids, reasons)
         self._wake.set()
+
+    def _claim_ended(self, reservation: Reservation, outcome: str) -> None:
+        if reservation.awaiting is not None and self.claims is not None:
+            self.claims.ended(reservation, outcome)
 
     def _rebase_siblings(self, ended: Reservation) -> None:
         """A reservation naming a process ended (or became an instance): what that process

@@ -65,6 +65,21 @@ Pid = Annotated[
     Field(ge=1, le=PID_MAX, description="The process that loads (as the host sees it)."),
     BeforeValidator(integral_float_as_int),
 ]
+Priority = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=100,
+        description="0 to 100 (default 50): a claim may take instances of its priority or "
+        "below. Above 50 only with an admin token.",
+    ),
+    BeforeValidator(integral_float_as_int),
+]
+Sessions = Annotated[
+    int,
+    Field(ge=0, le=1_000_000, description="Work in flight on it now (0: idle)."),
+    BeforeValidator(integral_float_as_int),
+]
 GpuUuid = Annotated[
     str,
     StringConstraints(min_length=1, max_length=128),
@@ -102,6 +117,12 @@ class ReservationCreate(BaseModel):
     holder: Holder | None = None
     gpu: GpuUuid | None = None
     pid: Pid | None = None
+    make_room: bool = Field(
+        default=False,
+        description="When it does not fit now: plan which idle instances to unload and hold "
+        "their memory for this reservation (202, `awaiting`).",
+    )
+    priority: Priority = 50
 
     @model_validator(mode="after")
     def _one_size(self) -> ReservationCreate:
@@ -125,6 +146,16 @@ class ReservationPatch(BaseModel):
         return self
 
 
+class ReservationQuery(BaseModel):
+    """Query parameters of POST /reservations."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    dry_run: bool = Field(
+        default=False, description="Book nothing: say what a real request would get now."
+    )
+
+
 class ReservedGpu(BaseModel):
     uuid: str
     index: int
@@ -140,6 +171,25 @@ class ReservationOut(BaseModel):
     created_at: datetime
     expires_at: datetime
     pending_mib: int = Field(description="What it still holds: vram_mib less what pid loaded.")
+    priority: int
+    awaiting: Awaiting | None = Field(
+        description="A claim's room not yet free: the instances still to go. null: none."
+    )
+
+
+class Awaiting(BaseModel):
+    unload: list[InstanceOut] = Field(description="The instances still to unload.")
+    frees_mib: int = Field(description="What they free.")
+
+
+class TrialOut(BaseModel):
+    """POST /reservations?dry_run=true: what a real request would get now."""
+
+    fits: bool = Field(description="Granted now (true), or once `unload` has gone (false).")
+    gpu: ReservedGpu
+    vram_mib: int = Field(description="What it would book there.")
+    unload: list[InstanceOut] = Field(description="The instances to unload first.")
+    frees_mib: int
 
 
 class ReservationList(BaseModel):
@@ -150,6 +200,7 @@ class RefusalOut(BaseModel):
     detail: str
     reason: Literal[
         "insufficient_vram",
+        "too_large",
         "disabled",
         "gpu_state_unknown",
         "too_many",
@@ -195,6 +246,9 @@ class InstanceCreate(BaseModel):
     gpu: GpuUuid | None = None
     pid: Pid | None = None
     holder: Holder | None = None
+    sessions: Sessions = 0
+    pinned: bool = Field(default=False, description="Never unloaded to make room.")
+    priority: Priority = 50
 
     @model_validator(mode="after")
     def _bind_or_adopt(self) -> InstanceCreate:
@@ -220,6 +274,44 @@ class InstanceOut(BaseModel):
         description="What pid held on the device before this load: only growth above it counts."
     )
     pending_mib: int = Field(description="What its reservation still books, until the load shows.")
+    sessions: int
+    pinned: bool
+    priority: int
+    ready: bool = Field(description="Its load is done (reported, or grown to what it booked).")
+    ready_at: datetime | None
+    last_active_at: datetime = Field(
+        description="The last time it had sessions or GPU activity (else when it was loaded)."
+    )
+    idle_s: float = Field(description="Seconds since last_active_at (0 while it has sessions).")
+    evicting: EvictingOut | None = Field(description="A claim waits for it to be unloaded.")
+
+
+class EvictingOut(BaseModel):
+    reservation: str = Field(description="The claim that waits for it.")
+    since: datetime
+
+
+def _some_change(schema: dict[str, Any]) -> None:
+    schema["minProperties"] = 1
+
+
+class InstancePatch(BaseModel):
+    """What its owner says of it now; give at least one."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_some_change)
+
+    sessions: Sessions | None = None
+    pinned: bool | None = None
+    priority: Priority | None = None
+    ready: Literal[True] | None = Field(default=None, description="Its load is done.")
+
+    @model_validator(mode="after")
+    def _something(self) -> InstancePatch:
+        if self.model_fields_set == set() or all(
+            getattr(self, name) is None for name in self.model_fields_set
+        ):
+            raise ValueError("give sessions, pinned, priority or ready")
+        return self
 
 
 class InstanceList(BaseModel):
@@ -235,3 +327,8 @@ class InstanceQuery(BaseModel):
     model: str | None = Field(default=None, description="Only this model's instances.")
     skip: int = Field(default=0, ge=0, description="Items to skip from the start (offset).")
     limit: int = Field(default=100, ge=1, le=1000, description="Page size.")
+
+
+# Shapes that name others defined after them.
+for _shape in (ReservationOut, Awaiting, TrialOut, InstanceOut):
+    _shape.model_rebuild()

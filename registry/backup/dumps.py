@@ -48,6 +48,21 @@ class BackupError(Exception):
     """pg_dump, pg_restore or psql failed; the message says what they said."""
 
 
+# Session settings a script from this release's pg_restore may begin with, by the server
+# version that knows them: left out for an older server (a shared one, say).
+_SETTINGS_SINCE = {"transaction_timeout": 170000}
+
+
+def _for_server(script: Path, server_version: int) -> None:
+    """Drop the settings `server_version` does not know from the restore script."""
+    unknown = [name for name, since in _SETTINGS_SINCE.items() if server_version < since]
+    if not unknown:
+        return
+    lines = script.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not any(line.startswith(f"SET {name} ") for name in unknown)]
+    script.write_text("".join(kept))
+
+
 def _tool(name: str) -> str:
     return str(install_dir() / "bin" / name)
 
@@ -79,7 +94,12 @@ def dump(dsn: str, target: Path) -> None:
 async def restore(dsn: str, source: Path) -> None:
     """Replace this application's part of the database with `source`'s, in one transaction;
     then migrate, and have every daemon read the catalog and the footprints again."""
-    await asyncio.to_thread(_replace, dsn, source)
+    conn = await asyncpg.connect(dsn)
+    try:
+        version = int(await conn.fetchval("SHOW server_version_num"))
+    finally:
+        await conn.close()
+    await asyncio.to_thread(_replace, dsn, source, version)
     await migrate(dsn, force=True)
     conn = await asyncpg.connect(dsn)
     try:
@@ -89,7 +109,7 @@ async def restore(dsn: str, source: Path) -> None:
         await conn.close()
 
 
-def _replace(dsn: str, source: Path) -> None:
+def _replace(dsn: str, source: Path, server_version: int) -> None:
     if not source.is_file():
         raise BackupError(f"no backup file at {source}")
     with tempfile.TemporaryDirectory(prefix="model-registry-restore-") as work:
@@ -104,6 +124,7 @@ def _replace(dsn: str, source: Path) -> None:
             ],
             "pg_restore (reading the backup)",
         )
+        _for_server(script, server_version)
         _run(
             [
                 _tool("psql"),

@@ -84,9 +84,10 @@ async def _as_observed(
     """The catalog with each model's vram replaced by what its loads took, where learned."""
     learned: dict[str, int] = {}
     for summary in await FootprintStore(pool).summaries():
-        if summary.recent < min_samples or gpu_name not in (None, summary.gpu_name):
+        p95 = summary.p95_mib
+        if p95 is None or summary.recent < min_samples or gpu_name not in (None, summary.gpu_name):
             continue
-        learned[summary.model] = max(learned.get(summary.model, 0), summary.p95_mib)
+        learned[summary.model] = max(learned.get(summary.model, 0), p95)
     return [replace(m, vram=learned.get(m.name, m.vram)) for m in models]
 
 

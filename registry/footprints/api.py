@@ -38,8 +38,9 @@ async def get_footprint(request: web.Request) -> web.Response:
     view = app[keys.VIEW]
     capacity = view.capacity
     assessment = capacity.assess(model)
-    _observed, effective = capacity.sizes(model, assessment)
+    effective = capacity.sizes(model, assessment).effective
     footprints = view.footprints
+    reload_s, estimated = view.reload_s_on_placement(model, assessment)
     body = {
         "model": model.name,
         "declared_mib": model.vram,
@@ -47,6 +48,8 @@ async def get_footprint(request: web.Request) -> web.Response:
         "source": footprints.source.value,  # MODEL_REGISTRY_VRAM_SOURCE
         "floor_mib": shrink_floor(model.vram, footprints.max_shrink),
         "learn": model.learn,
+        "reload_s": reload_s,
+        "reload_estimated": estimated,
         "observed": [
             {**s.to_api(), "below_declared": footprints.below_declared(model, s.gpu_name)}
             for s in summaries

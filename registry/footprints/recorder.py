@@ -15,7 +15,13 @@ from typing import Any
 import asyncpg
 
 from registry.database import UNAVAILABLE_ERRORS
-from registry.footprints.store import CHANNEL, RELOAD_ALL, FootprintStore, Sample
+from registry.footprints.store import (
+    CHANNEL,
+    RELOAD_ALL,
+    FootprintStore,
+    LoadSample,
+    Sample,
+)
 from registry.logs import get_logger
 from registry.view import CatalogView
 
@@ -33,6 +39,7 @@ class FootprintRecorder:
         self._view = view
         self.host = host
         self._waiting: dict[str, Sample] = {}  # by instance: only its largest peak matters
+        self._loads: dict[str, LoadSample] = {}  # load times waiting, by instance
         self._stale: set[str] = set()  # models a NOTIFY named, to read again
         self._reload_all = True
         self._wake = asyncio.Event()
@@ -41,7 +48,7 @@ class FootprintRecorder:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self._loads)
 
     def add(self, sample: Sample) -> None:
         """Queue a sample (a later one of the same instance replaces it)."""
@@ -60,6 +67,13 @@ class FootprintRecorder:
     def sample(self, instance_id: str, model: str, gpu_name: str, peak_mib: int) -> None:
         """What an instance gives: one load's footprint on this host."""
         self.add(Sample(instance_id, model, gpu_name, peak_mib, self.host))
+
+    def load_time(self, instance_id: str, model: str, gpu_name: str, seconds: float) -> None:
+        """How long one load took on this host, to `ready` (the oldest go beyond the bound)."""
+        if instance_id not in self._loads and len(self._loads) >= MAX_WAITING:
+            del self._loads[next(iter(self._loads))]
+        self._loads[instance_id] = LoadSample(instance_id, model, gpu_name, seconds, self.host)
+        self._wake.set()
 
     async def load(self, store: FootprintStore) -> None:
         """Read every model's footprints into the view (start-up)."""
@@ -92,12 +106,14 @@ class FootprintRecorder:
                         await conn.close(timeout=2)
 
     async def _sync(self, store: FootprintStore) -> None:
-        if self._waiting:
+        if self._waiting or self._loads:
             batch, self._waiting = self._waiting, {}
+            loads, self._loads = self._loads, {}
             try:
-                await store.record(list(batch.values()))
+                await store.record(list(batch.values()), list(loads.values()))
             except BaseException:
                 self._waiting = {**batch, **self._waiting}  # written by the next try
+                self._loads = {**loads, **self._loads}
                 raise
         if self._reload_all:
             self._reload_all = False

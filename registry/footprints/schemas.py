@@ -11,9 +11,13 @@ from pydantic import BaseModel, Field
 class ProductFootprintOut(BaseModel):
     gpu_name: str = Field(description="The GPU product (a MIG slice counts as its parent's).")
     samples: int = Field(description="Samples kept (the newest 100).")
-    peak_mib: int = Field(description="The largest peak among them.")
-    p95_mib: int = Field(description="p95 of the newest 20: the observed size.")
+    peak_mib: int | None = Field(description="The largest peak among them (null: none yet).")
+    p95_mib: int | None = Field(description="p95 of the newest 20: the observed size.")
     updated_at: datetime
+    loads: int = Field(description="Load times kept (the newest 100).")
+    reload_s: float | None = Field(
+        description="Median of the newest 20 load times, to ready (null: none yet)."
+    )
     below_declared: bool = Field(
         description="The observed size is more than 30% below the declared one (logged, alerted)."
     )
@@ -31,4 +35,8 @@ class FootprintOut(BaseModel):
         "MODEL_REGISTRY_FOOTPRINT_MAX_SHRINK)."
     )
     learn: bool
+    reload_s: float = Field(description="How long a load takes, on the placement's product.")
+    reload_estimated: bool = Field(
+        description="reload_s is an estimate (1 s per GiB booked): no load time learned yet."
+    )
     observed: list[ProductFootprintOut]

@@ -56,8 +56,10 @@ class ChangeFeed:
         gpus_body: Callable[[], CachedBody],
         reservations_json: Callable[[], str],
         instances_json: Callable[[], str] = lambda: "[]",
+        describe_reservation: Callable[[Reservation], dict[str, object]] | None = None,
     ) -> None:
         self._view = view
+        self._describe_reservation = describe_reservation
         self.gpus_body = gpus_body
         self.reservations_json = reservations_json
         self.instances_json = instances_json
@@ -71,6 +73,7 @@ class ChangeFeed:
         # is open): a batch carries these, never the whole book.
         self._reservations_put: dict[str, Reservation] = {}
         self._reservations_ended: dict[str, None] = {}
+        self._reservations_reasons: dict[str, str] = {}  # why they ended, where it says
         self._scheduled = False
         self.closed = False
         # The last snapshot event without a name filter, encoded: (generation, bytes).
@@ -121,6 +124,7 @@ class ChangeFeed:
             self._models = None
             self.snapshot = None  # no stream left to share it
             self._reservations_put, self._reservations_ended = {}, {}
+            self._reservations_reasons = {}
             self._instances_made, self._instances_ended = {}, {}
 
     def close(self) -> None:
@@ -142,6 +146,7 @@ class ChangeFeed:
         if not self._subscriptions:
             return
         self._note_reservations(*self._view.last_reservations_change)
+        self._reservations_reasons.update(self._view.last_reservation_reasons)
         made, ended = self._view.last_instances_change
         for instance in made:
             self._instances_made[str(instance["id"])] = instance
@@ -176,11 +181,16 @@ class ChangeFeed:
         if not put and not ended:
             return None
         capacity = self._view.capacity
-        delta = {
-            "reservations": [r.to_api(capacity.pending_of(r)) for r in put.values()],
+        describe = self._describe_reservation or (lambda r: r.to_api(capacity.pending_of(r)))
+        delta: dict[str, object] = {
+            "reservations": [describe(r) for r in put.values()],
             "ended": list(ended),
         }
+        reasons = {i: why for i, why in self._reservations_reasons.items() if i in ended}
+        if reasons:
+            delta["reasons"] = reasons  # why those it names ended (a claim withdrawn, say)
         self._reservations_put, self._reservations_ended = {}, {}
+        self._reservations_reasons = {}
         return json.dumps(delta)
 
     def _current_models(self) -> dict[int, tuple[str, str]]:

@@ -6,19 +6,19 @@ from __future__ import annotations
 from aiohttp import web
 
 from registry import keys
-from registry.admission.api import json_answer, not_recorded
+from registry.admission.api import json_answer, not_recorded, require_priority
 from registry.admission.book import NotFound, TooMany
-from registry.admission.instances import (
+from registry.admission.schemas import InstanceCreate, InstancePatch, InstanceQuery
+from registry.auth import Role, check_owner, require
+from registry.bodies import validated_body
+from registry.errors import http_error, unprocessable, validated_query
+from registry.instance import Instance
+from registry.instances.book import (
     AlreadyLoaded,
     InstanceBook,
     PidNotOnGpu,
     ProcessesUnknown,
 )
-from registry.admission.schemas import InstanceCreate, InstanceQuery
-from registry.auth import Role, check_owner, require
-from registry.bodies import validated_body
-from registry.errors import http_error, unprocessable, validated_query
-from registry.instance import Instance
 from registry.paging import pagination
 
 routes = web.RouteTableDef()
@@ -44,6 +44,7 @@ def _refusal(status: int, reason: str, detail: str, **extra: object) -> web.Resp
 async def create_instance(request: web.Request) -> web.StreamResponse:
     caller = require(request, Role.SCHEDULER)
     data = await validated_body(request, InstanceCreate)
+    require_priority(caller, data.priority)
     app = request.app
     view, instances, book = app[keys.VIEW], _instances(request), app[keys.BOOK]
     reservation = None
@@ -81,7 +82,15 @@ async def create_instance(request: web.Request) -> web.StreamResponse:
             raise http_error(web.HTTPNotFound, f"no open reservation {data.reservation!r}")
     try:
         if reservation is not None:
-            instance = instances.bind(reservation, pid, device, caller.owner)
+            instance = instances.bind(
+                reservation,
+                pid,
+                device,
+                caller.owner,
+                sessions=data.sessions,
+                pinned=data.pinned,
+                priority=data.priority,
+            )
         else:
             assert data.model is not None
             instance = instances.adopt(
@@ -91,6 +100,9 @@ async def create_instance(request: web.Request) -> web.StreamResponse:
                 data.holder,
                 caller.owner,
                 teaches=caller.role is Role.ADMIN,
+                sessions=data.sessions,
+                pinned=data.pinned,
+                priority=data.priority,
             )
     except AlreadyLoaded as exc:
         return _refusal(409, "already_loaded", str(exc), instance=exc.existing.id)
@@ -126,6 +138,28 @@ async def list_instances(request: web.Request) -> web.StreamResponse:
 @routes.get("/instances/{id}")
 async def get_instance(request: web.Request) -> web.StreamResponse:
     return json_answer(_instances(request).describe(_found(request)))
+
+
+@routes.patch("/instances/{id}")
+async def change_instance(request: web.Request) -> web.StreamResponse:
+    """Its owner (or an admin) says how it stands: sessions, pin, priority, or ready."""
+    caller = require(request, Role.SCHEDULER)
+    check_owner(caller, _found(request).owner, "instance")
+    data = await validated_body(request, InstancePatch)
+    require_priority(caller, data.priority)
+    instance = _found(request)  # again: it may have ended while the body was read
+    changed = _instances(request).change(
+        instance,
+        sessions=data.sessions,
+        pinned=data.pinned,
+        priority=data.priority,
+        ready=bool(data.ready),
+    )
+    try:
+        await request.app[keys.BOOK].persist()
+    except OSError as exc:
+        raise not_recorded(exc) from None
+    return json_answer(_instances(request).describe(changed))
 
 
 @routes.delete("/instances/{id}")

@@ -12,32 +12,46 @@ What a load took teaches the model's footprint only when the daemon watched the 
 end: the process grew by what was booked, or lived SAMPLE_AFTER_S, or its owner reported the
 unload. A process that vanishes before that (a worker that crashed while loading) teaches
 nothing; so does an adoption, unless an admin made it. A sample is the growth above the
-baseline, at most the device's total, and discarded under MIN_SAMPLE_MIB.
+baseline, at most the device's total, and discarded under MIN_SAMPLE_MIB. A bound load also
+teaches how long it took (from its start to `ready`), beside its footprint.
+
+What making room needs is kept here too: the scheduler's sessions, pins and priority, when the
+instance was last active (sessions above 0, or GPU activity where the driver reports it), and
+whether a claim waits for it to go (`evicting`). The claims learn from `on_gone` when an
+instance ended and from `on_withdrawn` when its owner took it back (pinned it, or gave it work).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from gpu import MIB, GpuDevice, GpuSnapshot
 from registry.admission.book import Clock, NotFound, ReservationBook, TooMany
 from registry.admission.ledger import ReservationLedger
 from registry.footprint import product
-from registry.instance import Instance
+from registry.instance import DEFAULT_PRIORITY, Evicting, Instance
 from registry.logs import get_logger
 from registry.reservation import Reservation
+from registry.room import Loaded
 from registry.view import CatalogView
 
-log = get_logger("registry.admission.instances")
+log = get_logger("registry.instances")
 
 ABSENT_POLLS_TO_END = 2
 SAMPLE_AFTER_S = 60.0  # a live instance's load counts as done after this long
 MIN_SAMPLE_MIB = 64  # less than this is a CUDA context, not a model
+# GPU activity moves `last_active_at` at most this often, so a busy GPU does not make every
+# poll a change of the listing.
+ACTIVITY_STEP_S = 5.0
 # (instance id, model, GPU product, peak MiB): one load's footprint, for the footprints store.
 SampleSink = Callable[[str, str, str, int], None]
+# (instance id, model, GPU product, seconds): how long one load took.
+LoadTimeSink = Callable[[str, str, str, float], None]
+InstanceListener = Callable[[Instance], None]
 
 
 class PidNotOnGpu(Exception):
@@ -93,6 +107,7 @@ class InstanceBook:
         max_open: int = 10_000,
         max_per_owner: int | None = None,
         on_sample: SampleSink | None = None,
+        on_load_time: LoadTimeSink | None = None,
     ) -> None:
         self._view = view
         self._reservations = reservations
@@ -102,12 +117,16 @@ class InstanceBook:
         self.max_open = max_open
         self.max_per_owner = max_per_owner or max(1, max_open // 4)
         self._open: dict[str, Instance] = {}
-        self._by_load: dict[tuple[str, int, str], Instance] = {}  # (gpu, pid, model) -> it
+        self._by_load: dict[tuple[str, int, str], str] = {}  # (gpu, pid, model) -> its id
         self._by_owner: dict[str, int] = {}  # token hash -> live instances it made
-        self._by_model: dict[str, dict[str, Instance]] = {}  # model name -> its instances
+        self._by_model: dict[str, dict[str, None]] = {}  # model name -> its instances' ids
+        self._by_device: dict[str, dict[str, None]] = {}  # device uuid -> its instances' ids
         self._live: dict[str, _Live] = {}
         self._by_process: dict[tuple[str, int], int] = {}  # (gpu, pid) -> instances
         self._on_sample = on_sample
+        self._on_load_time = on_load_time
+        self.on_gone: InstanceListener | None = None
+        self.on_withdrawn: InstanceListener | None = None
         self.counters = InstanceCounters()
 
     # -- reading ----------------------------------------------------------------------------
@@ -121,8 +140,11 @@ class InstanceBook:
 
     def listed(self, model: str | None = None) -> list[Instance]:
         """Live instances, oldest first; of one model when named."""
-        found = self._open if model is None else self._by_model.get(model, {})
-        return sorted(found.values(), key=lambda i: (i.loaded_at, i.id))
+        if model is None:
+            found: Iterable[Instance] = self._open.values()
+        else:
+            found = (self._open[i] for i in self._by_model.get(model, {}))
+        return sorted(found, key=lambda i: (i.loaded_at, i.id))
 
     def spots(self) -> list[dict[str, Any]]:
         """Per model and device, how many instances: what the fleet row publishes."""
@@ -141,21 +163,58 @@ class InstanceBook:
         return [self.describe(instance) for instance in self.listed()]
 
     def describe(self, instance: Instance) -> dict[str, object]:
+        """The instance as the API shows it (`idle_s` included)."""
         live = self._live[instance.id]
-        return instance.to_api(live.used_mib, live.peak_mib, self._pending(instance, live))
+        pending = self._pending(instance, live)
+        return instance.to_api(live.used_mib, live.peak_mib, pending, self._clock())
+
+    def loaded_on(self, device_uuid: str, reload_s: Callable[[Instance], float]) -> list[Loaded]:
+        """The instances on a device as the room plan sees them."""
+        now = self._clock()
+        found = []
+        for instance_id in self._by_device.get(device_uuid, {}):
+            instance = self._open[instance_id]
+            found.append(
+                Loaded(
+                    instance_id=instance.id,
+                    pid=instance.pid,
+                    priority=instance.priority,
+                    pinned=instance.pinned,
+                    sessions=instance.sessions,
+                    idle_s=instance.idle_s(now),
+                    resident_s=(now - instance.loaded_at).total_seconds(),
+                    reload_s=reload_s(instance),
+                    pending_mib=self._pending(instance, self._live[instance_id]),
+                    evicting_for=None
+                    if instance.evicting is None
+                    else instance.evicting.reservation,
+                )
+            )
+        return found
 
     # -- changing ---------------------------------------------------------------------------
 
     def load(self, instances: list[Instance]) -> None:
-        """Take over what the journal held at start-up (this boot's only)."""
-        for instance in instances:
+        """Take over what the journal held at start-up (this boot's only). Nobody saw what
+        they did while the daemon was down: each counts as active until now."""
+        now = self._clock()
+        restored = [replace(i, last_active_at=max(i.active_at(), now)) for i in instances]
+        for instance in restored:
             self._index(instance)
-            self._live[instance.id] = _Live()
+            self._live[instance.id] = _Live(loaded=instance.ready_at is not None)
         self._ledger.track_instances(lambda: list(self._open.values()), lambda: len(self._open))
-        self._show(instances)
+        self._show(restored)
 
     def bind(
-        self, reservation: Reservation, pid: int, device: GpuDevice, owner: str | None = None
+        self,
+        reservation: Reservation,
+        pid: int,
+        device: GpuDevice,
+        owner: str | None = None,
+        *,
+        sessions: int = 0,
+        pinned: bool = False,
+        priority: int = DEFAULT_PRIORITY,
     ) -> Instance:
         """Turn an open reservation into an instance of `pid`, in one step (one journal line)."""
         owner = owner if owner is not None else reservation.owner
@@ -178,6 +237,10 @@ class InstanceBook:
             owner=owner,
             baseline_mib=baseline,
             teaches=teaches,
+            sessions=sessions,
+            pinned=pinned,
+            priority=priority,
+            load_started_at=self._reservations.load_started_at(reservation),
         )
         self._ledger.bind(reservation.id, instance)
         self._start(instance, device)
@@ -192,21 +255,29 @@ class InstanceBook:
         owner: str | None = None,
         *,
         teaches: bool = False,
+        sessions: int = 0,
+        pinned: bool = False,
+        priority: int = DEFAULT_PRIORITY,
     ) -> Instance:
         """An instance of a model that is already loaded: it books nothing. It teaches the
         model's footprint (its process's peak) only when `teaches`: adopted by an admin."""
         self._admit(device, pid, model, owner)
+        now = self._clock()
         instance = Instance(
             id=str(uuid.uuid4()),
             model=model,
             gpu_uuid=device.uuid,
             gpu_index=device.index,
             pid=pid,
-            loaded_at=self._clock(),
+            loaded_at=now,
             boot_id=self.boot_id,
             holder=holder,
             owner=owner,
             teaches=teaches,
+            sessions=sessions,
+            pinned=pinned,
+            priority=priority,
+            ready_at=now,
         )
         self._ledger.put_instance(instance)
         self._start(instance, device)
@@ -219,6 +290,60 @@ class InstanceBook:
         self.counters.rolled_back += 1
         if reservation is not None:
             self._reservations.restore(reservation)
+
+    def change(
+        self,
+        instance: Instance,
+        *,
+        sessions: int | None = None,
+        pinned: bool | None = None,
+        priority: int | None = None,
+        ready: bool = False,
+    ) -> Instance:
+        """What its owner says of it now (PATCH): sessions, pin, priority, or that its load is
+        done. Taking back a victim (pinning it, giving it work) is told to the claims."""
+        now = self._clock()
+        updates: dict[str, Any] = {}
+        if sessions is not None:
+            updates["sessions"] = sessions
+            if sessions > 0 or instance.sessions > 0:
+                updates["last_active_at"] = now  # in use until now, or from now
+        if pinned is not None:
+            updates["pinned"] = pinned
+        if priority is not None:
+            updates["priority"] = priority
+        if ready and instance.ready_at is None:
+            updates["ready_at"] = now
+        if not updates:
+            return instance
+        changed = replace(instance, **updates)
+        self._replace(changed)
+        self._ledger.put_instance(changed)
+        if "ready_at" in updates:
+            self._load_done(changed)
+        self._show([changed], changed=[changed])
+        withdrawn = changed.evicting is not None and (changed.pinned or changed.sessions > 0)
+        if withdrawn and self.on_withdrawn is not None:
+            self.on_withdrawn(changed)
+        return self._open[changed.id]
+
+    def mark_evicting(self, instance_ids: Iterable[str], reservation_id: str | None) -> None:
+        """A claim waits for these instances to go (None: it no longer does)."""
+        now = self._clock()
+        mark = None if reservation_id is None else Evicting(reservation_id, now)
+        changed = []
+        for instance_id in instance_ids:
+            instance = self._open.get(instance_id)
+            if instance is None or instance.evicting == mark:
+                continue
+            if mark is None and instance.evicting is None:
+                continue
+            updated = replace(instance, evicting=mark)
+            self._replace(updated)
+            self._ledger.put_instance(updated)
+            changed.append(updated)
+        if changed:
+            self._show(changed, changed=changed)
 
     def end(self, instance_id: str, reason: str) -> Instance | None:
         """End an instance: its process left the GPU (`process_exited`), or its owner reported
@@ -244,6 +369,8 @@ class InstanceBook:
             reason=reason,
         )
         self._reservations.persist_soon()
+        if self.on_gone is not None:
+            self.on_gone(instance)
         return instance
 
     def on_poll(self, snapshot: GpuSnapshot) -> None:
@@ -260,7 +387,8 @@ class InstanceBook:
         now = self._clock()
         gone: list[str] = []
         holds: list[tuple[str, str, int]] = []
-        for instance in self._open.values():
+        changed: list[Instance] = []
+        for instance in list(self._open.values()):
             live = self._live[instance.id]
             processes = listed.get(instance.gpu_uuid)
             if processes is None:
@@ -278,10 +406,10 @@ class InstanceBook:
                 continue
             live.absent_polls = 0
             self._observe(live, devices[instance.gpu_uuid], process.used_bytes)
-            if not live.loaded and (
-                self._grown_to_booking(instance, live)
-                or (now - instance.loaded_at).total_seconds() >= SAMPLE_AFTER_S
-            ):
+            if (followed := self._follow(instance, live, process.sm_util, now)) is not instance:
+                changed.append(followed)
+                instance = followed
+            if not live.loaded and (now - instance.loaded_at).total_seconds() >= SAMPLE_AFTER_S:
                 live.loaded = True
             if live.loaded:
                 self._sample(instance, live)
@@ -289,10 +417,12 @@ class InstanceBook:
                 if self._grown_to_booking(instance, live) or instance.booking_over(now):
                     live.settled = True
                 holds.append(self._hold(instance, live))
+        if changed:
+            self._show(changed, holds, changed=changed)
+        elif holds:
+            self._view.hold(holds)
         for instance_id in gone:
             self.end(instance_id, "process_exited")
-        if holds:
-            self._view.hold(holds)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -308,7 +438,7 @@ class InstanceBook:
                 "may have (MODEL_REGISTRY_MAX_INSTANCES_PER_TOKEN)"
             )
         if model is not None and (existing := self._by_load.get((device.uuid, pid, model))):
-            raise AlreadyLoaded(existing)
+            raise AlreadyLoaded(self._open[existing])
         if not device.processes_known:
             raise ProcessesUnknown(
                 f"the process list of GPU {device.uuid} cannot be read (permissions, MIG or "
@@ -333,6 +463,48 @@ class InstanceBook:
             # The process holds another instance: what it holds now is that one's too.
             baseline = max(baseline, now_mib)
         return baseline, True
+
+    def _follow(
+        self, instance: Instance, live: _Live, sm_util: int | None, now: datetime
+    ) -> Instance:
+        """What a poll says of it: busy on the GPU (activity), or grown by all it booked (its
+        load is done). The instance as it is now (the same object when nothing changed)."""
+        updates: dict[str, Any] = {}
+        busy = sm_util is not None and sm_util > 0
+        if busy and (now - instance.active_at()).total_seconds() >= ACTIVITY_STEP_S:
+            updates["last_active_at"] = now
+        if instance.ready_at is None and self._grown_to_booking(instance, live):
+            updates["ready_at"] = now
+        if not updates:
+            return instance
+        changed = replace(instance, **updates)
+        self._replace(changed)
+        if "ready_at" in updates:
+            # Activity alone is not journaled: after a restart every instance counts as active.
+            self._ledger.put_instance(changed)
+            self._load_done(changed)
+        return changed
+
+    def _load_done(self, instance: Instance) -> None:
+        """Its load is done: what it took may teach from now, and how long it took, now."""
+        live = self._live[instance.id]
+        live.loaded = True
+        started, ready = instance.load_started_at, instance.ready_at
+        if (
+            self._on_load_time is None
+            or started is None
+            or ready is None
+            or instance.model is None
+            or live.product is None
+        ):
+            return
+        self._on_load_time(
+            instance.id, instance.model, live.product, max(0.0, (ready - started).total_seconds())
+        )
+
+    def _replace(self, instance: Instance) -> None:
+        """Keep `instance` as the new state of the live instance with its id."""
+        self._open[instance.id] = instance
 
     def _observe(self, live: _Live, device: GpuDevice, used_bytes: int | None) -> None:
         live.used_mib = None if used_bytes is None else used_bytes // MIB
@@ -376,7 +548,7 @@ class InstanceBook:
         self._index(instance)
         self._live[instance.id] = live
         self.counters.created += 1
-        self._show([instance], holds=[self._hold(instance, live)], made=[instance])
+        self._show([instance], holds=[self._hold(instance, live)], changed=[instance])
 
     def _index(self, instance: Instance) -> None:
         self._open[instance.id] = instance
@@ -384,9 +556,10 @@ class InstanceBook:
         self._by_process[key] = self._by_process.get(key, 0) + 1
         if instance.owner is not None:
             self._by_owner[instance.owner] = self._by_owner.get(instance.owner, 0) + 1
+        self._by_device.setdefault(instance.gpu_uuid, {})[instance.id] = None
         if instance.model is not None:
-            self._by_model.setdefault(instance.model, {})[instance.id] = instance
-            self._by_load.setdefault((*key, instance.model), instance)
+            self._by_model.setdefault(instance.model, {})[instance.id] = None
+            self._by_load.setdefault((*key, instance.model), instance.id)
 
     def _drop(self, instance: Instance) -> None:
         del self._open[instance.id]
@@ -401,8 +574,12 @@ class InstanceBook:
                 self._by_owner[instance.owner] -= 1
             else:
                 del self._by_owner[instance.owner]
+        on_device = self._by_device[instance.gpu_uuid]
+        del on_device[instance.id]
+        if not on_device:
+            del self._by_device[instance.gpu_uuid]
         if instance.model is not None:
-            if self._by_load.get((*key, instance.model)) is instance:
+            if self._by_load.get((*key, instance.model)) == instance.id:
                 del self._by_load[(*key, instance.model)]
             of_model = self._by_model[instance.model]
             del of_model[instance.id]
@@ -421,33 +598,50 @@ class InstanceBook:
 
     def _show(
         self,
-        changed: Iterable[Instance],
+        instances: Iterable[Instance],
         holds: Iterable[tuple[str, str, int]] = (),
         *,
-        made: list[Instance] | None = None,
+        changed: list[Instance] | None = None,
         ended: bool = False,
     ) -> None:
-        """Tell the view where the changed instances' models are loaded now."""
-        changed = list(changed)
-        placed: list[tuple[str, str, str, int]] = []
+        """Tell the view where the instances' models are loaded now and how they stand;
+        `changed` (made or changed) and `ended` go to the event streams."""
+        instances = list(instances)
+        placed: list[tuple[str, str, dict[str, Any]]] = []
         gone: list[tuple[str, str]] = []
-        for instance in changed:
+        for instance in instances:
             if instance.model is None:
                 continue
             if ended:
                 gone.append((instance.model, instance.id))
             else:
-                placed.append((instance.model, instance.id, instance.gpu_uuid, instance.gpu_index))
+                placed.append((instance.model, instance.id, resident(instance)))
         holds = list(holds)
         if not holds:
-            holds = [self._hold(i, self._live[i.id]) for i in changed if i.id in self._live]
+            holds = [self._hold(i, self._live[i.id]) for i in instances if i.id in self._live]
         self._view.place_instances(
             placed,
             gone,
             holds,
-            made=[self.describe(i) for i in made or ()],
-            ended=[i.id for i in changed] if ended else [],
+            made=[self.describe(i) for i in changed or ()],
+            ended=[i.id for i in instances] if ended else [],
         )
+
+
+def resident(instance: Instance) -> dict[str, Any]:
+    """An instance as a model's `instances` in /models and the fleet show it: no `idle_s`,
+    which moves with the clock (a page or an ETag must not)."""
+    return {
+        "id": instance.id,
+        "gpu": instance.gpu_uuid,
+        "index": instance.gpu_index,
+        "sessions": instance.sessions,
+        "pinned": instance.pinned,
+        "priority": instance.priority,
+        "ready": instance.ready_at is not None,
+        "last_active_at": instance.active_at().isoformat(),
+        "evicting": None if instance.evicting is None else instance.evicting.to_api(),
+    }
 
 
 def _hold_key(instance: Instance) -> str:
