@@ -18,7 +18,7 @@ from registry.admission.api import routes as admission_routes
 from registry.admission.book import Clock, ReservationBook, utc_now
 from registry.admission.claims import Claims, RoomPolicy
 from registry.admission.ledger import ReservationLedger
-from registry.admission.metrics import ReservationStats
+from registry.admission.metrics import ClaimStats, ReservationStats
 from registry.api import routes
 from registry.capacity import Margins
 from registry.catalog.api import routes as catalog_routes
@@ -181,6 +181,7 @@ async def admission_ctx(app: web.Application, *, clock: Clock) -> AsyncIterator[
         with (
             metrics.collecting(ReservationStats(book)),
             metrics.collecting(InstanceStats(instances)),
+            metrics.collecting(ClaimStats(claims)),
         ):
             task = spawn(app, book.run_expiry(), "reservation-expiry")
             yield
@@ -274,6 +275,7 @@ async def fleet_ctx(app: web.Application) -> AsyncIterator[None]:
         app[keys.VIEW],
         reservations=lambda: _fleet_reservations(app[keys.VIEW]),
         instances=lambda: _fleet_instances(app),
+        room=lambda: _fleet_room(app, settings),
         heartbeat_interval_s=settings.heartbeat_interval,
     )
     await publisher.start()
@@ -316,6 +318,14 @@ def _fleet_instances(app: web.Application) -> list[dict[str, Any]]:
     """Where this host has models loaded: one entry per model and device, with a count."""
     instances = app.get(keys.INSTANCES)
     return [] if instances is None else instances.spots()
+
+
+def _fleet_room(app: web.Application, settings: Settings) -> list[dict[str, Any]]:
+    """What this host's instances offer other daemons to plan room with."""
+    instances = app.get(keys.INSTANCES)
+    if instances is None:
+        return []
+    return instances.room_row(settings.idle_after_s, settings.min_residency_s)
 
 
 def _fleet_reservations(view: CatalogView) -> tuple[list[dict[str, Any]], int, int]:

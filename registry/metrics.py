@@ -65,6 +65,7 @@ class _StateCollector(Collector):
             per_model.add_metric([model.name], 1.0 if assessment and assessment.active else 0.0)
         yield per_model
         yield _footprint_metrics(view)
+        yield _reload_metrics(view)
         if view.snapshot.state is not GpuState.DISABLED:
             # 0 until the first good poll, so that the stale-readings alert fires after a
             # restart with the GPUs unreadable too (an absent series alerts on nothing).
@@ -78,6 +79,20 @@ class _StateCollector(Collector):
             "Bytes of rendered listings kept (MODEL_REGISTRY_PAGE_CACHE_MIB bounds them).",
             view.pages.used_bytes,
         )
+
+
+def _reload_metrics(view: CatalogView) -> Metric:
+    family = GaugeMetricFamily(
+        "model_registry_model_reload_seconds",
+        "How long a model's loads took on a GPU product, to ready (median of the newest).",
+        labels=["model", "gpu_name"],
+    )
+    footprints = view.footprints
+    for name in footprints.models():
+        for gpu_name in footprints.of_model(name):
+            if (seconds := footprints.reload_s(name, gpu_name)) is not None:
+                family.add_metric([name, gpu_name], seconds)
+    return family
 
 
 def _footprint_metrics(view: CatalogView) -> Metric:
@@ -95,6 +110,8 @@ def _footprint_metrics(view: CatalogView) -> Metric:
             continue
         for gpu_name in footprints.of_model(name):
             observed = footprints.observed(name, gpu_name)
+            if observed is None and footprints.reload_s(name, gpu_name) is not None:
+                continue  # only load times learned there: no size to compare
             family.add_metric([name, gpu_name, "declared"], model.vram * MIB)
             if observed is not None:
                 family.add_metric([name, gpu_name, "observed"], observed * MIB)

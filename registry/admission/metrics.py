@@ -8,6 +8,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from registry.admission.book import ReservationBook
+from registry.admission.claims import Claims
 from registry.capacity import Reason
 
 
@@ -40,3 +41,25 @@ class ReservationStats(Collector):
         for reason in (*(r.value for r in Reason), "too_many"):
             rejected.add_metric([reason], counters.rejected.get(reason, 0))
         yield rejected
+
+
+class ClaimStats(Collector):
+    def __init__(self, claims: Claims) -> None:
+        self._claims = claims
+
+    def collect(self) -> Iterator[Metric]:
+        counters = self._claims.counters
+        outcomes = CounterMetricFamily(
+            "model_registry_claims",
+            "Claims (make_room reservations that waited for victims) ended, by outcome: "
+            "completed (their room came), withdrawn, expired, released.",
+            labels=["outcome"],
+        )
+        for outcome, count in counters.outcomes.items():
+            outcomes.add_metric([outcome], count)
+        yield outcomes
+        yield CounterMetricFamily(
+            "model_registry_claim_victims_evicted",
+            "Instances that went for a claim.",
+            counters.evicted,
+        )

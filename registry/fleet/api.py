@@ -5,17 +5,20 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 from aiohttp import web
 
 from registry import keys
 from registry.errors import validated_query
 from registry.fleet.reader import Candidate, Placements
+from registry.fleet.room import room_for
 from registry.fleet.schemas import FleetModelsQuery, FleetQuery
 from registry.footprint import Footprints, VramSource, product_of
 from registry.model import CatalogModel
 from registry.page_cache import CachedBody, body_etag
 from registry.paging import pagination_json
+from registry.view import CatalogView
 from registry.watch.conditional import cached_json
 
 routes = web.RouteTableDef()
@@ -64,8 +67,13 @@ def _candidates(
 
 
 def _model_object(
-    model: CatalogModel, fleet: Placements, footprints: Footprints, hosts_limit: int
+    model: CatalogModel,
+    fleet: Placements,
+    view: CatalogView,
+    hosts_limit: int,
+    now: datetime,
 ) -> str:
+    footprints = view.footprints
     total, candidates = _candidates(model, fleet, footprints, hosts_limit)
     active = model.enabled and total > 0
     if active:
@@ -111,6 +119,9 @@ def _model_object(
                 }
                 for spot in warm
             ],
+            "room": []
+            if not model.enabled
+            else room_for(model, fleet.rooms, footprints, view.model_by_name, now, hosts_limit),
         },
         separators=(",", ":"),
     )
@@ -140,7 +151,8 @@ def _render(request: web.Request, query: FleetModelsQuery, fleet: Placements) ->
             if query.active is None or _fits_somewhere(m, fleet, view.footprints) is query.active
         ]
         total, page = len(matching), matching[query.skip : end]
-    objects = ",".join(_model_object(m, fleet, view.footprints, query.hosts_limit) for m in page)
+    now = datetime.now(UTC)
+    objects = ",".join(_model_object(m, fleet, view, query.hosts_limit, now) for m in page)
     body = (
         f'{{"data":[{objects}],"pagination":{pagination_json(total, query.skip, query.limit)},'
         f'"fleet_state":"{_fleet_state(fleet.stale)}"}}'

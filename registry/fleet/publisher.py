@@ -29,16 +29,16 @@ _UPSERT = """
 INSERT INTO fleet_hosts AS f (host, url, version, gpu_state, devices, reservations,
                               heartbeat_interval_s, started_at, heartbeat_at, stopped_at,
                               reservations_open, pending_mib, instances, vram_source,
-                              footprint_min_samples, footprint_max_shrink)
+                              footprint_min_samples, footprint_max_shrink, room)
 VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7, now(), now(), NULL, $9, $10, $11::jsonb,
-        $12, $13, $14)
+        $12, $13, $14, $15::jsonb)
 ON CONFLICT (host) DO UPDATE
    SET url = EXCLUDED.url, version = EXCLUDED.version, gpu_state = EXCLUDED.gpu_state,
        devices = EXCLUDED.devices, reservations = EXCLUDED.reservations,
        reservations_open = EXCLUDED.reservations_open, pending_mib = EXCLUDED.pending_mib,
        instances = EXCLUDED.instances, vram_source = EXCLUDED.vram_source,
        footprint_min_samples = EXCLUDED.footprint_min_samples,
-       footprint_max_shrink = EXCLUDED.footprint_max_shrink,
+       footprint_max_shrink = EXCLUDED.footprint_max_shrink, room = EXCLUDED.room,
        heartbeat_interval_s = EXCLUDED.heartbeat_interval_s,
        started_at = CASE WHEN $8 THEN now() ELSE f.started_at END,
        heartbeat_at = now(), stopped_at = NULL
@@ -56,6 +56,7 @@ def host_devices(view: CatalogView) -> list[dict[str, Any]]:
             "free_mib": b.device.free_mib,
             "usable_mib": b.usable_mib,
             "pending_mib": b.pending_mib,
+            "margin_mib": b.margin_mib,
             "healthy": b.device.healthy,
         }
         for b in view.capacity.budgets
@@ -71,6 +72,7 @@ class FleetPublisher:
         view: CatalogView,
         reservations: Callable[[], tuple[list[dict[str, Any]], int, int]],
         instances: Callable[[], list[dict[str, Any]]] = list,
+        room: Callable[[], list[dict[str, Any]]] = list,
         *,
         heartbeat_interval_s: float,
     ) -> None:
@@ -80,6 +82,7 @@ class FleetPublisher:
         self._view = view
         self._reservations = reservations
         self._instances = instances
+        self._room = room
         self.heartbeat_interval_s = heartbeat_interval_s
         self._conn: asyncpg.Connection | None = None
         self._changed = asyncio.Event()
@@ -92,15 +95,16 @@ class FleetPublisher:
         self._conn = await connect_as_host(self._dsn, self.host_id)
         await self._write(self._row())
 
-    def _row(self) -> tuple[str, str, int, int, str]:
+    def _row(self) -> tuple[str, str, int, int, str, str]:
         devices = json.dumps(host_devices(self._view))
         newest, open_count, pending_mib = self._reservations()
         instances = json.dumps(self._instances())
-        return devices, json.dumps(newest, default=str), open_count, pending_mib, instances
+        room = json.dumps(self._room())
+        return devices, json.dumps(newest, default=str), open_count, pending_mib, instances, room
 
-    async def _write(self, row: tuple[str, str, int, int, str]) -> None:
+    async def _write(self, row: tuple[str, str, int, int, str, str]) -> None:
         assert self._conn is not None
-        devices, reservations, open_count, pending_mib, instances = row
+        devices, reservations, open_count, pending_mib, instances, room = row
         await self._conn.execute(
             _UPSERT,
             self.host_id,
@@ -117,6 +121,7 @@ class FleetPublisher:
             self._view.footprints.source.value,
             self._view.footprints.min_samples,
             self._view.footprints.max_shrink,
+            room,
             timeout=5,
         )
         self._first_write = False
@@ -124,7 +129,7 @@ class FleetPublisher:
 
     async def run(self) -> None:
         """Publish changes and heartbeats until cancelled; survive database outages."""
-        last_row: tuple[str, str, int, int, str] | None = None
+        last_row: tuple[str, str, int, int, str, str] | None = None
         last_write = time.monotonic()
         delay = 0.1
         while True:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 
@@ -77,6 +78,31 @@ SELECT w.model, h.host, h.url, w.gpu, w.index, w.count
 """
 
 
+# What up hosts offer to make room: their devices and their instances, per process.
+_ROOM = """
+SELECT h.host, h.url, h.devices, h.room, h.vram_source, h.footprint_min_samples,
+       h.footprint_max_shrink
+  FROM fleet_hosts AS h
+ WHERE h.stopped_at IS NULL
+   AND now() - h.heartbeat_at <= 3 * h.heartbeat_interval_s * interval '1 second'
+   AND h.gpu_state = 'ok' AND jsonb_array_length(h.room) > 0
+ ORDER BY h.host
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class HostRoom:
+    """An up host with instances: what another daemon needs to plan room there."""
+
+    host: str
+    url: str
+    devices: list[dict[str, Any]]
+    processes: list[dict[str, Any]]  # per process: gpu, pid, used_mib, pending_mib, instances
+    source: str
+    min_samples: int
+    max_shrink: float
+
+
 @dataclass(frozen=True, slots=True)
 class WarmSpot:
     """A device of an up host where a model is loaded, and how many instances of it."""
@@ -126,6 +152,7 @@ class Placements:
     min_samples: list[int] = field(default_factory=list)  # ... and FOOTPRINT_MIN_SAMPLES
     max_shrink: list[float] = field(default_factory=list)  # ... and FOOTPRINT_MAX_SHRINK
     warm: dict[str, list[WarmSpot]] = field(default_factory=dict)  # model name -> where
+    rooms: list[HostRoom] = field(default_factory=list)  # up hosts with instances
     version: int = 0
     stale: bool = True
 
@@ -262,6 +289,7 @@ class FleetReader:
         async with self._pool.acquire() as conn:
             row = await conn.fetchrow(_CANDIDATES)
             warm_rows = await conn.fetch(_WARM)
+            room_rows = await conn.fetch(_ROOM)
         warm: dict[str, list[WarmSpot]] = {}
         for w in warm_rows:
             spot = WarmSpot(w["host"], w["url"], w["gpu"], w["index"], w["count"])
@@ -279,6 +307,18 @@ class FleetReader:
             min_samples=row["min_samples"],
             max_shrink=row["max_shrink"],
             warm=warm,
+            rooms=[
+                HostRoom(
+                    r["host"],
+                    r["url"],
+                    json.loads(r["devices"]),
+                    json.loads(r["room"]),
+                    r["vram_source"],
+                    r["footprint_min_samples"],
+                    r["footprint_max_shrink"],
+                )
+                for r in room_rows
+            ],
             version=self._versions,
             stale=False,
         )

@@ -91,9 +91,26 @@ class FleetModelOut(BaseModel):
     hosts: list[CandidateHostOut] = Field(description="Best fit first, at most hosts_limit.")
     warm_total: int = Field(description="Instances of it loaded now, on hosts that are up.")
     warm: list[WarmSpotOut] = Field(description="Where it is loaded now: host and device.")
+    room: list[RoomOut] = Field(
+        description="Hosts where it does not fit now but would once idle instances were "
+        "unloaded (a make_room reservation there), least reload first."
+    )
+
+
+class RoomOut(BaseModel):
+    host: str
+    url: str
+    gpu: str
+    index: int
+    unload_mib: int = Field(description="What unloading the victims frees.")
+    reload_s: float = Field(description="What reloading the victims would cost, together.")
+    victims: int = Field(description="Instances to unload.")
 
 
 class FleetModelList(BaseModel):
     data: list[FleetModelOut]
     pagination: Pagination
     fleet_state: Literal["ok", "stale"]
+
+
+FleetModelOut.model_rebuild()  # it names RoomOut, defined after it

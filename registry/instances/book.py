@@ -26,7 +26,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from gpu import MIB, GpuDevice, GpuSnapshot
@@ -157,6 +157,50 @@ class InstanceBook:
             {"model": model, "gpu": gpu, "index": index, "count": count}
             for (model, gpu, index), count in sorted(counts.items())
         ]
+
+    def room_row(self, idle_after_s: float, min_residency_s: float) -> list[dict[str, Any]]:
+        """What the fleet row publishes for other daemons to plan with: per process, its device
+        and memory, and per instance its model, priority, last activity and from when it may
+        be asked to go here (None: not as it stands). Nothing in it moves with the clock."""
+        by_process: dict[tuple[str, int], dict[str, Any]] = {}
+        for instance in self._open.values():
+            key = (instance.gpu_uuid, instance.pid)
+            entry = by_process.get(key)
+            if entry is None:
+                live = self._live[instance.id]
+                entry = by_process[key] = {
+                    "gpu": instance.gpu_uuid,
+                    "index": instance.gpu_index,
+                    "pid": instance.pid,
+                    "used_mib": live.used_mib or 0,
+                    "pending_mib": 0,
+                    "instances": [],
+                }
+            entry["pending_mib"] += self._pending(instance, self._live[instance.id])
+            eligible_from = None
+            if not instance.pinned and instance.sessions == 0 and instance.evicting is None:
+                eligible_from = max(
+                    instance.active_at() + timedelta(seconds=idle_after_s),
+                    instance.loaded_at + timedelta(seconds=min_residency_s),
+                ).isoformat()
+            entry["instances"].append(
+                {
+                    "id": instance.id,
+                    "model": instance.model,
+                    "priority": instance.priority,
+                    "last_active_at": instance.active_at().isoformat(),
+                    "eligible_from": eligible_from,
+                }
+            )
+        return sorted(by_process.values(), key=lambda e: (e["gpu"], e["pid"]))
+
+    def longest_idle(self) -> dict[str, float]:
+        """Per model, the longest any of its instances has been idle, in seconds."""
+        now = self._clock()
+        return {
+            model: max(self._open[i].idle_s(now) for i in ids)
+            for model, ids in self._by_model.items()
+        }
 
     def described(self) -> list[dict[str, object]]:
         """Every live instance as the API shows it, oldest first."""

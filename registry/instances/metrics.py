@@ -32,3 +32,12 @@ class InstanceStats(Collector):
         for reason in ("process_exited", "unloaded"):
             ended.add_metric([reason], counters.ended.get(reason, 0))
         yield ended
+        idle = GaugeMetricFamily(
+            "model_registry_instance_idle_seconds",
+            "Per model, the longest any of its instances here has been idle (no sessions, no "
+            "GPU activity): how much room an unload could make.",
+            labels=["model"],
+        )
+        for model, seconds in sorted(self._instances.longest_idle().items()):
+            idle.add_metric([model], seconds)
+        yield idle
