@@ -91,14 +91,24 @@ class Plan:
         return tuple(i for v in self.victims for i in v.instance_ids)
 
 
+def held_back(
+    pinned: bool, sessions: int, priority: int, evicting_for: str | None, rules: Rules
+) -> bool:
+    """What keeps an instance (and its process) from going whatever the clock says: a pin,
+    work in flight, a priority above the asker's, a promise to another claim."""
+    return (
+        pinned
+        or sessions > 0
+        or priority > rules.priority
+        or evicting_for not in (None, rules.claim)
+    )
+
+
 def eligible(loaded: Loaded, rules: Rules) -> bool:
     return (
-        not loaded.pinned
-        and loaded.sessions == 0
+        not held_back(loaded.pinned, loaded.sessions, loaded.priority, loaded.evicting_for, rules)
         and loaded.idle_s >= rules.idle_after_s
         and loaded.resident_s >= rules.min_residency_s
-        and loaded.priority <= rules.priority
-        and loaded.evicting_for in (None, rules.claim)
     )
 
 

@@ -377,3 +377,33 @@ async def test_the_fleet_says_where_a_model_would_fit_after_unloading(
         )
     big = await eventually(big_in_fleet, lambda m: not m["room"], timeout_s=10)
     assert big["room"] == []
+
+
+async def test_operators_see_claims_and_evictions_on_the_page_and_the_command_line(
+    host: Host, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+
+    from registry.cli import main
+
+    client = host.client
+    claim = await _json(await host.reserve(model="big", make_room=True, holder="job-77"))
+    [victim] = claim["awaiting"]["unload"]
+    page = await (await client.get("/")).text()
+    assert "waits for 1 to unload" in page and "asked to unload" in page
+    monkeypatch.setenv("MODEL_REGISTRY_SCHEDULER_TOKEN", SCHEDULER_TOKEN)
+    monkeypatch.setenv("COLUMNS", "200")  # a wide terminal: no cell wrapped
+    url = str(client.make_url("")).rstrip("/")
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["status", "--url", url]) == 0
+    status = capsys.readouterr().out
+    assert "waits for 1 to unload" in status and "asked to unload" in status
+    assert await asyncio.to_thread(main, ["instances", "list", "--url", url]) == 0
+    listed = capsys.readouterr().out
+    assert "asked to unload" in listed and "SESSIONS" in listed
+    # An operator pins it: the claim looks elsewhere.
+    pin = ["instances", "set", victim["id"], "--pin", "--url", url]
+    assert await asyncio.to_thread(main, pin) == 0
+    assert "pinned" in capsys.readouterr().out
+    again = await _json(await client.get(f"/reservations/{claim['id']}"))
+    assert [i["id"] for i in again["awaiting"]["unload"]] != [victim["id"]]

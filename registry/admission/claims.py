@@ -43,10 +43,12 @@ class RoomSource(Protocol):
     def describe(self, instance: Instance) -> dict[str, object]: ...
 
     def loaded_on(
-        self, device_uuid: str, reload_s: Callable[[Instance], float]
+        self, device_uuid: str, reload_s: Callable[[Instance], float], rules: Rules
     ) -> list[Loaded]: ...
 
     def mark_evicting(self, instance_ids: Iterable[str], reservation_id: str | None) -> None: ...
+
+    def freeable_mib(self, device_uuid: str) -> int: ...
 
 
 @dataclass
@@ -83,14 +85,27 @@ class Claims:
 
     # -- planning ---------------------------------------------------------------------------
 
-    def rooms(self, model: CatalogModel | None, vram: int, gpu: str | None) -> list[DeviceRoom]:
+    def rooms(
+        self, model: CatalogModel | None, vram: int, gpu: str | None, rules: Rules
+    ) -> list[DeviceRoom]:
         """Every healthy device the request may use (only `gpu` when named), as the plan sees
         it: what is usable, what it could ever hold, what the asker books there, what is on it."""
         capacity = self._view.capacity
+        reloads: dict[tuple[str | None, str], float] = {}
+
+        def reload_s(instance: Instance) -> float:
+            key = (instance.model, instance.gpu_uuid)
+            if key not in reloads:
+                reloads[key] = self.reload_s(instance)
+            return reloads[key]
+
         found = []
         for usable in capacity.healthy_devices(gpu):
             device = usable.device
-            loaded = tuple(self._instances.loaded_on(device.uuid, self.reload_s))
+            need = vram if model is None else capacity.need(model, device)
+            if usable.usable_mib + self._instances.freeable_mib(device.uuid) < need:
+                continue  # not even unloading everything there would do: no plan to make
+            loaded = tuple(self._instances.loaded_on(device.uuid, reload_s, rules))
             pids = {i.pid for i in loaded}
             found.append(
                 DeviceRoom(
@@ -98,7 +113,7 @@ class Claims:
                     index=device.index,
                     usable_mib=usable.usable_mib,
                     capacity_mib=capacity.capacity_of(device),
-                    need_mib=vram if model is None else capacity.need(model, device),
+                    need_mib=need,
                     loaded=loaded,
                     process_mib={
                         p.pid: (p.used_bytes or 0) // MIB for p in device.processes if p.pid in pids
@@ -110,7 +125,8 @@ class Claims:
     def plan(
         self, model: CatalogModel | None, vram: int, gpu: str | None, priority: int
     ) -> Plan | None:
-        return plan(self.rooms(model, vram, gpu), self._rules(priority))
+        rules = self._rules(priority)
+        return plan(self.rooms(model, vram, gpu, rules), rules)
 
     def reload_s(self, instance: Instance) -> float:
         """How long the instance's model would take to load again on its device."""
@@ -247,8 +263,9 @@ class Claims:
     def _replan(self, claim: Reservation) -> Plan | None:
         """The claim is booked in full already: what must go for its device's usable memory
         to be at least 0 once the victims are gone."""
-        rooms = [r for r in self.rooms(None, 0, claim.gpu_uuid) if r.uuid == claim.gpu_uuid]
-        return plan(rooms, self._rules(claim.priority, claim=claim.id))
+        rules = self._rules(claim.priority, claim=claim.id)
+        rooms = [r for r in self.rooms(None, 0, claim.gpu_uuid, rules) if r.uuid == claim.gpu_uuid]
+        return plan(rooms, rules)
 
     def _withdraw(self, claim: Reservation, why: str) -> None:
         assert self._book is not None and claim.awaiting is not None

@@ -36,7 +36,7 @@ from registry.footprint import product
 from registry.instance import DEFAULT_PRIORITY, Evicting, Instance
 from registry.logs import get_logger
 from registry.reservation import Reservation
-from registry.room import Loaded
+from registry.room import Loaded, Rules, held_back
 from registry.view import CatalogView
 
 log = get_logger("registry.instances")
@@ -125,6 +125,7 @@ class InstanceBook:
         self._by_process: dict[tuple[str, int], int] = {}  # (gpu, pid) -> instances
         self._on_sample = on_sample
         self._on_load_time = on_load_time
+        self._freeable: dict[str, int] = {}  # freeable_mib by device, until the next change
         self.on_gone: InstanceListener | None = None
         self.on_withdrawn: InstanceListener | None = None
         self.counters = InstanceCounters()
@@ -212,12 +213,44 @@ class InstanceBook:
         pending = self._pending(instance, live)
         return instance.to_api(live.used_mib, live.peak_mib, pending, self._clock())
 
-    def loaded_on(self, device_uuid: str, reload_s: Callable[[Instance], float]) -> list[Loaded]:
-        """The instances on a device as the room plan sees them."""
-        now = self._clock()
-        found = []
+    def freeable_mib(self, device_uuid: str) -> int:
+        """The most that unloading every instance on a device could free: its processes'
+        memory and what the instances still hold pending (a bound, cheap to take: kept until
+        an instance or a poll changes anything)."""
+        if (known := self._freeable.get(device_uuid)) is not None:
+            return known
+        used: dict[int, int] = {}
+        pending = 0
         for instance_id in self._by_device.get(device_uuid, {}):
-            instance = self._open[instance_id]
+            instance, live = self._open[instance_id], self._live[instance_id]
+            used[instance.pid] = live.used_mib or 0
+            pending += self._pending(instance, live)
+        freeable = self._freeable[device_uuid] = sum(used.values()) + pending
+        return freeable
+
+    def loaded_on(
+        self, device_uuid: str, reload_s: Callable[[Instance], float], rules: Rules
+    ) -> list[Loaded]:
+        """The instances on a device as the room plan sees them, but those of processes
+        that `rules` hold back whatever the clock says (they could never be victims)."""
+        now = self._clock()
+        on_device = [self._open[i] for i in self._by_device.get(device_uuid, {})]
+        held = {
+            i.pid
+            for i in on_device
+            if held_back(
+                i.pinned,
+                i.sessions,
+                i.priority,
+                None if i.evicting is None else i.evicting.reservation,
+                rules,
+            )
+        }
+        found = []
+        for instance in on_device:
+            if instance.pid in held:
+                continue
+            instance_id = instance.id
             found.append(
                 Loaded(
                     instance_id=instance.id,
@@ -421,6 +454,7 @@ class InstanceBook:
         """After every successful poll: follow each process, end those that left."""
         if not snapshot.known or not self._open:
             return
+        self._freeable.clear()
         devices = {device.uuid: device for device in snapshot.devices}
         # Each device's processes by pid, once per poll: a lookup per instance, not a scan.
         listed = {
@@ -549,6 +583,7 @@ class InstanceBook:
     def _replace(self, instance: Instance) -> None:
         """Keep `instance` as the new state of the live instance with its id."""
         self._open[instance.id] = instance
+        self._freeable.clear()
 
     def _observe(self, live: _Live, device: GpuDevice, used_bytes: int | None) -> None:
         live.used_mib = None if used_bytes is None else used_bytes // MIB
@@ -595,6 +630,7 @@ class InstanceBook:
         self._show([instance], holds=[self._hold(instance, live)], changed=[instance])
 
     def _index(self, instance: Instance) -> None:
+        self._freeable.clear()
         self._open[instance.id] = instance
         key = (instance.gpu_uuid, instance.pid)
         self._by_process[key] = self._by_process.get(key, 0) + 1
@@ -606,6 +642,7 @@ class InstanceBook:
             self._by_load.setdefault((*key, instance.model), instance.id)
 
     def _drop(self, instance: Instance) -> None:
+        self._freeable.clear()
         del self._open[instance.id]
         del self._live[instance.id]
         key = (instance.gpu_uuid, instance.pid)

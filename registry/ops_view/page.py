@@ -151,10 +151,19 @@ async def status_page(request: web.Request) -> web.StreamResponse:
     return response
 
 
+def instance_state(instance: dict[str, Any]) -> str:
+    """What an operator should know of an instance in a word or two."""
+    if instance["evicting"] is not None:
+        return "asked to unload"
+    words = ["pinned" if instance["pinned"] else "", "ready" if instance["ready"] else "loading"]
+    return ", ".join(w for w in words if w)
+
+
 def setup_templates(app: web.Application) -> None:
-    aiohttp_jinja2.setup(
+    environment = aiohttp_jinja2.setup(
         app,
         loader=jinja2.PackageLoader("registry.ops_view", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
+    environment.globals["instance_state"] = instance_state

@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from registry.http_client import ClientError, base_url, call, event_names
-from registry.ops_view.page import memory_segments
+from registry.ops_view.page import instance_state, memory_segments
 
 BAR_WIDTH = 40
 _COLOURS = {"used": "magenta", "pending": "yellow", "margin": "bright_black", "usable": "green"}
@@ -82,9 +82,10 @@ def _models(models: dict[str, Any], active: int) -> Table:
 def _reservations(reservations: dict[str, Any]) -> Table:
     table = Table(title=f"Reservations · {len(reservations['data'])} open", title_justify="left")
     now = datetime.now(UTC)
-    for header in ("holder", "model", "vram MiB", "pending MiB", "GPU", "expires in"):
+    for header in ("holder", "model", "vram MiB", "pending MiB", "GPU", "expires in", "room"):
         table.add_column(header, justify="right" if "MiB" in header else "left")
     for r in reservations["data"]:
+        awaiting = r.get("awaiting")
         table.add_row(
             Text(r["holder"] or "—"),
             Text(r["model"] or "—"),
@@ -92,6 +93,7 @@ def _reservations(reservations: dict[str, Any]) -> Table:
             f"{r['pending_mib']:,}",
             f"GPU {r['gpu']['index']}",
             f"{(datetime.fromisoformat(r['expires_at']) - now).total_seconds():.0f} s",
+            "—" if awaiting is None else f"waits for {len(awaiting['unload'])} to unload",
         )
     return table
 
@@ -99,17 +101,20 @@ def _reservations(reservations: dict[str, Any]) -> Table:
 def _instances(instances: dict[str, Any]) -> Table:
     total = instances.get("pagination", {}).get("total_items", len(instances["data"]))
     table = Table(title=f"Instances · {total} loaded", title_justify="left")
-    for header in ("model", "GPU", "pid", "used MiB", "peak MiB", "pending MiB", "holder"):
-        table.add_column(header, justify="right" if "MiB" in header or header == "pid" else "left")
+    for header in ("model", "GPU", "pid", "used MiB", "pending MiB", "holder", "use", "state"):
+        numeric = "MiB" in header or header == "pid"
+        table.add_column(header, justify="right" if numeric else "left")
     for i in instances["data"]:
+        use = f"{i['sessions']} sessions" if i["sessions"] else f"idle {i['idle_s']:.0f} s"
         table.add_row(
             Text(i["model"] or "—"),
             f"GPU {i['gpu']['index']}",
             str(i["pid"]),
             "—" if i["used_mib"] is None else f"{i['used_mib']:,}",
-            f"{i['peak_mib']:,}",
             f"{i['pending_mib']:,}",
             Text(i["holder"] or "—"),
+            use,
+            instance_state(i),
         )
     return table
 
