@@ -256,6 +256,16 @@ async def test_a_released_claim_frees_its_victims_and_a_dry_run_books_nothing(
     [victim] = claim["awaiting"]["unload"]
     assert (await client.delete(f"/reservations/{claim['id']}", headers=AS_SCHEDULER)).status == 204
     assert (await _instance(client, victim["id"]))["evicting"] is None
+    # A claim whose lease runs out frees its victims too.
+    short = await _json(await host.reserve(model="big", make_room=True, ttl_s=30))
+    [victim] = short["awaiting"]["unload"]
+    host.clock.advance(31)
+    client.app[keys.BOOK].wake()
+    await eventually(lambda: client.get(f"/reservations/{short['id']}"), lambda r: r.status == 404)
+    assert (await _instance(client, victim["id"]))["evicting"] is None
+    samples = await scrape(client)
+    for outcome, count in (("released", 1), ("expired", 1), ("completed", 0)):
+        assert samples[("model_registry_claims_total", (("outcome", outcome),))] == count
 
 
 async def test_a_model_no_gpu_here_could_hold_is_too_large_at_once(host: Host) -> None:
@@ -407,3 +417,42 @@ async def test_operators_see_claims_and_evictions_on_the_page_and_the_command_li
     assert "pinned" in capsys.readouterr().out
     again = await _json(await client.get(f"/reservations/{claim['id']}"))
     assert [i["id"] for i in again["awaiting"]["unload"]] != [victim["id"]]
+
+
+async def test_gpu_activity_keeps_an_instance_busy_but_does_not_change_the_listing_each_poll(
+    host: Host,
+) -> None:
+    client = host.client
+    busy_pid, idle_pid = list(IDLE)[:2]
+    listing_before = (await client.get("/models?name=medium")).headers["ETag"]
+
+    def activity(sm_util: dict[int, int]) -> None:
+        listed = [
+            {"pid": pid, "used_mib": used, **({"sm_util": sm_util[pid]} if pid in sm_util else {})}
+            for pid, used in host.processes.items()
+        ]
+        device = {
+            "uuid": GPU,
+            "name": "Simulated GPU",
+            "total_mib": TOTAL,
+            "free_mib": TOTAL - sum(host.processes.values()),
+            "processes": listed,
+        }
+        path = host.gpus(host.processes)  # where the simulated backend reads, rewritten
+        path.write_text(json.dumps({"devices": [device]}))
+
+    activity({busy_pid: 60})
+    await _poll(client)
+    busy = await _instance(client, host.instances[busy_pid])
+    assert busy["idle_s"] == 0  # busy on the GPU just now
+    listing_after = (await client.get("/models?name=medium")).headers["ETag"]
+    assert listing_after != listing_before  # its last_active_at moved once ...
+    await _poll(client)  # ... and another busy poll within 5 s moves nothing
+    assert (await client.get("/models?name=medium")).headers["ETag"] == listing_after
+    # Pin the third: only the idle one may go, not the one the GPU says is busy.
+    third = list(IDLE)[2]
+    await client.patch(
+        f"/instances/{host.instances[third]}", json={"pinned": True}, headers=AS_SCHEDULER
+    )
+    claim = await _json(await host.reserve(model="big", make_room=True))
+    assert [i["id"] for i in claim["awaiting"]["unload"]] == [host.instances[idle_pid]]

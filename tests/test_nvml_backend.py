@@ -134,3 +134,20 @@ def test_process_names_come_from_the_driver_else_from_proc() -> None:
     calls = fake.name_calls
     backend.read()
     assert fake.name_calls == calls, "a running process is named once"
+
+
+def test_per_process_gpu_activity_comes_from_the_utilization_samples() -> None:
+    gpu = FakeGpu("GPU-a", compute_processes=[(100, 1 * GIB), (200, 2 * GIB)])
+    backend = NvmlBackend(FakeNvml([gpu]))
+    # A GPU that does not sample per-process utilization: activity unknown.
+    [device] = backend.read()
+    assert [p.sm_util for p in device.processes] == [None, None]
+    gpu.utilization = [(100, 37, 1_000), (100, 80, 2_000)]
+    [device] = backend.read()
+    assert [(p.pid, p.sm_util) for p in device.processes] == [(100, 80), (200, 0)]
+    # Only samples newer than the last read count: none since, so nobody was busy.
+    [device] = backend.read()
+    assert [p.sm_util for p in device.processes] == [0, 0]
+    gpu.utilization.append((200, 5, 3_000))
+    [device] = backend.read()
+    assert [p.sm_util for p in device.processes] == [0, 5]
