@@ -81,12 +81,7 @@ class GpuPoller:
         """Ask for a poll now and return the snapshot once one has ended (or at the timeout)."""
         wanted = self._polls_started + 1  # one that starts after this call, not one in flight
         self.poll_now()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                while self._last_poll_ended < wanted:
-                    self._polled.clear()
-                    await self._polled.wait()
-        return self._snapshot
+        return await self._until_polled(wanted, timeout_s)
 
     async def recent_poll(self, timeout_s: float) -> GpuSnapshot:
         """A reading taken since a request last asked for one, at most one poll interval ago:
@@ -97,6 +92,10 @@ class GpuPoller:
             number = self._polls_started + 1
             self._asked = (number, time.monotonic())
             self.poll_now()
+        return await self._until_polled(number, timeout_s)
+
+    async def _until_polled(self, number: int, timeout_s: float) -> GpuSnapshot:
+        """The snapshot once poll `number` has ended (or at the timeout)."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 while self._last_poll_ended < number:

@@ -137,27 +137,23 @@ class FootprintStore:
         """Write samples (a peak only grows) and load times, keep the newest per key,
         announce the models."""
         models = sorted({s.model for s in samples} | {s.model for s in loads})
+        batches = (
+            (_RECORD, _PRUNE, [(s.peak_mib, s) for s in samples]),
+            (_RECORD_LOADS, _PRUNE_LOADS, [(s.load_s, s) for s in loads]),
+        )
         async with self._pool.acquire() as conn, conn.transaction():
-            if samples:
+            for record, prune, rows in batches:
+                if not rows:
+                    continue
                 await conn.execute(
-                    _RECORD,
-                    [s.instance_id for s in samples],
-                    [s.model for s in samples],
-                    [s.gpu_name for s in samples],
-                    [s.peak_mib for s in samples],
-                    [s.host for s in samples],
+                    record,
+                    [s.instance_id for _value, s in rows],
+                    [s.model for _value, s in rows],
+                    [s.gpu_name for _value, s in rows],
+                    [value for value, _s in rows],
+                    [s.host for _value, s in rows],
                 )
-                await conn.execute(_PRUNE, models, KEPT_PER_KEY)
-            if loads:
-                await conn.execute(
-                    _RECORD_LOADS,
-                    [s.instance_id for s in loads],
-                    [s.model for s in loads],
-                    [s.gpu_name for s in loads],
-                    [s.load_s for s in loads],
-                    [s.host for s in loads],
-                )
-                await conn.execute(_PRUNE_LOADS, models, KEPT_PER_KEY)
+                await conn.execute(prune, models, KEPT_PER_KEY)
             for model in models:
                 await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, model)
 
