@@ -320,11 +320,11 @@ def _fleet_instances(app: web.Application) -> list[dict[str, Any]]:
     return [] if instances is None else instances.spots()
 
 
-def _fleet_room(app: web.Application, settings: Settings) -> list[dict[str, Any]]:
-    """What this host's instances offer other daemons to plan room with."""
+def _fleet_room(app: web.Application, settings: Settings) -> str:
+    """What this host's instances offer other daemons to plan room with (JSON)."""
     instances = app.get(keys.INSTANCES)
     if instances is None:
-        return []
+        return "[]"
     return instances.room_row(settings.idle_after_s, settings.min_residency_s)
 
 

@@ -72,7 +72,7 @@ class FleetPublisher:
         view: CatalogView,
         reservations: Callable[[], tuple[list[dict[str, Any]], int, int]],
         instances: Callable[[], list[dict[str, Any]]] = list,
-        room: Callable[[], list[dict[str, Any]]] = list,
+        room: Callable[[], str] = lambda: "[]",
         *,
         heartbeat_interval_s: float,
     ) -> None:
@@ -99,7 +99,7 @@ class FleetPublisher:
         devices = json.dumps(host_devices(self._view))
         newest, open_count, pending_mib = self._reservations()
         instances = json.dumps(self._instances())
-        room = json.dumps(self._room())
+        room = self._room()
         return devices, json.dumps(newest, default=str), open_count, pending_mib, instances, room
 
     async def _write(self, row: tuple[str, str, int, int, str, str]) -> None:

@@ -23,6 +23,7 @@ instance ended and from `on_withdrawn` when its owner took it back (pinned it, o
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -125,7 +126,11 @@ class InstanceBook:
         self._by_process: dict[tuple[str, int], int] = {}  # (gpu, pid) -> instances
         self._on_sample = on_sample
         self._on_load_time = on_load_time
-        self._freeable: dict[str, int] = {}  # freeable_mib by device, until the next change
+        # Taken from every instance, kept until one changes: freeable_mib by device, and the
+        # fleet row's room (its JSON, for the settings it was made with).
+        self._freeable: dict[str, int] = {}
+        self._room_row: tuple[tuple[float, float], str] | None = None
+        self._spots: list[dict[str, Any]] | None = None
         self.on_gone: InstanceListener | None = None
         self.on_withdrawn: InstanceListener | None = None
         self.counters = InstanceCounters()
@@ -148,7 +153,13 @@ class InstanceBook:
         return sorted(found, key=lambda i: (i.loaded_at, i.id))
 
     def spots(self) -> list[dict[str, Any]]:
-        """Per model and device, how many instances: what the fleet row publishes."""
+        """Per model and device, how many instances: what the fleet row publishes (kept until
+        an instance comes or goes)."""
+        if self._spots is None:
+            self._spots = self._count_spots()
+        return self._spots
+
+    def _count_spots(self) -> list[dict[str, Any]]:
         counts: dict[tuple[str, str, int], int] = {}
         for instance in self._open.values():
             if instance.model is not None:
@@ -159,10 +170,19 @@ class InstanceBook:
             for (model, gpu, index), count in sorted(counts.items())
         ]
 
-    def room_row(self, idle_after_s: float, min_residency_s: float) -> list[dict[str, Any]]:
-        """What the fleet row publishes for other daemons to plan with: per process, its device
-        and memory, and per instance its model, priority, last activity and from when it may
-        be asked to go here (None: not as it stands). Nothing in it moves with the clock."""
+    def room_row(self, idle_after_s: float, min_residency_s: float) -> str:
+        """What the fleet row publishes for other daemons to plan with, as JSON: per process,
+        its device and memory, and per instance its model, priority, last activity and from
+        when it may be asked to go here (None: not as it stands). Nothing in it moves with the
+        clock; it is made again only once an instance changed."""
+        settings = (idle_after_s, min_residency_s)
+        if self._room_row is not None and self._room_row[0] == settings:
+            return self._room_row[1]
+        row = json.dumps(self._room_entries(idle_after_s, min_residency_s), separators=(",", ":"))
+        self._room_row = (settings, row)
+        return row
+
+    def _room_entries(self, idle_after_s: float, min_residency_s: float) -> list[dict[str, Any]]:
         by_process: dict[tuple[str, int], dict[str, Any]] = {}
         for instance in self._open.values():
             key = (instance.gpu_uuid, instance.pid)
@@ -411,10 +431,11 @@ class InstanceBook:
         changed = []
         for instance_id in instance_ids:
             instance = self._open.get(instance_id)
-            if instance is None or instance.evicting == mark:
+            if instance is None:
                 continue
-            if mark is None and instance.evicting is None:
-                continue
+            was = None if instance.evicting is None else instance.evicting.reservation
+            if was == reservation_id:
+                continue  # already so (a replanned claim keeps the victims it had, and since)
             updated = replace(instance, evicting=mark)
             self._replace(updated)
             self._ledger.put_instance(updated)
@@ -454,8 +475,8 @@ class InstanceBook:
         """After every successful poll: follow each process, end those that left."""
         if not snapshot.known or not self._open:
             return
-        self._freeable.clear()
-        devices = {device.uuid: device for device in snapshot.devices}
+        # Per device, once per poll: its product and total, what each instance's live keeps.
+        devices = {d.uuid: (product(d), d.total_mib) for d in snapshot.devices}
         # Each device's processes by pid, once per poll: a lookup per instance, not a scan.
         listed = {
             device.uuid: {process.pid: process for process in device.processes}
@@ -483,7 +504,10 @@ class InstanceBook:
                     gone.append(instance.id)
                 continue
             live.absent_polls = 0
+            used_before = live.used_mib
             self._observe(live, devices[instance.gpu_uuid], process.used_bytes)
+            if live.used_mib != used_before:
+                self._changed()
             if (followed := self._follow(instance, live, process.sm_util, now)) is not instance:
                 changed.append(followed)
                 instance = followed
@@ -495,6 +519,8 @@ class InstanceBook:
                 if self._grown_to_booking(instance, live) or instance.booking_over(now):
                     live.settled = True
                 holds.append(self._hold(instance, live))
+        if holds:
+            self._changed()  # what instances hold pending moved
         if changed:
             self._show(changed, holds, changed=changed)
         elif holds:
@@ -583,14 +609,19 @@ class InstanceBook:
     def _replace(self, instance: Instance) -> None:
         """Keep `instance` as the new state of the live instance with its id."""
         self._open[instance.id] = instance
-        self._freeable.clear()
+        self._changed()
 
-    def _observe(self, live: _Live, device: GpuDevice, used_bytes: int | None) -> None:
+    def _changed(self) -> None:
+        """Something of an instance changed: what was derived from them all is taken again."""
+        self._freeable.clear()
+        self._room_row = None
+
+    def _observe(self, live: _Live, device: tuple[str, int], used_bytes: int | None) -> None:
+        """What a reading says of the process: its memory; its device's (product, total)."""
         live.used_mib = None if used_bytes is None else used_bytes // MIB
         live.peak_mib = max(live.peak_mib, live.used_mib or 0)
         live.measured = live.measured or live.used_mib is not None
-        live.product = product(device)
-        live.total_mib = device.total_mib
+        live.product, live.total_mib = device
 
     @staticmethod
     def _grown_to_booking(instance: Instance, live: _Live) -> bool:
@@ -620,7 +651,11 @@ class InstanceBook:
     def _start(self, instance: Instance, device: GpuDevice) -> None:
         live = _Live()
         process = next((p for p in device.processes if p.pid == instance.pid), None)
-        self._observe(live, device, None if process is None else process.used_bytes)
+        self._observe(
+            live,
+            (product(device), device.total_mib),
+            None if process is None else process.used_bytes,
+        )
         live.settled = self._grown_to_booking(instance, live)
         # An adoption is of a model loaded before: its load is done.
         live.loaded = instance.reservation is None
@@ -630,7 +665,8 @@ class InstanceBook:
         self._show([instance], holds=[self._hold(instance, live)], changed=[instance])
 
     def _index(self, instance: Instance) -> None:
-        self._freeable.clear()
+        self._changed()
+        self._spots = None
         self._open[instance.id] = instance
         key = (instance.gpu_uuid, instance.pid)
         self._by_process[key] = self._by_process.get(key, 0) + 1
@@ -642,7 +678,8 @@ class InstanceBook:
             self._by_load.setdefault((*key, instance.model), instance.id)
 
     def _drop(self, instance: Instance) -> None:
-        self._freeable.clear()
+        self._changed()
+        self._spots = None
         del self._open[instance.id]
         del self._live[instance.id]
         key = (instance.gpu_uuid, instance.pid)
