@@ -112,6 +112,7 @@ class ReservationBook:
         # process it names rebased it): what a process held before its load, for the bind.
         # Kept in memory only: after a restart the reading is no longer known.
         self._readings: dict[str, GpuDevice] = {}
+        self._waiting: set[str] = set()  # the ids of claims still waiting for their victims
         self._wake = asyncio.Event()
         self._background_save: asyncio.Task[None] | None = None
         self.claims: Claims | None = None
@@ -137,8 +138,9 @@ class ReservationBook:
         return reservation.to_api(self._view.capacity.pending_of(reservation), unload)
 
     def waiting_claims(self) -> list[Reservation]:
-        """The claims whose victims have not all gone yet."""
-        return [r for r in self._open.values() if r.awaiting is not None]
+        """The claims whose victims have not all gone yet (kept apart: the expiry loop asks
+        at every change, and must not walk every open reservation to answer)."""
+        return [self._open[i] for i in self._waiting]
 
     @staticmethod
     def load_started_at(reservation: Reservation) -> datetime:
@@ -154,6 +156,7 @@ class ReservationBook:
     def load(self, reservations: list[Reservation]) -> None:
         """Take over what the ledger held at start-up; what expired meanwhile ends now."""
         self._open = {r.id: r for r in reservations}
+        self._waiting = {r.id for r in reservations if r.awaiting is not None}
         self._expiries = [(r.expires_at, r.id) for r in reservations]
         heapq.heapify(self._expiries)
         self._view.set_reservations(self.open())
@@ -435,6 +438,10 @@ class ReservationBook:
     def _keep(self, reservation: Reservation) -> None:
         """Hold `reservation` as it now is: in the book, the journal, the view."""
         self._open[reservation.id] = reservation
+        if reservation.awaiting is None:
+            self._waiting.discard(reservation.id)
+        else:
+            self._waiting.add(reservation.id)
         heapq.heappush(self._expiries, (reservation.expires_at, reservation.id))
         if len(self._expiries) > 2 * len(self._open) + 1024:  # renewals left stale entries
             self._expiries = [(r.expires_at, r.id) for r in self._open.values()]
@@ -446,6 +453,7 @@ class ReservationBook:
     def _ended(self, reservation_ids: list[str], reason: str | None = None) -> None:
         for reservation_id in reservation_ids:
             self._readings.pop(reservation_id, None)
+            self._waiting.discard(reservation_id)
         reasons = None if reason is None else dict.fromkeys(reservation_ids, reason)
         self._view.book_reservations([], reservation_ids, reasons)
         self._wake.set()
