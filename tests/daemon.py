@@ -49,6 +49,15 @@ class NotifyListener:
             if line in lines:
                 return self.messages
 
+    def drain(self) -> None:
+        """Take in the datagrams already queued, without waiting for more."""
+        self.sock.setblocking(False)
+        try:
+            while True:
+                self.messages.extend(self.sock.recv(4096).decode().split("\n"))
+        except BlockingIOError:
+            pass
+
     def close(self) -> None:
         self.sock.close()
 
