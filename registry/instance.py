@@ -100,13 +100,13 @@ class Instance:
             "ready_at": _iso(self.ready_at),
             "last_active_at": _iso(self.last_active_at),
             "load_started_at": _iso(self.load_started_at),
-            "evicting": None
-            if self.evicting is None
-            else {
-                "reservation": self.evicting.reservation,
-                "since": self.evicting.since.isoformat(),
-            },
+            "evicting": None if self.evicting is None else self.evicting.to_api(),
         }
+
+    @property
+    def evicting_for(self) -> str | None:
+        """The claim waiting for it to go, if one is."""
+        return None if self.evicting is None else self.evicting.reservation
 
     def active_at(self) -> datetime:
         """The last time it was in use (or loaded)."""
@@ -135,17 +135,23 @@ class Instance:
             "peak_mib": peak_mib,
             "baseline_mib": self.baseline_mib,
             "pending_mib": pending_mib,
-            "sessions": self.sessions,
-            "pinned": self.pinned,
-            "priority": self.priority,
-            "ready": self.ready_at is not None,
+            **self.standing(),
             "ready_at": _iso(self.ready_at),
-            "last_active_at": self.active_at().isoformat(),
-            "evicting": None if self.evicting is None else self.evicting.to_api(),
         }
         if now is not None:
             shown["idle_s"] = round(self.idle_s(now), 3)
         return shown
+
+    def standing(self) -> dict[str, Any]:
+        """How it stands for making room, as every form the API shows it in has it."""
+        return {
+            "sessions": self.sessions,
+            "pinned": self.pinned,
+            "priority": self.priority,
+            "ready": self.ready_at is not None,
+            "last_active_at": self.active_at().isoformat(),
+            "evicting": None if self.evicting is None else self.evicting.to_api(),
+        }
 
     def booking_over(self, now: datetime) -> bool:
         return self.booked_until is None or now >= self.booked_until

@@ -258,36 +258,24 @@ class InstanceBook:
         held = {
             i.pid
             for i in on_device
-            if held_back(
-                i.pinned,
-                i.sessions,
-                i.priority,
-                None if i.evicting is None else i.evicting.reservation,
-                rules,
-            )
+            if held_back(i.pinned, i.sessions, i.priority, i.evicting_for, rules)
         }
-        found = []
-        for instance in on_device:
-            if instance.pid in held:
-                continue
-            instance_id = instance.id
-            found.append(
-                Loaded(
-                    instance_id=instance.id,
-                    pid=instance.pid,
-                    priority=instance.priority,
-                    pinned=instance.pinned,
-                    sessions=instance.sessions,
-                    idle_s=instance.idle_s(now),
-                    resident_s=(now - instance.loaded_at).total_seconds(),
-                    reload_s=reload_s(instance),
-                    pending_mib=self._pending(instance, self._live[instance_id]),
-                    evicting_for=None
-                    if instance.evicting is None
-                    else instance.evicting.reservation,
-                )
+        return [
+            Loaded(
+                instance_id=instance.id,
+                pid=instance.pid,
+                priority=instance.priority,
+                pinned=instance.pinned,
+                sessions=instance.sessions,
+                idle_s=instance.idle_s(now),
+                resident_s=(now - instance.loaded_at).total_seconds(),
+                reload_s=reload_s(instance),
+                pending_mib=self._pending(instance, self._live[instance.id]),
+                evicting_for=instance.evicting_for,
             )
-        return found
+            for instance in on_device
+            if instance.pid not in held
+        ]
 
     # -- changing ---------------------------------------------------------------------------
 
@@ -433,8 +421,7 @@ class InstanceBook:
             instance = self._open.get(instance_id)
             if instance is None:
                 continue
-            was = None if instance.evicting is None else instance.evicting.reservation
-            if was == reservation_id:
+            if instance.evicting_for == reservation_id:
                 continue  # already so (a replanned claim keeps the victims it had, and since)
             updated = replace(instance, evicting=mark)
             self._replace(updated)
@@ -487,6 +474,7 @@ class InstanceBook:
         gone: list[str] = []
         holds: list[tuple[str, str, int]] = []
         changed: list[Instance] = []
+        used_moved = False
         for instance in list(self._open.values()):
             live = self._live[instance.id]
             processes = listed.get(instance.gpu_uuid)
@@ -506,8 +494,7 @@ class InstanceBook:
             live.absent_polls = 0
             used_before = live.used_mib
             self._observe(live, devices[instance.gpu_uuid], process.used_bytes)
-            if live.used_mib != used_before:
-                self._changed()
+            used_moved = used_moved or live.used_mib != used_before
             if (followed := self._follow(instance, live, process.sm_util, now)) is not instance:
                 changed.append(followed)
                 instance = followed
@@ -519,8 +506,8 @@ class InstanceBook:
                 if self._grown_to_booking(instance, live) or instance.booking_over(now):
                     live.settled = True
                 holds.append(self._hold(instance, live))
-        if holds:
-            self._changed()  # what instances hold pending moved
+        if holds or used_moved:
+            self._changed()  # what instances use or hold pending moved
         if changed:
             self._show(changed, holds, changed=changed)
         elif holds:
@@ -753,12 +740,7 @@ def resident(instance: Instance) -> dict[str, Any]:
         "id": instance.id,
         "gpu": instance.gpu_uuid,
         "index": instance.gpu_index,
-        "sessions": instance.sessions,
-        "pinned": instance.pinned,
-        "priority": instance.priority,
-        "ready": instance.ready_at is not None,
-        "last_active_at": instance.active_at().isoformat(),
-        "evicting": None if instance.evicting is None else instance.evicting.to_api(),
+        **instance.standing(),
     }
 
 
