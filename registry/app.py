@@ -171,7 +171,7 @@ async def admission_ctx(app: web.Application, *, clock: Clock) -> AsyncIterator[
         claims.attach(book)
         book.claims = claims
         instances.on_gone = claims.instance_gone
-        instances.on_withdrawn = claims.instance_withdrawn
+        instances.on_victim_changed = claims.victim_changed
         claims.reconcile(instances.listed)
         if ledger.instances:
             log.info("instances restored", open=instances.open_count)

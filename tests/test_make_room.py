@@ -1,7 +1,8 @@
 """Making room through the real app on the simulated backend: a make_room reservation that does
 not fit claims the memory of idle instances (202), holds it while they go, never shares a
 victim, never takes a pinned, busy, just-loaded or more important one, is replanned or
-withdrawn when an owner takes a victim back or the room timeout passes, and survives a
+withdrawn when an owner takes a victim back (or an admin raises it above the claim) or the
+room timeout passes, and survives a
 restart; too_large is told apart from insufficient_vram."""
 
 from __future__ import annotations
@@ -213,6 +214,22 @@ async def test_a_victim_taken_back_is_replaced_or_the_claim_is_withdrawn(host: H
         assert (await _instance(client, instance_id))["evicting"] is None
     assert (await _gpu(client))["pending_mib"] == 0
     stream.close()
+
+
+async def test_a_victim_raised_above_the_claims_priority_is_replaced(host: Host) -> None:
+    client = host.client
+    claim = await _json(await host.reserve(model="big", make_room=True))
+    [first] = claim["awaiting"]["unload"]
+    # Work on it, ended at once, changes nothing: it is still idle enough to go.
+    same = await client.patch(f"/instances/{first['id']}", json={"ready": True}, headers=AS_ADMIN)
+    assert (await _json(same))["evicting"]["reservation"] == claim["id"]
+    raised = await client.patch(
+        f"/instances/{first['id']}", json={"priority": 90}, headers=AS_ADMIN
+    )
+    assert raised.status == 200 and (await _json(raised))["evicting"] is None
+    again = await _json(await client.get(f"/reservations/{claim['id']}"))
+    [second] = again["awaiting"]["unload"]
+    assert second["id"] != first["id"] and second["evicting"]["reservation"] == claim["id"]
 
 
 async def test_a_claim_whose_room_does_not_come_in_time_is_withdrawn(host: Host) -> None:

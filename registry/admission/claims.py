@@ -5,7 +5,8 @@ instances to unload. With a plan it is granted at once, booked in full on the pl
 (whose headroom may go negative meanwhile, so nobody else is promised the memory being freed),
 and its victims are marked `evicting` for it: their owners unload them (the daemon kills
 nothing). When every victim has gone, the claim is an ordinary reservation. A victim that its
-owner takes back (pins it, gives it work) is replaced by a new plan for what is still missing;
+owner takes back (pins it, gives it work, raises its priority above the claim's: whatever
+`held_back` names) is replaced by a new plan for what is still missing;
 when there is none, or when the victims have not gone within the room timeout, the claim ends
 (`room_withdrawn`) and its other victims stop evicting. A claim released, expired or bound
 before its room came frees its victims too.
@@ -23,7 +24,7 @@ from registry.instance import Instance
 from registry.logs import get_logger
 from registry.model import CatalogModel
 from registry.reservation import Reservation
-from registry.room import DeviceRoom, Loaded, Plan, Rules, plan
+from registry.room import DeviceRoom, Loaded, Plan, Rules, held_back, plan
 from registry.view import CatalogView
 
 if TYPE_CHECKING:
@@ -183,13 +184,19 @@ class Claims:
         log.info("room made", reservation=claim.id, model=claim.model, gpu=claim.gpu_uuid)
         self._keep(replace(claim, awaiting=None, awaiting_since=None, room_freed_at=self._clock()))
 
-    def instance_withdrawn(self, instance: Instance) -> None:
-        """Its owner took a victim back (pinned it, gave it work): plan again for what is
-        still missing, or give the claim up."""
+    def victim_changed(self, instance: Instance) -> None:
+        """Its owner changed a victim: if that holds it back from this claim (a pin, work, a
+        priority above the claim's), plan again for what is still missing, or give the claim
+        up."""
         claim = self._claim_of(instance)
         if claim is None or claim.awaiting is None:
             return
-        replanned = self._replan(claim)
+        rules = self._rules(claim.priority, claim=claim.id)
+        if not held_back(
+            instance.pinned, instance.sessions, instance.priority, instance.evicting_for, rules
+        ):
+            return
+        replanned = self._replan(claim, rules)
         if replanned is None:
             self._withdraw(claim, f"instance {instance.id} was taken back and nothing else fits")
             return
@@ -260,10 +267,9 @@ class Claims:
             return None
         return self._book.get(instance.evicting.reservation)
 
-    def _replan(self, claim: Reservation) -> Plan | None:
+    def _replan(self, claim: Reservation, rules: Rules) -> Plan | None:
         """The claim is booked in full already: what must go for its device's usable memory
         to be at least 0 once the victims are gone."""
-        rules = self._rules(claim.priority, claim=claim.id)
         rooms = [r for r in self.rooms(None, 0, claim.gpu_uuid, rules) if r.uuid == claim.gpu_uuid]
         return plan(rooms, rules)
 

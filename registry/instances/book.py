@@ -18,7 +18,7 @@ teaches how long it took (from its start to `ready`), beside its footprint.
 What making room needs is kept here too: the scheduler's sessions, pins and priority, when the
 instance was last active (sessions above 0, or GPU activity where the driver reports it), and
 whether a claim waits for it to go (`evicting`). The claims learn from `on_gone` when an
-instance ended and from `on_withdrawn` when its owner took it back (pinned it, or gave it work).
+instance ended and from `on_victim_changed` when its owner changed one they wait for.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class InstanceBook:
         self._room_row: tuple[tuple[float, float], str] | None = None
         self._spots: list[dict[str, Any]] | None = None
         self.on_gone: InstanceListener | None = None
-        self.on_withdrawn: InstanceListener | None = None
+        self.on_victim_changed: InstanceListener | None = None
         self.counters = InstanceCounters()
 
     # -- reading ----------------------------------------------------------------------------
@@ -386,7 +386,7 @@ class InstanceBook:
         ready: bool = False,
     ) -> Instance:
         """What its owner says of it now (PATCH): sessions, pin, priority, or that its load is
-        done. Taking back a victim (pinning it, giving it work) is told to the claims."""
+        done. A change to a victim is told to the claims: it may take it back."""
         now = self._clock()
         updates: dict[str, Any] = {}
         if sessions is not None:
@@ -407,9 +407,8 @@ class InstanceBook:
         if "ready_at" in updates:
             self._load_done(changed)
         self._show([changed], changed=[changed])
-        withdrawn = changed.evicting is not None and (changed.pinned or changed.sessions > 0)
-        if withdrawn and self.on_withdrawn is not None:
-            self.on_withdrawn(changed)
+        if changed.evicting is not None and self.on_victim_changed is not None:
+            self.on_victim_changed(changed)
         return self._open[changed.id]
 
     def mark_evicting(self, instance_ids: Iterable[str], reservation_id: str | None) -> None:
