@@ -163,13 +163,23 @@ class Capacity:
         """What a healthy device could ever hold: its total less the margin."""
         return self._capacity.get(device.uuid, 0)
 
-    def too_large(self, model: CatalogModel) -> bool:
-        """No healthy device could hold the model even with nothing else on it."""
-        if not self._ranked:
-            return False
+    def too_large(self, model: CatalogModel, gpu: str | None = None) -> bool:
+        """No healthy device (only `gpu`, when given) could hold the model even with nothing
+        else on it."""
         if not self.footprints.learned(model):
-            return self.largest is not None and model.vram > self.largest
-        return all(self.need(model, u.device) > self.capacity_of(u.device) for u in self._ranked)
+            return self.never_holds(model.vram, gpu)
+        devices = self.healthy_devices(gpu)
+        return bool(devices) and all(
+            self.need(model, u.device) > self.capacity_of(u.device) for u in devices
+        )
+
+    def never_holds(self, vram_mib: int, gpu: str | None = None) -> bool:
+        """No healthy device (only `gpu`, when given) could hold `vram_mib` even with nothing
+        else on it (no device: nothing to say)."""
+        if gpu is None:
+            return self.largest is not None and vram_mib > self.largest
+        devices = self.healthy_devices(gpu)
+        return bool(devices) and all(vram_mib > self.capacity_of(u.device) for u in devices)
 
     def need(self, model: CatalogModel, device: GpuDevice) -> int:
         """What admission books for `model` on `device`: its effective size there."""
@@ -202,15 +212,21 @@ class Capacity:
             device = self._ranked[-1].device
         if device is None:
             return Sizes(None, model.vram, reload_estimate(model.vram), True)
-        gpu_product = product(device)
-        effective = self.need(model, device)
-        learned = self.footprints.reload_s(model.name, gpu_product)
+        reload_s, estimated = self.reload_s(model, device)
         return Sizes(
-            observed=self.footprints.observed(model.name, gpu_product),
-            effective=effective,
-            reload_s=reload_estimate(effective) if learned is None else round(learned, 3),
-            reload_estimated=learned is None,
+            observed=self.footprints.observed(model.name, product(device)),
+            effective=self.need(model, device),
+            reload_s=reload_s,
+            reload_estimated=estimated,
         )
+
+    def reload_s(self, model: CatalogModel, device: GpuDevice) -> tuple[float, bool]:
+        """How long `model` takes to load on `device`: learned from its loads on that GPU
+        product, or (True: an estimate) 1 s per GiB of what it books there."""
+        learned = self.footprints.reload_s(model.name, product(device))
+        if learned is not None:
+            return round(learned, 3), False
+        return reload_estimate(self.need(model, device)), True
 
     def assess(self, model: CatalogModel) -> Assessment:
         if self.disabled:

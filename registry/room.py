@@ -9,13 +9,12 @@ measured memory plus what its instances still hold pending. Victims are ranked b
 important first), taken in that order until the deficit is covered; then each one whose removal
 still covers it (lowest score first) is dropped again, so the plan is minimal. Among devices,
 the plan with the least total `reload_s` wins, then the fewest victims, then the best fit.
-
-A model is `too_large` when no device could hold it even with nothing else on it.
+A device that could never hold the asker (its need above the device's capacity) has no plan.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 _MIN_RELOAD_S = 0.001  # a load is never free: no division by zero, no infinite score
@@ -75,6 +74,7 @@ class Plan:
     gpu: str
     index: int
     victims: tuple[Victim, ...]
+    need_mib: int  # what the asker books on the device
     deficit_mib: int  # what was missing on the device (at most 0: nothing was)
     leftover_mib: int  # usable there once the victims are gone and the asker booked
 
@@ -161,6 +161,7 @@ def plan_device(device: DeviceRoom, rules: Rules) -> Plan | None:
         gpu=device.uuid,
         index=device.index,
         victims=tuple(chosen),
+        need_mib=device.need_mib,
         deficit_mib=deficit,
         leftover_mib=device.usable_mib + freed - device.need_mib,
     )
@@ -172,8 +173,3 @@ def plan(devices: Iterable[DeviceRoom], rules: Rules) -> Plan | None:
     if not plans:
         return None
     return min(plans, key=lambda p: (p.reload_s, len(p.victims), p.leftover_mib, p.index, p.gpu))
-
-
-def too_large(devices: Sequence[DeviceRoom]) -> bool:
-    """No device could ever hold it, with nothing else on it (no device: nothing to say)."""
-    return bool(devices) and all(d.need_mib > d.capacity_mib for d in devices)

@@ -19,7 +19,7 @@ from typing import TypeVar
 from gpu import GpuDevice, GpuSnapshot
 from registry.bookings import Bookings
 from registry.capacity import Assessment, Capacity, Margins, Sizes
-from registry.footprint import Footprints, Observed, product, reload_estimate
+from registry.footprint import Footprints, Observed
 from registry.logs import FLAP_EVENT, get_logger
 from registry.model import CatalogModel
 from registry.page_cache import (
@@ -300,12 +300,8 @@ class CatalogView:
         return sizes.reload_s, sizes.reload_estimated
 
     def reload_s(self, model: CatalogModel, device: GpuDevice) -> tuple[float, bool]:
-        """How long `model` takes to load on `device`: learned from its loads on that GPU
-        product, or (True: an estimate) 1 s per GiB of what it books there."""
-        learned = self._footprints.reload_s(model.name, product(device))
-        if learned is not None:
-            return round(learned, 3), False
-        return reload_estimate(self._capacity.need(model, device)), True
+        """How long `model` takes to load on `device`, and whether that is an estimate."""
+        return self._capacity.reload_s(model, device)
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         """Call `listener` after every change of the view."""

@@ -8,7 +8,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from registry.room import DeviceRoom, Loaded, Rules, eligible, plan, plan_device, too_large
+from registry.room import DeviceRoom, Loaded, Rules, eligible, plan, plan_device
 
 RULES = Rules(priority=50, idle_after_s=30, min_residency_s=60)
 
@@ -163,9 +163,26 @@ def test_the_longest_idle_and_cheapest_to_reload_go_first_and_only_as_many_as_ne
     assert (found.frees_mib, found.reload_s, found.leftover_mib) == (8000, 10.0, 0)
 
 
-def test_a_model_no_device_could_ever_hold_is_too_large() -> None:
-    small = DeviceRoom("GPU-0", 0, usable_mib=20000, capacity_mib=22000, need_mib=30000)
-    big = DeviceRoom("GPU-1", 1, usable_mib=0, capacity_mib=80000, need_mib=30000)
-    assert too_large([small])
-    assert not too_large([small, big])
-    assert not too_large([])
+def test_a_device_that_could_never_hold_the_model_gives_no_plan() -> None:
+    idle = (_loaded(1, 0),)
+    small = DeviceRoom(
+        "GPU-0",
+        0,
+        usable_mib=0,
+        capacity_mib=22000,
+        need_mib=30000,
+        loaded=idle,
+        process_mib={1: 40000},
+    )
+    big = DeviceRoom(
+        "GPU-1",
+        1,
+        usable_mib=0,
+        capacity_mib=80000,
+        need_mib=30000,
+        loaded=idle,
+        process_mib={1: 40000},
+    )
+    assert plan_device(small, RULES) is None  # whatever could go there
+    found = plan([small, big], RULES)
+    assert found is not None and found.gpu == "GPU-1" and found.need_mib == 30000

@@ -206,7 +206,12 @@ class ReservationBook:
             vram = model.vram if roomiest is None else capacity.need(model, roomiest.device)
         if chosen is not None:
             return Trial(vram, chosen.device.uuid, chosen.device.index, None)
-        if self._never_fits(model, vram, candidates):
+        never = (
+            capacity.never_holds(vram, request.gpu)
+            if model is None
+            else capacity.too_large(model, request.gpu)
+        )
+        if never:
             where = f"GPU {request.gpu}" if request.gpu else "any GPU here"
             raise Refused(
                 Reason.TOO_LARGE,
@@ -215,27 +220,13 @@ class ReservationBook:
         if request.make_room and self.claims is not None:
             planned = self.claims.plan(model, vram, request.gpu, request.priority)
             if planned is not None:
-                device = next(d for d in self._view.snapshot.devices if d.uuid == planned.gpu)
-                booked = vram if model is None else capacity.need(model, device)
-                return Trial(booked, planned.gpu, planned.index, planned)
+                return Trial(planned.need_mib, planned.gpu, planned.index, planned)
         best = candidates[-1].usable_mib if candidates else 0
         where = f"GPU {request.gpu} has" if request.gpu else "the roomiest GPU has"
         detail = f"{vram} MiB asked, but {where} {best} MiB usable"
         if request.make_room:
             detail += ", and no idle instances free enough"
         raise Refused(Reason.INSUFFICIENT_VRAM, detail)
-
-    def _never_fits(
-        self, model: CatalogModel | None, vram: int, candidates: list[UsableDevice]
-    ) -> bool:
-        capacity = self._view.capacity
-        if not candidates:
-            return False
-        if model is not None:
-            return all(
-                capacity.need(model, u.device) > capacity.capacity_of(u.device) for u in candidates
-            )
-        return all(vram > capacity.capacity_of(u.device) for u in candidates)
 
     def _model_asked(self, request: ReservationRequest) -> CatalogModel | None:
         """The catalog model asked for by name (None when a figure was given)."""
