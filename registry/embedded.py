@@ -317,7 +317,7 @@ class EmbeddedPostgres:
             data_major = (self.data_dir / "PG_VERSION").read_text().strip()
         except FileNotFoundError:
             return
-        ours = self.binaries_major()
+        ours = self._binaries_major()
         if data_major != ours:
             raise MajorVersionMismatch(
                 f"the embedded PostgreSQL data in {self.data_dir} is of PostgreSQL {data_major}, "
@@ -326,7 +326,7 @@ class EmbeddedPostgres:
                 "release restored with this one: docs/operations.md, 'PostgreSQL majors')"
             )
 
-    def binaries_major(self) -> str:
+    def _binaries_major(self) -> str:
         """The major version of the PostgreSQL binaries in use ("18")."""
         assert self._bin is not None
         result = subprocess.run(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import pwd
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,10 +93,6 @@ class StateLock:
         self.state_dir = state_dir
         self.path = state_dir / LOCK_NAME
         self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
 
     def try_acquire(self, role: str) -> Holder | None:
         """Take the lock as `role`; None when taken, else who holds it (nothing is written)."""
@@ -183,8 +180,6 @@ def _owner_of(path: Path) -> str:
     except OSError:
         return "another user"
     try:
-        import pwd
-
         return f"user {pwd.getpwuid(uid).pw_name} ({uid})"
     except KeyError:
         return f"user {uid}"
