@@ -138,3 +138,12 @@ def _limit_open_files(limit: int) -> None:
 async def get_json(url: str, **kwargs: Any) -> Any:
     async with aiohttp.ClientSession() as session, session.get(url, **kwargs) as response:
         return response.status, await response.json()
+
+
+def reload_with(daemon: Daemon, notify: NotifyListener, config: Path, text: str) -> list[str]:
+    """Write `text` to the daemon's configuration file and SIGHUP it: back once the reload is
+    done, with every notify line received so far."""
+    config.write_text(text)
+    daemon.signal(signal.SIGHUP)
+    notify.wait_for("RELOADING=1")
+    return notify.wait_for("READY=1")

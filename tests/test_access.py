@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from registry import keys
 from registry.access import host_name
 from registry.cli import main
 from tests.conftest import ADMIN_TOKEN, AS_ADMIN, SCHEDULER_TOKEN, AppClient, SpawnDaemon
-from tests.daemon import NotifyListener
+from tests.daemon import NotifyListener, reload_with
 
 READ_TOKEN = "read-token-0123456789abcdef"
 AS_READER = {"Authorization": f"Bearer {READ_TOKEN}"}
@@ -182,10 +181,12 @@ async def test_tokens_rotate_on_sighup(
 
             status, kept = await reserve(first)
             assert status == 201
-            config.write_text(f'scheduler_token = "{second}"\nadmin_token = "{ADMIN_TOKEN}"\n')
-            daemon.signal(signal.SIGHUP)
-            notify.wait_for("RELOADING=1")
-            notify.wait_for("READY=1")
+            reload_with(
+                daemon,
+                notify,
+                config,
+                f'scheduler_token = "{second}"\nadmin_token = "{ADMIN_TOKEN}"\n',
+            )
             assert (await reserve(first))[0] == 401
             assert (await reserve(second))[0] == 201
             # The rotated token's lease: an admin may still release it.

@@ -21,7 +21,7 @@ from registry.config import Settings
 from registry.sdnotify import Notifier
 from registry.service import Service, poller_alive
 from tests.conftest import ADMIN_TOKEN, AS_ADMIN, AS_SCHEDULER, SCHEDULER_TOKEN
-from tests.daemon import Daemon, NotifyListener, get_json
+from tests.daemon import Daemon, NotifyListener, get_json, reload_with
 from tests.waiting import eventually
 
 
@@ -129,10 +129,7 @@ async def test_sighup_reloads_live_settings(
     del env["MODEL_REGISTRY_POLL_INTERVAL"]  # the environment would win over the file
     daemon = start_daemon(env, "--config", str(config))
     notify.wait_for("READY=1")
-    config.write_text("poll_interval = 0.5\nvram_margin_mib = 1000\n")
-    daemon.signal(signal.SIGHUP)
-    notify.wait_for("RELOADING=1")
-    messages = notify.wait_for("READY=1")
+    messages = reload_with(daemon, notify, config, "poll_interval = 0.5\nvram_margin_mib = 1000\n")
     reloading = messages.index("RELOADING=1")
     assert "READY=1" in messages[reloading:]  # READY=1 again once the reload is done
     status, gpus = await get_json(f"{daemon.url}/gpus")
@@ -158,18 +155,11 @@ async def test_a_reload_says_what_waits_for_a_restart_and_a_bad_file_changes_not
     env["MODEL_REGISTRY_VRAM_MARGIN_MIB"] = "10"
     daemon = start_daemon(env, "--config", str(config))
     notify.wait_for("READY=1")
-    config.write_text("poll_interval = 1.0\nshutdown_timeout = 9.0\n")
-    daemon.signal(signal.SIGHUP)
-    notify.wait_for("RELOADING=1")
-    notify.wait_for("READY=1")
-    config.write_text("poll_interval = [not toml\n")
-    daemon.signal(signal.SIGHUP)
-    notify.wait_for("RELOADING=1")
-    notify.wait_for("READY=1")
-    config.write_text('poll_interval = 0.001\nadvertise_url = "ftp://u:hunter2@h/x"\n')
-    daemon.signal(signal.SIGHUP)
-    notify.wait_for("RELOADING=1")
-    notify.wait_for("READY=1")
+    reload_with(daemon, notify, config, "poll_interval = 1.0\nshutdown_timeout = 9.0\n")
+    reload_with(daemon, notify, config, "poll_interval = [not toml\n")
+    reload_with(
+        daemon, notify, config, 'poll_interval = 0.001\nadvertise_url = "ftp://u:hunter2@h/x"\n'
+    )
     status, gpus = await get_json(f"{daemon.url}/gpus")
     assert (status, gpus["poll_interval_s"], gpus["margin_mib"]) == (200, 1.0, 10)
     lines = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
@@ -240,10 +230,7 @@ async def test_a_reload_reaches_every_reader_retry_after_included(
             return response.headers["Retry-After"]
 
     assert await retry_after() == "2"
-    config.write_text("poll_interval = 7.0\n")
-    daemon.signal(signal.SIGHUP)
-    notify.wait_for("RELOADING=1")
-    notify.wait_for("READY=1")
+    reload_with(daemon, notify, config, "poll_interval = 7.0\n")
     assert await retry_after() == "7"
 
 
