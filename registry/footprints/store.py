@@ -43,28 +43,28 @@ INSERT INTO load_samples (instance_id, model, gpu_name, load_s, host)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::real[], $5::text[])
 ON CONFLICT (instance_id) DO NOTHING
 """
-_PRUNE_LOADS = """
-DELETE FROM load_samples AS s
- USING (SELECT instance_id,
-               row_number() OVER (PARTITION BY model, gpu_name
-                                  ORDER BY recorded_at DESC, instance_id) AS n
-          FROM load_samples WHERE model = ANY($1::text[])) AS ranked
- WHERE s.instance_id = ranked.instance_id AND ranked.n > $2
-"""
 _RECORD = """
 INSERT INTO footprint_samples (instance_id, model, gpu_name, peak_mib, host)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::text[])
 ON CONFLICT (instance_id) DO UPDATE
    SET peak_mib = GREATEST(footprint_samples.peak_mib, EXCLUDED.peak_mib), recorded_at = now()
 """
-_PRUNE = """
-DELETE FROM footprint_samples AS s
+
+
+def _prune(table: str) -> str:
+    """Keep the newest $2 rows per model and product of the models in $1."""
+    return f"""
+DELETE FROM {table} AS s
  USING (SELECT instance_id,
                row_number() OVER (PARTITION BY model, gpu_name
                                   ORDER BY recorded_at DESC, instance_id) AS n
-          FROM footprint_samples WHERE model = ANY($1::text[])) AS ranked
+          FROM {table} WHERE model = ANY($1::text[])) AS ranked
  WHERE s.instance_id = ranked.instance_id AND ranked.n > $2
 """
+
+
+_PRUNE = _prune("footprint_samples")
+_PRUNE_LOADS = _prune("load_samples")
 _SUMMARY = f"""
 WITH ranked AS (
     SELECT model, gpu_name, peak_mib, recorded_at,
