@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -229,6 +229,40 @@ def gpu_file(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     write(("GPU-sim-0", 24576, 20000))
+    return write
+
+
+ONE_GPU = "GPU-sim-0"
+ONE_GPU_TOTAL_MIB = 81920
+
+
+@pytest.fixture
+def gpus(gpu_file: Callable[..., Path]) -> Callable[..., Path]:
+    """gpus({pid: used_mib}, free=..., known=True): one 80 GiB simulated device, written empty
+    at first. `free` is what the processes leave unless given; `known=False` hides its process
+    list, as a driver that cannot read it would."""
+
+    def write(
+        processes: Mapping[int, int | None] | None = None,
+        *,
+        free: int | None = None,
+        known: bool = True,
+    ) -> Path:
+        processes = processes or {}
+        if free is None:
+            free = max(0, ONE_GPU_TOTAL_MIB - sum(used or 0 for used in processes.values()))
+        listed = [{"pid": pid, "used_mib": used} for pid, used in processes.items()]
+        return gpu_file(
+            {
+                "uuid": ONE_GPU,
+                "name": "Simulated GPU",
+                "total_mib": ONE_GPU_TOTAL_MIB,
+                "free_mib": free,
+                "processes": listed if known else None,
+            }
+        )
+
+    write()
     return write
 
 

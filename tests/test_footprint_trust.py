@@ -17,6 +17,8 @@ from tests.conftest import (
     ADMIN_TOKEN,
     AS_ADMIN,
     AS_SCHEDULER,
+    ONE_GPU,
+    ONE_GPU_TOTAL_MIB,
     SCHEDULER_TOKEN,
     AppClient,
     LogLines,
@@ -24,23 +26,8 @@ from tests.conftest import (
 from tests.db import fetch
 from tests.waiting import eventually
 
-GPU = "GPU-sim-0"
-TOTAL = 81920
-
-
-@pytest.fixture
-def gpus(gpu_file: Callable[..., Path]) -> Callable[..., Path]:
-    """gpus({pid: used_mib}, free=...): one 80 GiB device; free is what the processes leave."""
-
-    def write(processes: dict[int, int] | None = None, free: int | None = None) -> Path:
-        processes = processes or {}
-        listed = [{"pid": pid, "used_mib": used} for pid, used in processes.items()]
-        free = max(0, TOTAL - sum(processes.values())) if free is None else free
-        device = {"uuid": GPU, "name": "Simulated GPU", "total_mib": TOTAL, "free_mib": free}
-        return gpu_file({**device, "processes": listed})
-
-    write()
-    return write
+GPU = ONE_GPU
+TOTAL = ONE_GPU_TOTAL_MIB
 
 
 async def _json(response: Any) -> Any:

@@ -19,6 +19,8 @@ from tests.conftest import (
     ADMIN_TOKEN,
     AS_ADMIN,
     AS_SCHEDULER,
+    ONE_GPU,
+    ONE_GPU_TOTAL_MIB,
     SCHEDULER_TOKEN,
     AppClient,
     LogLines,
@@ -28,21 +30,8 @@ from tests.fake_nvml import FakeGpu, FakeNvml
 from tests.scrape import scrape
 from tests.waiting import eventually
 
-GPU = "GPU-sim-0"
-TOTAL = 81920
-
-
-@pytest.fixture
-def gpus(gpu_file: Callable[..., Path]) -> Callable[..., Path]:
-    """gpus(free_mib, {pid: used_mib}): one 80 GiB simulated device."""
-
-    def write(free: int, processes: dict[int, int | None] | None = None) -> Path:
-        listed = [{"pid": pid, "used_mib": used} for pid, used in (processes or {}).items()]
-        device = {"uuid": GPU, "name": "Simulated GPU", "total_mib": TOTAL, "free_mib": free}
-        return gpu_file({**device, "processes": listed})
-
-    write(TOTAL)
-    return write
+GPU = ONE_GPU
+TOTAL = ONE_GPU_TOTAL_MIB
 
 
 async def _json(response: Any) -> Any:
@@ -64,11 +53,11 @@ async def _load_and_exit(
 ) -> None:
     """A worker reserves `model`, starts, loads it (bound to the reservation), reports the
     unload and exits: one load watched to its end, one sample, what it took."""
-    gpus(TOTAL)
+    gpus()
     await _poll(client)
     reserved = await client.post("/reservations", json={"model": model}, headers=AS_SCHEDULER)
     assert reserved.status == 201, await reserved.text()
-    gpus(TOTAL - (used or 0), {pid: used})
+    gpus({pid: used})
     await _poll(client)
     bound = await client.post(
         "/instances",
@@ -79,7 +68,7 @@ async def _load_and_exit(
     instance = await _json(bound)
     unloaded = await client.delete(f"/instances/{instance['id']}", headers=AS_SCHEDULER)
     assert unloaded.status == 204
-    gpus(TOTAL)
+    gpus()
     await _poll(client)
     assert (await _json(await client.get("/instances")))["data"] == []
 
@@ -113,14 +102,14 @@ async def test_learned_sizes_move_a_model_to_insufficient_vram_and_reservations_
     assert (medium["vram_observed"], medium["vram_effective"]) == (6000, 6000)
 
     # 5,000 MiB usable: the declared 2,500 would fit, what loads really take does not.
-    gpus(5000)
+    gpus(free=5000)
     await _poll(client)
     medium = await _model(client, "medium")
     assert (medium["active"], medium["reason"]) == (False, "insufficient_vram")
     assert medium["headroom_mib"] == 5000 - 6000
     refused = await client.post("/reservations", json={"model": "medium"}, headers=AS_SCHEDULER)
     assert refused.status == 409
-    gpus(TOTAL)
+    gpus()
     await _poll(client)
     granted = await client.post("/reservations", json={"model": "medium"}, headers=AS_SCHEDULER)
     assert (await _json(granted))["vram_mib"] == 6000
@@ -218,7 +207,7 @@ async def test_a_process_that_holds_a_reservation_or_unreported_memory_gives_no_
     client: Any, gpus: Callable[..., Path], start_app: AppClient, database_url: str
 ) -> None:
     # The worker still named by an open reservation: what it holds is not one model's.
-    gpus(TOTAL - 4000, {7001: 4000})
+    gpus({7001: 4000})
     await _poll(client)
     held = await client.post(
         "/reservations", json={"vram_mib": 1000, "pid": 7001}, headers=AS_SCHEDULER
@@ -228,7 +217,7 @@ async def test_a_process_that_holds_a_reservation_or_unreported_memory_gives_no_
         "/instances", json={"model": "medium", "gpu": GPU, "pid": 7001}, headers=AS_SCHEDULER
     )
     assert adopted.status == 201
-    gpus(TOTAL)
+    gpus()
     await _poll(client)
     await _poll(client)
     # A driver that reports no per-process memory (the fake pynvml's None).
@@ -254,7 +243,7 @@ async def test_a_finished_load_does_not_shrink_a_sibling_reservation(
     client: Any, gpus: Callable[..., Path]
 ) -> None:
     worker = 7100
-    gpus(TOTAL - 500, {worker: 500})
+    gpus({worker: 500})
     await _poll(client)
 
     async def reserve() -> dict[str, Any]:
@@ -265,7 +254,7 @@ async def test_a_finished_load_does_not_shrink_a_sibling_reservation(
         return reservation
 
     first, second = await reserve(), await reserve()
-    gpus(TOTAL - 4500, {worker: 4500})  # the first load is done: 4,000 MiB more
+    gpus({worker: 4500})  # the first load is done: 4,000 MiB more
     await _poll(client)
     assert (await client.delete(f"/reservations/{first['id']}", headers=AS_SCHEDULER)).status == 204
     # The second has loaded nothing yet: it still holds all it booked.

@@ -14,35 +14,23 @@ import pytest
 
 from registry import keys
 from tests.clock import ManualClock
-from tests.conftest import ADMIN_TOKEN, AS_SCHEDULER, SCHEDULER_TOKEN, AppClient, LogLines
+from tests.conftest import (
+    ADMIN_TOKEN,
+    AS_SCHEDULER,
+    ONE_GPU,
+    ONE_GPU_TOTAL_MIB,
+    SCHEDULER_TOKEN,
+    AppClient,
+    LogLines,
+)
 from tests.scrape import scrape
 from tests.sse import EventReader
 from tests.waiting import eventually
 
-GPU = "GPU-sim-0"
-TOTAL = 81920
+GPU = ONE_GPU
+TOTAL = ONE_GPU_TOTAL_MIB
 WORKER = 4242
 OTHER_SCHEDULER = "another-scheduler-token-51d0"
-
-
-@pytest.fixture
-def gpus(gpu_file: Callable[..., Path]) -> Callable[..., Path]:
-    """gpus(free_mib, {pid: used_mib}, processes_known=True): one 80 GiB device."""
-
-    def write(free: int, processes: dict[int, int] | None = None, known: bool = True) -> Path:
-        listed = [{"pid": pid, "used_mib": used} for pid, used in (processes or {}).items()]
-        return gpu_file(
-            {
-                "uuid": GPU,
-                "name": "Simulated GPU",
-                "total_mib": TOTAL,
-                "free_mib": free,
-                "processes": listed if known else None,
-            }
-        )
-
-    write(TOTAL)
-    return write
 
 
 async def _poll(client: Any) -> None:
@@ -88,7 +76,7 @@ async def test_a_bind_right_after_the_worker_starts_carries_the_booking_until_th
     reservation = await _reserve(client, model="large-v3", holder="session-1")
     assert await _pending(client) == 10000
     # The worker has its CUDA context (500 MiB), not the model yet.
-    gpus(TOTAL - 500, {WORKER: 500})
+    gpus({WORKER: 500})
     await _poll(client)
     answer = await _bind(client, reservation=reservation["id"], pid=WORKER)
     assert answer.status == 201, await answer.text()
@@ -113,10 +101,10 @@ async def test_a_bind_right_after_the_worker_starts_carries_the_booking_until_th
         "evicting": None,
     }
 
-    gpus(TOTAL - 6000, {WORKER: 6000})  # loading
+    gpus({WORKER: 6000})  # loading
     await _poll(client)
     assert await _pending(client) == 4000
-    gpus(TOTAL - 10500, {WORKER: 10500})  # loaded: its memory is in NVML's used figure now
+    gpus({WORKER: 10500})  # loaded: its memory is in NVML's used figure now
     await _poll(client)
     assert await _pending(client) == 0
     shown = await _json(await client.get(f"/instances/{instance['id']}"))
@@ -129,19 +117,19 @@ async def test_a_bind_right_after_the_worker_starts_carries_the_booking_until_th
 async def test_an_instance_ends_when_its_process_leaves_the_gpu_for_two_polls(
     client: Any, gpus: Callable[..., Path], json_lines: LogLines
 ) -> None:
-    gpus(TOTAL - 3000, {WORKER: 3000})
+    gpus({WORKER: 3000})
     await _poll(client)
     answer = await _bind(client, model="medium", gpu=GPU, pid=WORKER, holder="job-7")
     assert answer.status == 201, await answer.text()
     instance = await _json(answer)
     assert instance["reservation"] is None and instance["pending_mib"] == 0
-    gpus(TOTAL)  # the process exited
+    gpus()  # the process exited
     await _poll(client)
     assert (await client.get(f"/instances/{instance['id']}")).status == 200  # one poll: not yet
-    gpus(TOTAL, known=False)  # a poll that cannot see the processes ends nothing
+    gpus(free=TOTAL, known=False)  # a poll that cannot see the processes ends nothing
     await _poll(client)
     assert (await client.get(f"/instances/{instance['id']}")).status == 200
-    gpus(TOTAL)
+    gpus()
     await _poll(client)
     assert (await client.get(f"/instances/{instance['id']}")).status == 404
     ended = [x for x in json_lines() if x["event"] == "instance ended"]
@@ -159,7 +147,7 @@ async def test_adoption_needs_the_pid_on_the_gpu_and_a_readable_process_list(
     client: Any, gpus: Callable[..., Path]
 ) -> None:
     # It started after the last poll: the daemon polls again before it says no.
-    gpus(TOTAL - 700, {WORKER: 700})
+    gpus({WORKER: 700})
     accepted = await _bind(client, model="tiny", gpu=GPU, pid=WORKER)
     assert accepted.status == 201, await accepted.text()
     # Many asking for processes that are not there share that one poll: within a poll
@@ -172,7 +160,7 @@ async def test_adoption_needs_the_pid_on_the_gpu_and_a_readable_process_list(
     assert {answer.status for answer in refused} == {409}
     assert {(await _json(answer))["reason"] for answer in refused} == {"pid_not_on_gpu"}
     assert poller.polls == polls
-    gpus(TOTAL - 700, known=False)
+    gpus(free=TOTAL - 700, known=False)
     await _poll(client)
     unknown = await _bind(client, model="medium", gpu=GPU, pid=WORKER)
     assert unknown.status == 503 and unknown.headers["Retry-After"]
@@ -182,7 +170,7 @@ async def test_adoption_needs_the_pid_on_the_gpu_and_a_readable_process_list(
 async def test_bad_binds_and_adoptions_are_refused_and_change_nothing(
     client: Any, gpus: Callable[..., Path]
 ) -> None:
-    gpus(TOTAL - 700, {WORKER: 700})
+    gpus({WORKER: 700})
     await _poll(client)
     reservation = await _reserve(client, vram_mib=1000)
     no_pid = await _bind(client, reservation=reservation["id"])
@@ -210,7 +198,7 @@ async def test_a_reported_unload_ends_it_and_the_cap_holds(
     start_app: AppClient, gpus: Callable[..., Path]
 ) -> None:
     client = await start_app(scheduler_token=SCHEDULER_TOKEN, poll_interval=60, max_instances=1)
-    gpus(TOTAL - 700, {WORKER: 700, WORKER + 1: 700})
+    gpus({WORKER: 700, WORKER + 1: 700}, free=TOTAL - 700)
     await _poll(client)
     first = await _json(await _bind(client, model="tiny", gpu=GPU, pid=WORKER))
     too_many = await _bind(client, model="tiny", gpu=GPU, pid=WORKER + 1)
@@ -223,7 +211,7 @@ async def test_a_reported_unload_ends_it_and_the_cap_holds(
 async def test_events_tell_of_instances_made_and_ended(
     client: Any, gpus: Callable[..., Path]
 ) -> None:
-    gpus(TOTAL - 700, {WORKER: 700})
+    gpus({WORKER: 700})
     await _poll(client)
     response = await client.get("/events")
     events = EventReader(response)
@@ -242,7 +230,7 @@ async def test_instances_survive_a_restart_but_not_another_boot(
     start_app: AppClient, gpus: Callable[..., Path], tmp_path: Path
 ) -> None:
     state = tmp_path / "kept-state"
-    gpus(TOTAL - 700, {WORKER: 700})
+    gpus({WORKER: 700})
     first = await start_app(scheduler_token=SCHEDULER_TOKEN, poll_interval=60, state_dir=state)
     await _poll(first)
     made = await _json(await _bind(first, model="tiny", gpu=GPU, pid=WORKER))
@@ -284,7 +272,7 @@ async def test_the_command_line_status_and_page_show_instances(
     from registry.cli import main
 
     monkeypatch.setenv("MODEL_REGISTRY_SCHEDULER_TOKEN", SCHEDULER_TOKEN)
-    gpus(TOTAL - 3000, {WORKER: 3000})
+    gpus({WORKER: 3000})
     await _poll(client)
     url = str(client.make_url("")).rstrip("/")
     capsys.readouterr()
@@ -308,7 +296,7 @@ async def test_the_command_line_status_and_page_show_instances(
 async def test_the_fleet_says_where_a_model_is_warm(
     start_app: AppClient, gpus: Callable[..., Path]
 ) -> None:
-    gpus(TOTAL - 700, {WORKER: 700})
+    gpus({WORKER: 700})
     here = await start_app(
         scheduler_token=SCHEDULER_TOKEN, poll_interval=60, heartbeat_interval=0.5
     )
@@ -346,7 +334,7 @@ async def test_one_live_instance_per_process_and_model_and_a_cap_per_token(
         poll_interval=60,
         max_instances_per_token=2,
     )
-    gpus(TOTAL - 2100, {WORKER: 700, WORKER + 1: 700, WORKER + 2: 700})
+    gpus({WORKER: 700, WORKER + 1: 700, WORKER + 2: 700})
     await _poll(client)
     first = await _json(await _bind(client, model="tiny", gpu=GPU, pid=WORKER))
     again = await _bind(client, model="tiny", gpu=GPU, pid=WORKER)
@@ -379,7 +367,7 @@ async def test_instances_are_listed_page_by_page_and_a_model_shows_its_newest(
     client: Any, gpus: Callable[..., Path], json_lines: LogLines
 ) -> None:
     pids = list(range(10_000, 10_105))
-    gpus(TOTAL - 105 * 10, dict.fromkeys(pids, 10))
+    gpus(dict.fromkeys(pids, 10), free=TOTAL - 105 * 10)
     await _poll(client)
     made = []
     for pid in pids:
@@ -407,7 +395,7 @@ async def test_instances_are_listed_page_by_page_and_a_model_shows_its_newest(
     assert [i["id"] for i in shown["instances"]] == made[5:]  # the newest 100, oldest first
     # All of them end at once (their processes left): the log says so in a few lines.
     json_lines()
-    gpus(TOTAL)
+    gpus()
     await _poll(client)
     await _poll(client)
     ended = [x for x in json_lines() if x["event"] == "instance ended"]
@@ -420,12 +408,12 @@ async def test_a_booking_ends_at_its_expiry_while_the_process_list_cannot_be_rea
 ) -> None:
     clock = ManualClock()
     client = await start_app(scheduler_token=SCHEDULER_TOKEN, poll_interval=60, clock=clock)
-    gpus(TOTAL - 500, {WORKER: 500})
+    gpus({WORKER: 500})
     await _poll(client)
     reservation = await _reserve(client, model="large-v3", ttl_s=60)
     bound = await _bind(client, reservation=reservation["id"], pid=WORKER)
     assert bound.status == 201 and await _pending(client) == 10000
-    gpus(TOTAL - 500, known=False)  # the driver stops listing processes
+    gpus(free=TOTAL - 500, known=False)  # the driver stops listing processes
     await _poll(client)
     assert await _pending(client) == 10000
     clock.advance(61)

@@ -16,32 +16,22 @@ import pytest
 
 from registry import keys
 from tests.clock import ManualClock
-from tests.conftest import ADMIN_TOKEN, AS_ADMIN, AS_SCHEDULER, SCHEDULER_TOKEN, AppClient
+from tests.conftest import (
+    ADMIN_TOKEN,
+    AS_ADMIN,
+    AS_SCHEDULER,
+    ONE_GPU,
+    ONE_GPU_TOTAL_MIB,
+    SCHEDULER_TOKEN,
+    AppClient,
+)
 from tests.scrape import scrape
 from tests.sse import EventReader
 from tests.waiting import eventually
 
-GPU = "GPU-sim-0"
-TOTAL = 81920
+GPU = ONE_GPU
+TOTAL = ONE_GPU_TOTAL_MIB
 IDLE = {101: 25000, 102: 25000, 103: 25000}  # three idle workers fill most of the GPU
-
-
-@pytest.fixture
-def gpus(gpu_file: Callable[..., Path]) -> Callable[..., Path]:
-    """gpus({pid: used_mib}): one 80 GiB device; free is what the processes leave."""
-
-    def write(processes: dict[int, int]) -> Path:
-        listed = [{"pid": pid, "used_mib": used} for pid, used in processes.items()]
-        device = {
-            "uuid": GPU,
-            "name": "Simulated GPU",
-            "total_mib": TOTAL,
-            "free_mib": TOTAL - sum(processes.values()),
-        }
-        return gpu_file({**device, "processes": listed})
-
-    write({})
-    return write
 
 
 async def _json(response: Any) -> Any:
