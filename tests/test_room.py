@@ -4,6 +4,7 @@ found whenever some set of eligible victims would do (checked against brute forc
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -164,25 +165,16 @@ def test_the_longest_idle_and_cheapest_to_reload_go_first_and_only_as_many_as_ne
 
 
 def test_a_device_that_could_never_hold_the_model_gives_no_plan() -> None:
-    idle = (_loaded(1, 0),)
     small = DeviceRoom(
         "GPU-0",
         0,
         usable_mib=0,
         capacity_mib=22000,
         need_mib=30000,
-        loaded=idle,
+        loaded=(_loaded(1, 0),),
         process_mib={1: 40000},
     )
-    big = DeviceRoom(
-        "GPU-1",
-        1,
-        usable_mib=0,
-        capacity_mib=80000,
-        need_mib=30000,
-        loaded=idle,
-        process_mib={1: 40000},
-    )
+    big = replace(small, uuid="GPU-1", index=1, capacity_mib=80000)
     assert plan_device(small, RULES) is None  # whatever could go there
     found = plan([small, big], RULES)
     assert found is not None and found.gpu == "GPU-1" and found.need_mib == 30000
