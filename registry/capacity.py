@@ -212,21 +212,30 @@ class Capacity:
             device = self._ranked[-1].device
         if device is None:
             return Sizes(None, model.vram, reload_estimate(model.vram), True)
-        reload_s, estimated = self.reload_s(model, device)
+        gpu_product = product(device)
+        effective = self.footprints.effective(model, gpu_product)
+        reload_s, estimated = self._reload_s(model.name, gpu_product, effective)
         return Sizes(
-            observed=self.footprints.observed(model.name, product(device)),
-            effective=self.need(model, device),
+            observed=self.footprints.observed(model.name, gpu_product),
+            effective=effective,
             reload_s=reload_s,
             reload_estimated=estimated,
         )
 
     def reload_s(self, model: CatalogModel, device: GpuDevice) -> tuple[float, bool]:
-        """How long `model` takes to load on `device`: learned from its loads on that GPU
-        product, or (True: an estimate) 1 s per GiB of what it books there."""
-        learned = self.footprints.reload_s(model.name, product(device))
+        """How long `model` takes to load on `device`, and whether that is an estimate."""
+        gpu_product = product(device)
+        return self._reload_s(
+            model.name, gpu_product, self.footprints.effective(model, gpu_product)
+        )
+
+    def _reload_s(self, name: str, gpu_product: str, effective_mib: int) -> tuple[float, bool]:
+        """Learned from the model's loads on that GPU product, or (True: an estimate) 1 s per
+        GiB of what it books there."""
+        learned = self.footprints.reload_s(name, gpu_product)
         if learned is not None:
             return round(learned, 3), False
-        return reload_estimate(self.need(model, device)), True
+        return reload_estimate(effective_mib), True
 
     def assess(self, model: CatalogModel) -> Assessment:
         if self.disabled:
