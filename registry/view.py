@@ -40,8 +40,9 @@ RESIDENTS_SHOWN = 100  # a model's instances in the listing: the newest, and the
 K = TypeVar("K")
 
 
-def _json(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+# One encoder for every fragment: json.dumps with options makes a new one at each call.
+_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_LITERAL = {True: "true", False: "false", None: "null"}
 
 
 def _iso(value: object) -> str:
@@ -72,12 +73,14 @@ class _Entry:
         )
         reason = "null" if assessment.reason is None else f'"{assessment.reason.value}"'
         headroom = "null" if assessment.headroom_mib is None else str(assessment.headroom_mib)
+        observed = "null" if sizes.observed is None else str(sizes.observed)
         return (
-            f"{self.head}{_json(assessment.active)}{self.tail}{_json(assessment.fits)}"
+            f"{self.head}{_LITERAL[assessment.active]}{self.tail}{_LITERAL[assessment.fits]}"
             f',"reason":{reason},"placement":{placement_json},"headroom_mib":{headroom}'
             f",{residents_json}{self.learn}"
-            f',"vram_observed":{_json(sizes.observed)},"vram_effective":{sizes.effective}'
-            f',"reload_s":{sizes.reload_s},"reload_estimated":{_json(sizes.reload_estimated)}}}'
+            f',"vram_observed":{observed},"vram_effective":{sizes.effective}'
+            f',"reload_s":{sizes.reload_s}'
+            f',"reload_estimated":{_LITERAL[sizes.reload_estimated]}}}'
         )
 
 
