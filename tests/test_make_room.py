@@ -255,6 +255,13 @@ async def test_a_released_claim_frees_its_victims_and_a_dry_run_books_nothing(
         "/reservations?dry_run=true", json={"model": "tiny"}, headers=AS_SCHEDULER
     )
     assert (await _json(small))["fits"] is True and (await _json(small))["unload"] == []
+    for hostile in ("maybe", "%00", "1" * 300):  # asked twice: a refused target is not kept
+        for _ in range(2):
+            refused = await client.post(
+                f"/reservations?dry_run={hostile}", json={"model": "tiny"}, headers=AS_SCHEDULER
+            )
+            assert refused.status == 422 and "dry_run" in await refused.text()
+    assert (await _json(await client.get("/reservations")))["data"] == []
     never = await client.post(
         "/reservations?dry_run=true", json={"vram_mib": TOTAL + 1}, headers=AS_SCHEDULER
     )

@@ -80,7 +80,9 @@ def require_priority(caller: Caller, priority: int | None) -> None:
 @routes.post("/reservations")
 async def create_reservation(request: web.Request) -> web.StreamResponse:
     caller = require(request, Role.SCHEDULER)
-    query = validated_query(request, ReservationQuery)
+    query = request.app[keys.VIEW].queries.get(
+        f"POST {request.raw_path}", lambda: validated_query(request, ReservationQuery)
+    )
     data = await validated_body(request, ReservationCreate)
     require_priority(caller, data.priority)
     book = _book(request)
