@@ -110,6 +110,9 @@ class CatalogView:
         self.last_instances_change: tuple[list[dict[str, object]], list[str]] = ([], [])
         self.last_reservation_reasons: dict[str, str] = {}  # ended reservation id -> why
         self._entries: dict[int, _Entry] = {}
+        # Ids changed since a whole-catalog read began (None when none is under way): that
+        # read may predate them, so it must not undo them (a write of our own, just shown).
+        self._changed_since_read: set[int] | None = None
         self._ids: list[int] = []  # ascending: the listing's order
         self._by_name: dict[str, _Entry] = {}
         self._enabled: list[tuple[int, int]] = []  # (vram, id) of enabled models, ascending
@@ -148,19 +151,29 @@ class CatalogView:
         through `book_reservations` and `set_reservations`."""
         return self._bookings
 
+    def begin_catalog_read(self) -> None:
+        """A whole-catalog read is starting: what changes from now on is newer than what it
+        will return, and `replace_catalog` keeps it."""
+        self._changed_since_read = set()
+
     def replace_catalog(self, models: Iterable[CatalogModel]) -> tuple[int, int]:
         """Take the whole catalog (start-up, reconnect, periodic reload); how many models it
-        changed (or added) and removed."""
-        fresh = {model.id: model for model in models}
+        changed (or added) and removed. Models changed since `begin_catalog_read` are kept as
+        they are: their own notifications bring anything newer."""
+        newer, self._changed_since_read = self._changed_since_read or set(), None
+        fresh = {model.id: model for model in models if model.id not in newer}
         was_loaded, self.loaded = self.loaded, True
         changed = [m for m in fresh.values() if self._model(m.id) != m]
-        gone = [model_id for model_id in self._entries if model_id not in fresh]
+        gone = [i for i in self._entries if i not in fresh and i not in newer]
         if changed or gone or not was_loaded:
             self._apply(gone, changed)
         return len(changed), len(gone)
 
     def apply_changes(self, requested_ids: Iterable[int], found: Iterable[CatalogModel]) -> None:
         """Refresh the models whose ids were asked for; an id not found was deleted."""
+        requested_ids = list(requested_ids)
+        if self._changed_since_read is not None:
+            self._changed_since_read.update(requested_ids)
         found_by_id = {model.id: model for model in found}
         gone = [i for i in requested_ids if i not in found_by_id and i in self._entries]
         changed = [m for m in found_by_id.values() if self._model(m.id) != m]

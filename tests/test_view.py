@@ -1,6 +1,7 @@
 """The view's indexes against the pure rule, without a database: a hypothesis state machine
 inserts, deletes, renames (two models swapping names in one batch), changes many models at once
-(past the bulk-rebuild threshold), switches models, and moves GPU snapshots, margins and
+(past the bulk-rebuild threshold), reloads the whole catalog from a read older than the last
+writes, switches models, and moves GPU snapshots, margins and
 reservations. After every step each page (plain, active=true/false, by name, by id) is exactly
 what `assess_all` says, model by model."""
 
@@ -64,6 +65,7 @@ class ViewModel(RuleBasedStateMachine):
         self.instances: dict[str, tuple[str, str, int, int]] = {}  # id -> model, gpu, index, MiB
         self.view = CatalogView(self.snapshot, self.margins)
         self.tick = 0
+        self.reading: list[CatalogModel] | None = None  # what a reload under way has read
 
     @initialize()
     def load(self) -> None:
@@ -141,9 +143,25 @@ class ViewModel(RuleBasedStateMachine):
             ]
             self._apply([], written)
 
+    @precondition(lambda self: self.reading is None)  # one reader: the catalog listener
     @rule()
     def reload_whole_catalog(self) -> None:
+        self.view.begin_catalog_read()
         self.view.replace_catalog(list(self.models.values()))
+
+    @precondition(lambda self: self.reading is None)
+    @rule()
+    def start_reading_whole_catalog(self) -> None:
+        """A reload's read begins; writes shown meanwhile are newer than what it returns."""
+        self.view.begin_catalog_read()
+        self.reading = list(self.models.values())
+
+    @precondition(lambda self: self.reading is not None)
+    @rule()
+    def finish_reading_whole_catalog(self) -> None:
+        assert self.reading is not None
+        self.view.replace_catalog(self.reading)
+        self.reading = None
 
     # -- the GPU side -----------------------------------------------------------------------
 

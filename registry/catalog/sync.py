@@ -42,6 +42,7 @@ class CatalogSync:
 
     async def load(self) -> tuple[int, int]:
         """Read the whole catalog into the view: how many models changed and were removed."""
+        self._view.begin_catalog_read()
         return self._view.replace_catalog(await self._store.list_all())
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
