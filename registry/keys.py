@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from registry.catalog.sync import CatalogSync
     from registry.config import LiveSettings
     from registry.database import Database
+    from registry.fleet.own_host import OwnOverlay
     from registry.fleet.reader import FleetReader
     from registry.footprints.recorder import FootprintRecorder
     from registry.footprints.store import FootprintStore
@@ -39,6 +40,7 @@ INSTANCES: web.AppKey[InstanceBook] = web.AppKey("instances")
 FEED: web.AppKey[ChangeFeed] = web.AppKey("feed")
 STREAM_SLOTS: web.AppKey[StreamSlots] = web.AppKey("stream_slots")
 FLEET: web.AppKey[FleetReader] = web.AppKey("fleet")
+FLEET_OWN: web.AppKey[OwnOverlay] = web.AppKey("fleet_own")
 FOOTPRINTS: web.AppKey[FootprintRecorder] = web.AppKey("footprints")
 FOOTPRINT_STORE: web.AppKey[FootprintStore] = web.AppKey("footprint_store")
 # Seconds a request spent waiting by design (a blocking GET, an event stream): not slowness.

@@ -12,11 +12,22 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, AS_ADMIN, AppClient, SpawnDaemon
+from registry import keys
+from tests.conftest import (
+    ADMIN_TOKEN,
+    AS_ADMIN,
+    AS_SCHEDULER,
+    ONE_GPU,
+    ONE_GPU_TOTAL_MIB,
+    SCHEDULER_TOKEN,
+    AppClient,
+    SpawnDaemon,
+)
 from tests.daemon import Daemon
 from tests.db import StoppableServer
 from tests.waiting import eventually
 
+WORKER = 4242
 HEARTBEAT_S = 0.5  # stale after 1.5 s: long enough for a loaded CI machine
 
 
@@ -227,3 +238,31 @@ async def test_a_skip_beyond_any_size_is_an_empty_page_as_in_models(start_app: A
         assert answer.status == 200, await answer.text()
         body = await answer.json()
         assert body["data"] == [] and body["pagination"]["total_items"] == 5
+
+
+async def test_the_answering_daemon_shows_its_own_binds_and_bookings_at_once(
+    start_app: AppClient, gpus: Callable[..., Path]
+) -> None:
+    """Its own row comes from memory, not from the fleet table as last read (which is cached
+    and written behind): a scheduler that just bound here sees its load as warm."""
+    gpus({WORKER: 3000})
+    client = await start_app(scheduler_token=SCHEDULER_TOKEN)
+    await client.app[keys.POLLER].poll_and_wait(5)
+    reader = client.app[keys.FLEET]
+    await eventually(lambda: reader.hosts(), lambda h: len(h.hosts) == 1)
+    await reader.placements()
+    for cached in (reader._hosts, reader._placements):  # hold the last read for the test
+        cached.ttl_s = cached.max_age_s = 3600
+    bound = await client.post(
+        "/instances", json={"model": "tiny", "gpu": ONE_GPU, "pid": WORKER}, headers=AS_SCHEDULER
+    )
+    assert bound.status == 201
+    reserved = await client.post("/reservations", json={"vram_mib": 5000}, headers=AS_SCHEDULER)
+    assert reserved.status == 201
+    [tiny] = (await (await client.get("/fleet/models?name=tiny")).json())["data"]
+    assert [(w["gpu"], w["instances"]) for w in tiny["warm"]] == [(ONE_GPU, 1)]
+    [medium] = (await (await client.get("/fleet/models?name=medium")).json())["data"]
+    assert medium["hosts"][0]["usable_mib"] == ONE_GPU_TOTAL_MIB - 3000 - 5000
+    [row] = (await (await client.get("/fleet")).json())["data"]
+    assert (row["reservations_total"], row["pending_mib"]) == (1, 5000)
+    assert row["devices"][0]["usable_mib"] == ONE_GPU_TOTAL_MIB - 3000 - 5000

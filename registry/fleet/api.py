@@ -32,7 +32,7 @@ def _fleet_state(stale: bool) -> str:
 @routes.get("/fleet")
 async def fleet_hosts(request: web.Request) -> web.StreamResponse:
     query = validated_query(request, FleetQuery)
-    fleet = await request.app[keys.FLEET].hosts()
+    fleet = request.app[keys.FLEET_OWN].hosts(await request.app[keys.FLEET].hosts())
     rows = [
         f'{{"host":{json.dumps(h.host)},"url":{json.dumps(h.url)},"state":"{h.state}",'
         f'"heartbeat_at":"{h.heartbeat_at.isoformat()}","gpu_state":{json.dumps(h.gpu_state)},'
@@ -164,7 +164,7 @@ def _render(request: web.Request, query: FleetModelsQuery, fleet: Placements) ->
 async def fleet_models(request: web.Request) -> web.StreamResponse:
     query = validated_query(request, FleetModelsQuery)
     reader = request.app[keys.FLEET]
-    fleet = await reader.placements()
+    fleet = request.app[keys.FLEET_OWN].placements(await reader.placements())
     view = request.app[keys.VIEW]
     key = ("fleet/models", fleet.version, fleet.stale, view.generation, query)
     cached = view.pages.get(key)

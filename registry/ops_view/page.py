@@ -98,7 +98,7 @@ async def _fleet(request: web.Request) -> list[Any]:
     reader = request.app.get(keys.FLEET)
     if reader is None:
         return []
-    hosts = (await reader.hosts()).hosts
+    hosts = request.app[keys.FLEET_OWN].hosts(await reader.hosts()).hosts
     return hosts if len(hosts) > 1 else []  # a fleet of one is this host, shown above
 
 
