@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
+from typing import Literal
 
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
 
 from registry import keys
-from registry.errors import JSON
+from registry.errors import JSON, validated_query
 from registry.gpus_report import gpus_body
 from registry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from registry.watch.conditional import watched_json
@@ -49,8 +50,18 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
+class OpenApiQuery(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    version: Literal["3.1", "3.2"] = Field(
+        default="3.1",
+        description="3.1, what code generators read; 3.2 models the event stream's items.",
+    )
+
+
 @routes.get("/openapi.json")
 async def openapi(request: web.Request) -> web.Response:
-    from registry.openapi import openapi_document
+    from registry.openapi import openapi_json
 
-    return web.Response(text=json.dumps(openapi_document()), content_type=JSON)
+    query = validated_query(request, OpenApiQuery)
+    return web.Response(text=openapi_json(query.version), content_type=JSON)

@@ -1,8 +1,10 @@
-"""The OpenAPI 3.2 document, generated from the same pydantic models that validate."""
+"""The OpenAPI document (3.1 by default, 3.2 on request), generated from the same pydantic models
+that validate."""
 
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 from pydantic import BaseModel
@@ -289,8 +291,49 @@ def _reservation_paths(secured: list[dict[str, list[str]]]) -> dict[str, Any]:
     }
 
 
+# OpenAPI 3.1 (what code generators read) has no schema for a stream's items: the stream is
+# one string there, and the 3.2 document models each event.
+_EVENT_STREAM_31: dict[str, Any] = {
+    "schema": {
+        "type": "string",
+        "description": "Server-Sent Events; each event's data is a JSON document. The OpenAPI "
+        "3.2 document (?version=3.2) models the events.",
+    }
+}
+
+
 @functools.cache
-def openapi_document() -> dict[str, Any]:
+def openapi_json(version: str = "3.1") -> str:
+    """The document, encoded once per version."""
+    return json.dumps(openapi_document(version))
+
+
+def openapi_document(version: str = "3.1") -> dict[str, Any]:
+    """The OpenAPI document: 3.1 by default, 3.2 (events modelled item by item) on request."""
+    document = _document_32()
+    if version == "3.2":
+        return document
+    events = document["paths"]["/events"]["get"]["responses"]["200"]
+    return {
+        **document,
+        "openapi": "3.1.0",
+        "paths": {
+            **document["paths"],
+            "/events": {
+                "get": {
+                    **document["paths"]["/events"]["get"],
+                    "responses": {
+                        **document["paths"]["/events"]["get"]["responses"],
+                        "200": {**events, "content": {"text/event-stream": _EVENT_STREAM_31}},
+                    },
+                }
+            },
+        },
+    }
+
+
+@functools.cache
+def _document_32() -> dict[str, Any]:
     _, components = models_json_schema(
         [
             (m, "validation" if m in _VALIDATED else "serialization")

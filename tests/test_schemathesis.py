@@ -46,7 +46,7 @@ async def test_schemathesis_finds_no_server_error_or_schema_violation(
                 "--config-file",
                 str(_config(tmp_path)),
                 "run",
-                f"{daemon.url}/openapi.json",
+                f"{daemon.url}/openapi.json?version=3.2",
                 "--header",
                 f"Authorization: Bearer {ADMIN_TOKEN}",
                 "--checks",
