@@ -2,60 +2,95 @@
 load runs and released after it; list what fits; watch for changes; place a load in a fleet.
 
     with Registry(url, token=tok) as reg, reg.reserve("large-v3", holder=session) as lease:
-        start_worker(model="large-v3", gpu=lease.gpu.uuid)
+        worker = start_worker(model="large-v3", gpu=lease.gpu.uuid)
+        instance = lease.bind(worker.pid)
 """
 
-from model_registry_client.aio import AsyncFleet, AsyncLease, AsyncRegistry, AsyncWatch
+from model_registry_client.aio import (
+    AsyncFleet,
+    AsyncFleetWatch,
+    AsyncLease,
+    AsyncRegistry,
+    AsyncWatch,
+)
 from model_registry_client.errors import (
     Forbidden,
+    Invalid,
     LeaseLost,
     NotFound,
+    Reason,
     Refused,
     RegistryError,
     RegistryUnavailable,
     Unauthorized,
 )
 from model_registry_client.objects import (
+    Awaiting,
     Candidate,
     Event,
+    Evicting,
     Footprint,
     GpuDevice,
     GpuRef,
     Gpus,
+    GpusEvent,
+    Host,
     Instance,
+    InstancesEvent,
     Model,
+    ModelInstance,
+    ModelsEvent,
     Placement,
     ProductFootprint,
     Reservation,
+    ReservationsEvent,
+    RoomSpot,
+    Route,
+    SnapshotEvent,
     WarmSpot,
 )
-from model_registry_client.sync import Fleet, Lease, Registry, Watch
+from model_registry_client.sync import Fleet, FleetWatch, Lease, Registry, Watch
 
 __all__ = [
     "AsyncFleet",
+    "AsyncFleetWatch",
     "AsyncLease",
     "AsyncRegistry",
     "AsyncWatch",
+    "Awaiting",
     "Candidate",
     "Event",
+    "Evicting",
     "Fleet",
+    "FleetWatch",
     "Footprint",
     "Forbidden",
     "GpuDevice",
     "GpuRef",
     "Gpus",
+    "GpusEvent",
+    "Host",
     "Instance",
+    "InstancesEvent",
+    "Invalid",
     "Lease",
     "LeaseLost",
     "Model",
+    "ModelInstance",
+    "ModelsEvent",
     "NotFound",
     "Placement",
     "ProductFootprint",
+    "Reason",
     "Refused",
     "Registry",
     "RegistryError",
     "RegistryUnavailable",
     "Reservation",
+    "ReservationsEvent",
+    "RoomSpot",
+    "Route",
+    "SnapshotEvent",
     "Unauthorized",
     "WarmSpot",
     "Watch",
