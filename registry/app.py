@@ -283,9 +283,7 @@ async def fleet_ctx(app: web.Application) -> AsyncIterator[None]:
     log.info("in the fleet", host=settings.host_id, url=url)
     reader = app[keys.FLEET] = FleetReader(database.pool)
     view = app[keys.VIEW]
-    app[keys.FLEET_OWN] = OwnOverlay(
-        lambda: _own_host(app, settings.host_id, url), lambda: view.generation
-    )
+    app[keys.FLEET_OWN] = OwnOverlay(lambda: _own_host(app, settings, url), lambda: view.generation)
     with app[keys.METRICS].collecting(FleetStats(reader)):
         task = spawn(app, publisher.run(), "fleet-publisher")
         yield
@@ -325,16 +323,17 @@ def _fleet_instances(app: web.Application) -> list[dict[str, Any]]:
     return [] if instances is None else instances.spots()
 
 
-def _own_host(app: web.Application, host: str, url: str) -> OwnHost:
+def _own_host(app: web.Application, settings: Settings, url: str) -> OwnHost:
     view = app[keys.VIEW]
     newest, total, pending_mib = _fleet_reservations(view)
     footprints = view.footprints
     return OwnHost(
-        host=host,
+        host=settings.host_id,
         url=url,
         gpu_state=view.snapshot.state.value,
         devices=host_devices(view),
         spots=_fleet_instances(app),
+        room=lambda: _fleet_room(app, settings),
         reservations=newest,
         reservations_total=total,
         pending_mib=pending_mib,

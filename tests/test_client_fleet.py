@@ -1,7 +1,8 @@
 """A fleet through the client, on two real daemons sharing one PostgreSQL: the first entry URL
 is down and the next answers; one merged watch tags each host's events; a placed lease is
 renewed from the moment it is granted; a bind shows as warm at once; route() sends a session
-where the model is warm, else books a load."""
+where the model is warm, else books a load; a claim placed with make_room asks an idle
+instance to go, and one fleet-wide eviction watch tells its owner."""
 
 from __future__ import annotations
 
@@ -10,20 +11,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from model_registry_client import Fleet, InstancesEvent, Route
+from model_registry_client import Fleet, InstancesEvent, Registry, Route
 
 from tests.conftest import ADMIN_TOKEN, SCHEDULER_TOKEN, SpawnDaemon
 from tests.daemon import Daemon, free_port
 from tests.waiting import until
 
-WORKER = 4242
+WORKER, IDLE = 4242, 5555
 
 
 def _gpus(path: Path, processes: list[dict[str, int]]) -> str:
     device = {"uuid": f"GPU-{path.stem}", "name": "Simulated GPU", "total_mib": 81920}
-    path.write_text(
-        json.dumps({"devices": [{**device, "free_mib": 60000, "processes": processes}]})
-    )
+    free = 81920 - sum(p["used_mib"] for p in processes)
+    path.write_text(json.dumps({"devices": [{**device, "free_mib": free, "processes": processes}]}))
     return str(path)
 
 
@@ -38,13 +38,15 @@ def _host(spawn_daemon: SpawnDaemon, tmp_path: Path, name: str, processes: Any) 
         MODEL_REGISTRY_SCHEDULER_TOKEN=SCHEDULER_TOKEN,
         MODEL_REGISTRY_HEARTBEAT_INTERVAL="0.5",
         MODEL_REGISTRY_POLL_INTERVAL="0.2",
+        MODEL_REGISTRY_IDLE_AFTER_S="0",
+        MODEL_REGISTRY_MIN_RESIDENCY_S="0",
     )
 
 
 async def test_a_fleet_fails_over_watches_every_host_and_routes_to_warm_instances(
     spawn_daemon: SpawnDaemon, tmp_path: Path
 ) -> None:
-    a = _host(spawn_daemon, tmp_path, "host-a", [])
+    a = _host(spawn_daemon, tmp_path, "host-a", [{"pid": IDLE, "used_mib": 75000}])
     b = _host(spawn_daemon, tmp_path, "host-b", [{"pid": WORKER, "used_mib": 900}])
     await asyncio.gather(a.wait_ready(), b.wait_ready())
     down = f"http://127.0.0.1:{free_port()}"
@@ -71,6 +73,15 @@ async def test_a_fleet_fails_over_watches_every_host_and_routes_to_warm_instance
                 while not (isinstance(event, InstancesEvent) and event.instances):
                     event = next(events)
                 seen["event"] = (event.host, [i.id for i in event.instances], instance.id)
+            with Registry(a.url, SCHEDULER_TOKEN) as host_a:
+                idle = host_a.adopt("medium", "GPU-host-a", IDLE, holder="workers")
+            evictions = fleet.watch_evictions(holder="workers")
+            claim = fleet.place("large-v3", make_room=True, exclude=["host-b"], ttl_s=30)
+            seen["claim"] = (claim.host, [i.id for i in claim.awaiting.unload], idle.id)
+            asked = next(evictions)
+            evictions.close()
+            seen["asked"] = (asked.host, asked.url, asked.instance.id)
+            claim.release()
         return seen
 
     seen = await asyncio.wait_for(asyncio.to_thread(schedule), 60)
@@ -82,3 +93,6 @@ async def test_a_fleet_fails_over_watches_every_host_and_routes_to_warm_instance
     assert (routed.instance.host, routed.instance.url) == ("host-b", b.url)
     host, ids, bound = seen["event"]
     assert host == "host-b" and ids == [bound]
+    host, victims, idle = seen["claim"]
+    assert host == "host-a" and victims == [idle]
+    assert seen["asked"] == ("host-a", a.url, idle)

@@ -27,7 +27,7 @@ from tests.daemon import Daemon
 from tests.db import StoppableServer
 from tests.waiting import eventually
 
-WORKER = 4242
+WORKER, IDLE = 4242, 4343
 HEARTBEAT_S = 0.5  # stale after 1.5 s: long enough for a loaded CI machine
 
 
@@ -244,9 +244,10 @@ async def test_the_answering_daemon_shows_its_own_binds_and_bookings_at_once(
     start_app: AppClient, gpus: Callable[..., Path]
 ) -> None:
     """Its own row comes from memory, not from the fleet table as last read (which is cached
-    and written behind): a scheduler that just bound here sees its load as warm."""
-    gpus({WORKER: 3000})
-    client = await start_app(scheduler_token=SCHEDULER_TOKEN)
+    and written behind): a scheduler that just bound here sees its load as warm, and the room
+    an idle instance just adopted here offers."""
+    gpus({WORKER: 3000, IDLE: 60000})
+    client = await start_app(scheduler_token=SCHEDULER_TOKEN, idle_after_s=0, min_residency_s=0)
     await client.app[keys.POLLER].poll_and_wait(5)
     reader = client.app[keys.FLEET]
     await eventually(lambda: reader.hosts(), lambda h: len(h.hosts) == 1)
@@ -257,12 +258,16 @@ async def test_the_answering_daemon_shows_its_own_binds_and_bookings_at_once(
         "/instances", json={"model": "tiny", "gpu": ONE_GPU, "pid": WORKER}, headers=AS_SCHEDULER
     )
     assert bound.status == 201
-    reserved = await client.post("/reservations", json={"vram_mib": 5000}, headers=AS_SCHEDULER)
+    reserved = await client.post("/reservations", json={"vram_mib": 15000}, headers=AS_SCHEDULER)
     assert reserved.status == 201
+    idle = {"model": "medium", "gpu": ONE_GPU, "pid": IDLE}
+    assert (await client.post("/instances", json=idle, headers=AS_SCHEDULER)).status == 201
+    [large] = (await (await client.get("/fleet/models?name=large-v3")).json())["data"]
+    assert [(r["gpu"], r["unload_mib"]) for r in large["room"]] == [(ONE_GPU, 60000)]
     [tiny] = (await (await client.get("/fleet/models?name=tiny")).json())["data"]
     assert [(w["gpu"], w["instances"]) for w in tiny["warm"]] == [(ONE_GPU, 1)]
     [medium] = (await (await client.get("/fleet/models?name=medium")).json())["data"]
-    assert medium["hosts"][0]["usable_mib"] == ONE_GPU_TOTAL_MIB - 3000 - 5000
+    assert medium["hosts"][0]["usable_mib"] == ONE_GPU_TOTAL_MIB - 63000 - 15000
     [row] = (await (await client.get("/fleet")).json())["data"]
-    assert (row["reservations_total"], row["pending_mib"]) == (1, 5000)
-    assert row["devices"][0]["usable_mib"] == ONE_GPU_TOTAL_MIB - 3000 - 5000
+    assert (row["reservations_total"], row["pending_mib"]) == (1, 15000)
+    assert row["devices"][0]["usable_mib"] == ONE_GPU_TOTAL_MIB - 63000 - 15000

@@ -376,6 +376,10 @@ def _host_url(answer: Any, host: str) -> str | None:
     return None
 
 
+def instances_page_params() -> dict[str, Any]:
+    return {"limit": PAGE}
+
+
 def evicted(
     instances: Iterable[Instance],
     holder: str | None,

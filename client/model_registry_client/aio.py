@@ -26,6 +26,7 @@ from model_registry_client.errors import (
 from model_registry_client.objects import (
     Candidate,
     Event,
+    Eviction,
     Footprint,
     Gpus,
     Host,
@@ -509,6 +510,7 @@ class AsyncFleetWatch:
         self._name = name
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._watches: dict[str, AsyncWatch] = {}
+        self.urls: dict[str, str] = {}  # host -> url
         self._tasks: list[asyncio.Task[None]] = [asyncio.ensure_future(self._discover())]
 
     async def _discover(self) -> None:
@@ -522,6 +524,7 @@ class AsyncFleetWatch:
                 if host.state != "offline" and host.host not in self._watches:
                     http = self._fleet._http_for(host.host, host.url)
                     if http is not None:
+                        self.urls[host.host] = http.url
                         watch = self._watches[host.host] = AsyncWatch(http, self._name, host.host)
                         self._tasks.append(asyncio.ensure_future(self._pump(watch)))
             await asyncio.sleep(protocol.FLEET_REFRESH_S)
@@ -674,6 +677,35 @@ class AsyncFleet:
 
     def watch(self, name: str | None = None) -> AsyncFleetWatch:
         return AsyncFleetWatch(self, name)
+
+    async def watch_evictions(
+        self, holder: str | None = None, instance_ids: Sequence[str] | None = None
+    ) -> AsyncIterator[Eviction]:
+        """Instances of any host asked to go for a claim (see Fleet.watch_evictions)."""
+        told: set[tuple[str, str]] = set()
+        async with self.watch() as events:
+            async for event in events:
+                host = event.host or ""
+                url = events.urls.get(host, "")
+                found: list[Instance] = []
+                if isinstance(event, InstancesEvent):
+                    found = event.instances
+                elif isinstance(event, SnapshotEvent):
+                    found = await self._instances_of(host, url)
+                for instance in protocol.evicted(found, holder, instance_ids, told):
+                    yield Eviction(host, url, instance)
+
+    async def _instances_of(self, host: str, url: str) -> list[Instance]:
+        http = self._http_for(host, url)
+        if http is None:
+            return []
+        try:
+            params = protocol.instances_page_params()
+            page = await http.call("GET", "/instances", params=params)
+        except RegistryError as exc:
+            log.info("cannot list the instances of %s: %s", host, exc)
+            return []
+        return [Instance.from_json(raw) for raw in page["data"]]
 
     def _bound(self, lease: protocol.LeaseState, instance: Instance) -> None:
         if lease.host is not None:

@@ -375,6 +375,15 @@ class WarmSpot:
 
 
 @dataclass(frozen=True)
+class Eviction:
+    """An instance of a fleet's host asked to go for a claim."""
+
+    host: str
+    url: str
+    instance: Instance
+
+
+@dataclass(frozen=True)
 class Route:
     """Where to send a session: a warm `instance` (nothing booked), or a new `lease` (a Lease
     or AsyncLease, granted and renewed) for a load to start."""

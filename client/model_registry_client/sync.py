@@ -29,6 +29,7 @@ from model_registry_client.errors import (
 from model_registry_client.objects import (
     Candidate,
     Event,
+    Eviction,
     Footprint,
     Gpus,
     Host,
@@ -539,6 +540,7 @@ class FleetWatch:
         self._name = name
         self._queue: queue.Queue[Event] = queue.Queue()
         self._watches: dict[str, Watch] = {}
+        self.urls: dict[str, str] = {}  # host -> url
         self._closed = threading.Event()
         self._discoverer = threading.Thread(target=self._discover, daemon=True)
         self._discoverer.start()
@@ -558,6 +560,7 @@ class FleetWatch:
             self._closed.wait(protocol.FLEET_REFRESH_S)
 
     def _start(self, host: str, http: _Http) -> None:
+        self.urls[host] = http.url
         watch = self._watches[host] = Watch(http, self._name, host)
 
         def pump() -> None:
@@ -731,6 +734,35 @@ class Fleet:
     def watch(self, name: str | None = None) -> FleetWatch:
         """Every host's events, merged and tagged with `event.host`."""
         return FleetWatch(self, name)
+
+    def watch_evictions(
+        self, holder: str | None = None, instance_ids: Sequence[str] | None = None
+    ) -> Iterator[Eviction]:
+        """Instances of any host asked to go for a claim, each once per claim: of `holder`,
+        or with one of `instance_ids`, or all; one stream for the whole fleet."""
+        told: set[tuple[str, str]] = set()
+        with self.watch() as events:
+            for event in events:
+                host = event.host or ""
+                url = events.urls.get(host, "")
+                found: list[Instance] = []
+                if isinstance(event, InstancesEvent):
+                    found = event.instances
+                elif isinstance(event, SnapshotEvent):
+                    found = self._instances_of(host, url)
+                for instance in protocol.evicted(found, holder, instance_ids, told):
+                    yield Eviction(host, url, instance)
+
+    def _instances_of(self, host: str, url: str) -> list[Instance]:
+        http = self._http_for(host, url)
+        if http is None:
+            return []
+        try:
+            page = http.call("GET", "/instances", params=protocol.instances_page_params())
+        except RegistryError as exc:
+            log.info("cannot list the instances of %s: %s", host, exc)
+            return []
+        return [Instance.from_json(raw) for raw in page["data"]]
 
     def _bound(self, lease: protocol.LeaseState, instance: Instance) -> None:
         if lease.host is not None:

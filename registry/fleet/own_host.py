@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from registry.fleet.reader import Hosts, Placements, WarmSpot
+from registry.fleet.reader import HostRoom, Hosts, Placements, WarmSpot
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +25,7 @@ class OwnHost:
     gpu_state: str
     devices: list[dict[str, Any]]  # as the fleet row has them
     spots: list[dict[str, Any]]  # per model and device: {"model", "gpu", "index", "count"}
+    room: Callable[[], str]  # what its instances offer to make room (JSON), made when needed
     reservations: list[dict[str, Any]]  # the newest
     reservations_total: int
     pending_mib: int
@@ -109,7 +110,7 @@ def placements_with_own(read: Placements, own: OwnHost) -> Placements:
         min_samples=min_samples,
         max_shrink=max_shrink,
         warm=_warm_with_own(read.warm, own),
-        rooms=read.rooms,
+        rooms=_rooms_with_own(read.rooms, own),
         version=read.version,
         stale=read.stale,
     )
@@ -125,6 +126,24 @@ def _warm_with_own(read: dict[str, list[WarmSpot]], own: OwnHost) -> dict[str, l
     for spots in warm.values():
         spots.sort(key=lambda s: (s.host, s.index))
     return {model: spots for model, spots in warm.items() if spots}
+
+
+def _rooms_with_own(read: list[HostRoom], own: OwnHost) -> list[HostRoom]:
+    rooms = [room for room in read if room.host != own.host]
+    processes = json.loads(own.room()) if own.gpu_state == "ok" else []
+    if processes:
+        mine = HostRoom(
+            own.host,
+            own.url,
+            own.devices,
+            processes,
+            own.source,
+            own.min_samples,
+            own.max_shrink,
+        )
+        rooms.append(mine)
+        rooms.sort(key=lambda room: room.host)
+    return rooms
 
 
 class OwnOverlay:
