@@ -281,28 +281,36 @@ class Watch:
         self._last_id: str | None = None
         self._closed = threading.Event()
         self._stream: Any = None
+        self._response: httpx.Response | None = None
         self._events: Iterator[Any] | None = None
+        self._busy = threading.Lock()  # held while a thread iterates
 
     def __iter__(self) -> Watch:
         return self
 
     def __next__(self) -> Event:
-        backoff = 0.1
-        while not self._closed.is_set():
-            try:
-                if self._events is None:
-                    self._connect()
-                assert self._events is not None
-                sse = next(self._events)
-            except (StopIteration, httpx.HTTPError, RegistryUnavailable):
-                self._disconnect()
-                self._closed.wait(backoff)
-                backoff = min(backoff * 2, protocol.BACKOFF_MAX_S)
-                continue
-            if protocol.is_keepalive(sse.event, sse.data):
-                continue
-            self._last_id = sse.id or self._last_id
-            return protocol.event(sse.event, sse.id, sse.data, self._host)
+        with self._busy:
+            backoff = 0.1
+            while not self._closed.is_set():
+                try:
+                    if self._events is None:
+                        self._connect()
+                    assert self._events is not None
+                    sse = next(self._events)
+                except (StopIteration, httpx.HTTPError, RegistryUnavailable):
+                    self._disconnect()
+                    self._closed.wait(backoff)
+                    backoff = min(backoff * 2, protocol.BACKOFF_MAX_S)
+                    continue
+                except Exception:
+                    if self._closed.is_set():  # closed from another thread mid-read
+                        break
+                    raise
+                if protocol.is_keepalive(sse.event, sse.data):
+                    continue
+                self._last_id = sse.id or self._last_id
+                return protocol.event(sse.event, sse.id, sse.data, self._host)
+            self._disconnect()
         raise StopIteration
 
     def _connect(self) -> None:
@@ -318,18 +326,28 @@ class Watch:
             timeout=protocol.stream_timeout(self._http.timeout),
         )
         source = self._stream.__enter__()
+        self._response = source.response
         protocol.check_stream(source.response)
         self._events = source.iter_sse()
 
     def _disconnect(self) -> None:
-        stream, self._stream, self._events = self._stream, None, None
+        stream, self._stream, self._events, self._response = self._stream, None, None, None
         if stream is not None:
             with contextlib.suppress(httpx.HTTPError):
                 stream.__exit__(None, None, None)
 
     def close(self) -> None:
+        """Stop; from another thread too (a read under way then ends, and the thread that
+        iterates lets go of the stream)."""
         self._closed.set()
-        self._disconnect()
+        if self._busy.acquire(blocking=False):
+            try:
+                self._disconnect()
+            finally:
+                self._busy.release()
+        elif (response := self._response) is not None:
+            with contextlib.suppress(Exception):
+                response.close()
 
     def __enter__(self) -> Watch:
         return self
@@ -542,8 +560,9 @@ class FleetWatch:
         self._watches: dict[str, Watch] = {}
         self.urls: dict[str, str] = {}  # host -> url
         self._closed = threading.Event()
-        self._discoverer = threading.Thread(target=self._discover, daemon=True)
-        self._discoverer.start()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._discover, daemon=True)]
+        self._threads[0].start()
 
     def _discover(self) -> None:
         while not self._closed.is_set():
@@ -552,6 +571,10 @@ class FleetWatch:
             except RegistryError as exc:
                 log.info("fleet watch: cannot list the hosts: %s", exc)
                 hosts = []
+            except Exception:
+                if self._closed.is_set():  # the fleet was closed meanwhile
+                    return
+                raise
             for host in hosts:
                 if host.state != "offline" and host.host not in self._watches:
                     http = self._fleet._http_for(host.host, host.url)
@@ -560,14 +583,19 @@ class FleetWatch:
             self._closed.wait(protocol.FLEET_REFRESH_S)
 
     def _start(self, host: str, http: _Http) -> None:
-        self.urls[host] = http.url
-        watch = self._watches[host] = Watch(http, self._name, host)
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self.urls[host] = http.url
+            watch = self._watches[host] = Watch(http, self._name, host)
 
-        def pump() -> None:
-            for event in watch:
-                self._queue.put(event)
+            def pump() -> None:
+                for event in watch:
+                    self._queue.put(event)
 
-        threading.Thread(target=pump, name=f"watch-{host}", daemon=True).start()
+            thread = threading.Thread(target=pump, name=f"watch-{host}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
     def __iter__(self) -> FleetWatch:
         return self
@@ -579,9 +607,13 @@ class FleetWatch:
         raise StopIteration
 
     def close(self) -> None:
-        self._closed.set()
+        with self._lock:
+            self._closed.set()
         for watch in list(self._watches.values()):
             watch.close()
+        # The host lister waits on the closed flag; the streams' threads end at their next
+        # read (a keep-alive at the latest), and find the watch closed.
+        self._threads[0].join(timeout=protocol.STREAM_READ_TIMEOUT_S)
 
     def __enter__(self) -> FleetWatch:
         return self
