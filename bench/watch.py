@@ -56,6 +56,7 @@ class Watchers:
 
     async def stream(self, http: aiohttp.ClientSession) -> None:
         async with http.get(f"{self.base}/events") as response:
+            refused(response, "an event stream")
             change = -1
             async for line in response.content:
                 if line.startswith(b"event: snapshot"):
@@ -66,6 +67,7 @@ class Watchers:
 
     async def waiter(self, http: aiohttp.ClientSession) -> None:
         async with http.get(f"{self.base}/models") as response:
+            refused(response, "a listing")
             etag = response.headers["ETag"]
             await response.read()
         self.ready += 1
@@ -74,6 +76,8 @@ class Watchers:
             headers = {"If-None-Match": etag, "Prefer": "wait=300"}
             async with http.get(f"{self.base}/models", headers=headers) as response:
                 await response.read()
+                if response.status not in (200, 304):
+                    refused(response, "a waiting GET")
                 if response.status == 200:
                     change += 1
                     self._saw(change)
@@ -82,6 +86,36 @@ class Watchers:
                 # Ask again a little later: a thousand clients on other machines would, but
                 # here their requests would compete with this one loop's reading of answers.
                 await asyncio.sleep(0.5)
+
+
+class Refused(Exception):
+    """The daemon would not take a watcher: the bench stops and says so instead of waiting."""
+
+
+def refused(response: aiohttp.ClientResponse, what: str) -> None:
+    if response.status != 200:
+        raise Refused(
+            f"{what} was answered {response.status} (Retry-After "
+            f"{response.headers.get('Retry-After')}): raise the daemon's stream limits"
+        )
+
+
+def watcher_limits(watchers: int) -> dict[str, str]:
+    """The daemon's limits for `watchers` streams and waiting GETs, all from this one address."""
+    total = str(watchers + 64)
+    return {"MODEL_REGISTRY_MAX_STREAMS": total, "MODEL_REGISTRY_MAX_STREAMS_PER_CLIENT": total}
+
+
+async def wait_ready(watchers: Watchers, total: int, timeout_s: float = 60.0) -> None:
+    """Until every watcher has its first answer; the first refusal or the timeout ends it."""
+    deadline = time.monotonic() + timeout_s
+    while watchers.ready < total:
+        for task in watchers.tasks:
+            if task.done() and task.exception() is not None:
+                raise SystemExit(f"a watcher failed: {task.exception()}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {watchers.ready} of {total} watchers started in {timeout_s} s")
+        await asyncio.sleep(0.1)
 
 
 async def idle_cost(pid: int, seconds: float) -> tuple[float, float]:
@@ -102,8 +136,7 @@ async def run(base: str, pid: int, gpus: Path, args: argparse.Namespace) -> None
         for _ in range(args.waiters):
             watchers.tasks.append(asyncio.create_task(watchers.waiter(http)))
         total = args.streams + args.waiters
-        while watchers.ready < total:  # noqa: ASYNC110 (a bench: polling its own counter)
-            await asyncio.sleep(0.1)
+        await wait_ready(watchers, total)
         await asyncio.sleep(2)  # let the connection burst settle
         busy_cpu, busy_rss = await idle_cost(pid, args.seconds)
         print(
@@ -146,7 +179,8 @@ def main() -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 2,000 client sockets here
 
-    with simulated_daemon([{**DEVICE, "free_mib": 30000}]) as daemon:
+    limits = watcher_limits(args.streams + args.waiters)
+    with simulated_daemon([{**DEVICE, "free_mib": 30000}], **limits) as daemon:
         time.sleep(2)
         asyncio.run(run(daemon.base, daemon.pid, daemon.gpus, args))
         started = time.monotonic()
