@@ -357,6 +357,13 @@ class CatalogView:
             entry = entries[model_id]
             yield model_id, entry.model.name, self._render(entry)
 
+    def named_model_objects(self, names: Iterable[str]) -> list[tuple[int, str, str]]:
+        """(id, name, JSON object) of the models with these names, in id order: what a
+        stream filtered by name needs, without rendering the rest of the catalog."""
+        found = (self._by_name.get(name) for name in names)
+        entries = sorted((e for e in found if e is not None), key=lambda e: e.model.id)
+        return [(e.model.id, e.model.name, self._render(e)) for e in entries]
+
     def model(self, model_id: int) -> CatalogModel | None:
         return self._model(model_id)
 

@@ -224,6 +224,10 @@ async def test_the_name_filter_limits_model_objects(client: Any) -> None:
     await client.patch("/models/1", json={"vram": 600}, headers=AS_ADMIN)
     models = await events.next_named("models")
     assert [m["name"] for m in models.data["models"]] == ["tiny"]
+    await client.delete("/models/2", headers=AS_ADMIN)  # filtered out
+    await client.delete("/models/1", headers=AS_ADMIN)
+    deleted = await events.next_named("models")
+    assert deleted.data == {"models": [], "deleted": [1]}
 
 
 @pytest.mark.parametrize(

@@ -60,9 +60,8 @@ def _snapshot(request: web.Request, names: frozenset[str] | None) -> tuple[int, 
     view, feed = app[keys.VIEW], app[keys.FEED]
     if names is None and feed.snapshot is not None and feed.snapshot[0] == view.generation:
         return feed.snapshot
-    models = ",".join(
-        obj for _id, name, obj in view.model_objects() if names is None or name in names
-    )
+    objects = view.model_objects() if names is None else view.named_model_objects(names)
+    models = ",".join(obj for _id, _name, obj in objects)
     gpus = feed.gpus_body().body.decode()
     reservations, instances = feed.reservations_json(), feed.instances_json()
     data = (
@@ -91,8 +90,11 @@ def _encoded(batch: Batch, names: frozenset[str] | None) -> bytes:
 
 def _batch_events(batch: Batch, names: frozenset[str] | None) -> list[tuple[str, str]]:
     events = []
-    changed = [obj for name, obj in batch.models.values() if names is None or name in names]
-    deleted = [str(i) for i, name in batch.deleted.items() if names is None or name in names]
+    if names is None:
+        changed = [obj for _name, obj in batch.models.values()]
+        deleted = [str(i) for i in batch.deleted]
+    else:  # by name: what this stream asked for, not a walk over every change per stream
+        changed, deleted = batch.named(names)
     if changed or deleted:
         models, gone = ",".join(changed), ",".join(deleted)
         events.append(("models", f'{{"models":[{models}],"deleted":[{gone}]}}'))

@@ -30,6 +30,21 @@ class Batch:
     reservations: str | None = None  # {"reservations": [made or changed], "ended": [ids]}
     instances: str | None = None  # {"instances": [made], "ended": [ids]}
     encoded: bytes | None = None  # as streams without a filter send it, once encoded
+    _by_name: dict[str, list[tuple[int, str | None]]] | None = None  # name -> (id, JSON or gone)
+
+    def named(self, names: frozenset[str]) -> tuple[list[str], list[str]]:
+        """The changed objects and deleted ids of models with these names, in id order. The
+        index by name is made once per batch, for every stream with a filter."""
+        if self._by_name is None:
+            self._by_name = {}
+            for model_id, (name, obj) in self.models.items():
+                self._by_name.setdefault(name, []).append((model_id, obj))
+            for model_id, name in self.deleted.items():
+                self._by_name.setdefault(name, []).append((model_id, None))
+        found = sorted(item for name in names for item in self._by_name.get(name, ()))
+        changed = [obj for _id, obj in found if obj is not None]
+        deleted = [str(model_id) for model_id, obj in found if obj is None]
+        return changed, deleted
 
 
 class Subscription:
