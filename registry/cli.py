@@ -97,9 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_format, settings.log_level, stream=log_stream)
     try:
         if args.command == "serve":
+            from registry.event_loop import run_on
             from registry.service import serve
 
-            return asyncio.run(serve(settings, args.config, overrides))
+            return run_on(settings.event_loop, serve(settings, args.config, overrides))
         if args.command == "reservations":
             return reservations_cli.run(args, settings)
         if args.command == "instances":

@@ -36,6 +36,11 @@ class LogFormat(StrEnum):
     CONSOLE = "console"
 
 
+class EventLoop(StrEnum):
+    UVLOOP = "uvloop"
+    ASYNCIO = "asyncio"
+
+
 class AccessLog(StrEnum):
     DEFAULT = "default"
     ALL = "all"
@@ -113,6 +118,10 @@ class Settings(BaseSettings):
     )
     log_level: str = "info"
     access_log: AccessLog = AccessLog.DEFAULT
+    event_loop: EventLoop = Field(
+        default=EventLoop.UVLOOP,
+        description="uvloop (the default, where it is installed) or asyncio's own loop.",
+    )
     slow_request_ms: float = Field(default=250.0, ge=0)
     shutdown_timeout: float = Field(default=5.0, ge=0, le=60.0)
     catalog_reload_interval: float = Field(default=30.0, ge=1.0, le=3600.0)

@@ -24,6 +24,7 @@ from registry.config import (
     shadowed_by_environment,
     user_state_dir,
 )
+from registry.event_loop import loop_name
 from registry.guard.connections import (
     KEEPALIVE_TIMEOUT_S,
     GuardedRunner,
@@ -96,6 +97,7 @@ class Service:
             header_timeout_s=settings.header_timeout,
             body_timeout_s=settings.body_timeout,
             keepalive_timeout_s=KEEPALIVE_TIMEOUT_S,
+            event_loop=loop_name(),
         )
         _warn_about_short_tokens(settings)
         _warn_about_a_legacy_state_dir(settings)

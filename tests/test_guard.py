@@ -1,5 +1,6 @@
 """Hostile and sloppy clients, with real sockets against the real daemon: descriptor limits,
-the connection cap and its evictions, head and body timeouts, HTTPS and its reload."""
+the connection cap and its evictions, head and body timeouts, HTTPS and its reload; each
+under both event loops the daemon runs on (uvloop, its default, and asyncio's own)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,17 @@ from tests.conftest import SCHEDULER_TOKEN, SpawnDaemon
 from tests.daemon import Daemon
 from tests.sse import EventReader
 from tests.waiting import eventually
+
+
+@pytest.fixture(autouse=True, params=["uvloop", "asyncio"])
+def event_loop_of_the_daemon(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """The daemons these tests start run on this loop (MODEL_REGISTRY_EVENT_LOOP)."""
+    loop: str = request.param
+    monkeypatch.setenv("MODEL_REGISTRY_EVENT_LOOP", loop)
+    return loop
+
 
 HALF_HEAD = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"  # the blank line never comes
 

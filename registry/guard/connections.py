@@ -22,7 +22,7 @@ import time
 from asyncio.sslproto import SSLProtocol
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -191,8 +191,8 @@ class _GuardedTlsProtocol(SSLProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        assert isinstance(transport, asyncio.Transport)
-        self._server.tls_accepted(self._handler, transport)
+        # A TCP transport: asyncio's, or uvloop's, which does not derive from asyncio.Transport.
+        self._server.tls_accepted(self._handler, cast(asyncio.Transport, transport))
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._server.tls_gone(self._handler)
