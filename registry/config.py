@@ -118,6 +118,11 @@ class Settings(BaseSettings):
     )
     log_level: str = "info"
     access_log: AccessLog = AccessLog.DEFAULT
+    proc_root: Path = Field(
+        default=Path("/proc"),
+        description="Where the host's processes are listed: binds by a container's own pid "
+        "look there for the host pid.",
+    )
     event_loop: EventLoop = Field(
         default=EventLoop.UVLOOP,
         description="uvloop (the default, where it is installed) or asyncio's own loop.",

@@ -13,6 +13,7 @@ from model_registry_client.aio import (
     AsyncRegistry,
     AsyncWatch,
 )
+from model_registry_client.container import own_container_id
 from model_registry_client.errors import (
     Forbidden,
     Invalid,
@@ -96,4 +97,5 @@ __all__ = [
     "Unauthorized",
     "WarmSpot",
     "Watch",
+    "own_container_id",
 ]

@@ -171,7 +171,9 @@ class Lease(protocol.LeaseState):
 
     def bind(self, pid: int | None = None, wait_s: float = 60.0, **fields: Any) -> Instance:
         """Turn the lease into an instance of `pid` (the host's pid of the worker that loads),
-        with `sessions`, `pinned`, `priority` or `ready` when given. It may come as soon as the
+        with `sessions`, `pinned`, `priority` or `ready` when given (from inside a container:
+        `container_pid=os.getpid()` and `container=own_container_id()` or `pod_uid=...`,
+        instead of `pid`). It may come as soon as the
         worker starts: while the daemon answers pid_not_on_gpu (no CUDA context yet) it
         retries, the lease still renewed, for up to `wait_s`. Once bound, renewal stops and
         releasing does nothing. LeaseLost when the lease was lost."""
@@ -459,19 +461,26 @@ class Registry:
         self,
         model: str,
         gpu: str,
-        pid: int,
+        pid: int | None = None,
         *,
+        container_pid: int | None = None,
+        container: str | None = None,
+        pod_uid: str | None = None,
         holder: str | None = None,
         sessions: int | None = None,
         pinned: bool | None = None,
         priority: int | None = None,
         ready: bool | None = None,
     ) -> Instance:
-        """Record a model that process `pid` loaded on `gpu` without a reservation."""
+        """Record a model that process `pid` loaded on `gpu` without a reservation. A process in
+        a container may be named by `container_pid` and `container` (or `pod_uid`) instead."""
         body = protocol.instance_body(
             model=model,
             gpu=gpu,
             pid=pid,
+            container_pid=container_pid,
+            container=container,
+            pod_uid=pod_uid,
             holder=holder,
             sessions=sessions,
             pinned=pinned,

@@ -16,10 +16,16 @@ from registry.admission.book import (
     TooMany,
     Trial,
 )
-from registry.admission.schemas import ReservationCreate, ReservationPatch, ReservationQuery
+from registry.admission.schemas import (
+    CONTAINER_FIELDS,
+    ReservationCreate,
+    ReservationPatch,
+    ReservationQuery,
+)
 from registry.auth import Caller, Role, check_owner, require
 from registry.bodies import validated_body
 from registry.capacity import Reason
+from registry.container_pid import Unresolved, in_host_terms
 from registry.errors import JSON, http_error, validated_query
 from registry.logs import get_logger
 from registry.reservation import Reservation
@@ -86,7 +92,14 @@ async def create_reservation(request: web.Request) -> web.StreamResponse:
     data = await validated_body(request, ReservationCreate)
     require_priority(caller, data.priority)
     book = _book(request)
-    asked = ReservationRequest(**data.model_dump(), owner=caller.owner)
+    try:
+        in_container = await in_host_terms(request, data)
+    except Unresolved as exc:
+        return json_answer({"detail": str(exc), "reason": "pid_unresolved"}, 422)
+    fields = data.model_dump(exclude=set(CONTAINER_FIELDS))
+    if in_container is not None:
+        fields["pid"] = in_container
+    asked = ReservationRequest(**fields, owner=caller.owner)
     try:
         if query.dry_run:
             return json_answer(_trial(request, book.trial(asked)))

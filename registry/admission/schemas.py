@@ -16,6 +16,7 @@ from pydantic import (
     model_validator,
 )
 
+from registry.container_pid import CONTAINER_ID_PATTERN, POD_UID_PATTERN
 from registry.schemas import ModelName, Pagination, Vram, integral_float_as_int
 
 TTL_MAX_S = 3600
@@ -106,7 +107,52 @@ def _at_least_one_change(schema: dict[str, Any]) -> None:
     schema["anyOf"] = _given(("ttl_s", "integer"), ("pid", "integer"))
 
 
-class ReservationCreate(BaseModel):
+ContainerPid = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=PID_MAX,
+        description="The loading process's pid inside its container (with `container` or "
+        "`pod_uid`), instead of `pid`: the daemon finds the host's pid.",
+    ),
+]
+ContainerId = Annotated[
+    str,
+    StringConstraints(pattern=CONTAINER_ID_PATTERN),
+    Field(description="The container's id (12 to 64 hex digits) that `container_pid` is in."),
+]
+PodUid = Annotated[
+    str,
+    StringConstraints(pattern=POD_UID_PATTERN),
+    Field(description="The pod's UID (Downward API) that `container_pid` is in."),
+]
+
+
+class InContainer(BaseModel):
+    """A process named by its pid inside a container: `container_pid` with exactly one of
+    `container` and `pod_uid`, never with `pid`."""
+
+    container_pid: ContainerPid | None = None
+    container: ContainerId | None = None
+    pod_uid: PodUid | None = None
+
+    @model_validator(mode="after")
+    def _container_or_host_pid(self) -> InContainer:
+        named = (self.container is not None) + (self.pod_uid is not None)
+        if self.container_pid is None:
+            if named:
+                raise ValueError("container and pod_uid go with container_pid")
+        elif named != 1:
+            raise ValueError("container_pid goes with exactly one of container and pod_uid")
+        elif getattr(self, "pid", None) is not None:
+            raise ValueError("give pid or container_pid, not both")
+        return self
+
+
+CONTAINER_FIELDS = frozenset({"container_pid", "container", "pod_uid"})
+
+
+class ReservationCreate(InContainer):
     """Exactly one of `model` and `vram_mib`."""
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_exactly_one_size)
@@ -235,9 +281,10 @@ def _bind_or_adopt(schema: dict[str, Any]) -> None:
     ]
 
 
-class InstanceCreate(BaseModel):
+class InstanceCreate(InContainer):
     """Bind: `reservation` (and `pid`, unless the reservation names one). Adopt: `model`,
-    `gpu` and `pid`, for a model that is already loaded."""
+    `gpu` and `pid`, for a model that is already loaded. A process in a container may be
+    named by `container_pid` and `container` (or `pod_uid`) instead of `pid`."""
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_bind_or_adopt)
 
@@ -255,7 +302,7 @@ class InstanceCreate(BaseModel):
         if self.reservation is not None:
             if self.model is not None or self.gpu is not None:
                 raise ValueError("a bind names the reservation only: not model or gpu")
-        elif self.model is None or self.gpu is None or self.pid is None:
+        elif self.model is None or self.gpu is None or not (self.pid or self.container_pid):
             raise ValueError("give a reservation to bind, or model, gpu and pid to adopt")
         return self
 

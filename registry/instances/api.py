@@ -11,6 +11,7 @@ from registry.admission.book import NotFound, TooMany
 from registry.admission.schemas import InstanceCreate, InstancePatch, InstanceQuery
 from registry.auth import Role, check_owner, require
 from registry.bodies import validated_body
+from registry.container_pid import Unresolved, in_host_terms
 from registry.errors import http_error, unprocessable, validated_query
 from registry.instance import Instance
 from registry.instances.book import (
@@ -59,7 +60,11 @@ async def create_instance(request: web.Request) -> web.StreamResponse:
         gpu, model = data.gpu, data.model
         if view.model_by_name(model) is None:
             raise http_error(web.HTTPNotFound, f"no model named {model!r} in the catalog")
-    pid = data.pid or (reservation.pid if reservation is not None else None)
+    try:
+        in_container = await in_host_terms(request, data)
+    except Unresolved as exc:
+        return _refusal(422, "pid_unresolved", str(exc))
+    pid = in_container or data.pid or (reservation.pid if reservation is not None else None)
     if pid is None:
         issue = {"type": "missing", "loc": ["body", "pid"], "msg": "Field required", "input": None}
         raise unprocessable(
