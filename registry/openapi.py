@@ -55,6 +55,17 @@ def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
 _ERRORS = {
     "422": _json(ValidationErrorOut, "Invalid parameters"),
 }
+# Naming a process by its pid in a container: a request that validates may still name no
+# process the daemon can find (reason pid_unresolved, the why in detail).
+_INVALID_OR_UNRESOLVED = {
+    "422": {
+        "description": "Invalid parameters, or a container_pid that resolves to no single "
+        "host process (reason pid_unresolved)",
+        "content": {
+            "application/json": {"schema": {"anyOf": [_ref(ValidationErrorOut), _ref(RefusalOut)]}}
+        },
+    }
+}
 _VALIDATED = (
     ModelCreate,
     ModelPatch,
@@ -168,6 +179,7 @@ def _reservation_paths(secured: list[dict[str, list[str]]]) -> dict[str, Any]:
                         "GPU state unknown (with reason gpu_state_unknown), or not recorded",
                     ),
                     **_RESERVATION_ERRORS,
+                    **_INVALID_OR_UNRESOLVED,
                 },
             },
         },
@@ -251,6 +263,7 @@ def _reservation_paths(secured: list[dict[str, list[str]]]) -> dict[str, Any]:
                         "Processes or GPU state unknown (with a reason), or not recorded",
                     ),
                     **_RESERVATION_ERRORS,
+                    **_INVALID_OR_UNRESOLVED,
                 },
             },
         },

@@ -94,7 +94,21 @@ async def test_schemathesis_finds_no_server_error_or_schema_violation(
         daemon.stop()
 
 
+# A request that names a process by its pid in a container validates, and may still name no
+# process this host has: 422 pid_unresolved, as documented, is a right answer to it.
+_RESOLVING = "\n".join(
+    f"""
+[[operations]]
+include-operation-id = "{operation}"
+checks.positive_data_acceptance.expected-statuses = [
+    "2XX", "3XX", 401, 403, 404, 409, 422, 429, "5XX",
+]
+"""
+    for operation in ("create_reservation", "create_instance")
+)
+
+
 def _config(directory: Path) -> Path:
     path = directory / "schemathesis.toml"
-    path.write_text("max-stream-events = 1\n")
+    path.write_text("max-stream-events = 1\n" + _RESOLVING)
     return path

@@ -101,6 +101,7 @@ def _given(*alternatives: tuple[str, str]) -> list[dict[str, Any]]:
 
 def _exactly_one_size(schema: dict[str, Any]) -> None:
     schema["oneOf"] = _given(("model", "string"), ("vram_mib", "integer"))
+    in_container_rules(schema)
 
 
 def _at_least_one_change(schema: dict[str, Any]) -> None:
@@ -115,6 +116,7 @@ ContainerPid = Annotated[
         description="The loading process's pid inside its container (with `container` or "
         "`pod_uid`), instead of `pid`: the daemon finds the host's pid.",
     ),
+    BeforeValidator(integral_float_as_int),
 ]
 ContainerId = Annotated[
     str,
@@ -150,6 +152,29 @@ class InContainer(BaseModel):
 
 
 CONTAINER_FIELDS = frozenset({"container_pid", "container", "pod_uid"})
+
+
+def _set(name: str, kind: str) -> dict[str, Any]:
+    """JSON Schema: `name` is given, and not null."""
+    return {"required": [name], "properties": {name: {"type": kind}}}
+
+
+# The rules of InContainer, for the JSON Schema (null counts as not given, as in validation).
+IN_CONTAINER_RULES: list[dict[str, Any]] = [
+    {"if": _set("container", "string"), "then": _set("container_pid", "integer")},
+    {"if": _set("pod_uid", "string"), "then": _set("container_pid", "integer")},
+    {
+        "if": _set("container_pid", "integer"),
+        "then": {
+            "oneOf": [_set("container", "string"), _set("pod_uid", "string")],
+            "not": _set("pid", "integer"),
+        },
+    },
+]
+
+
+def in_container_rules(schema: dict[str, Any]) -> None:
+    schema.setdefault("allOf", []).extend(IN_CONTAINER_RULES)
 
 
 class ReservationCreate(InContainer):
@@ -253,6 +278,7 @@ class RefusalOut(BaseModel):
         "pid_not_on_gpu",
         "processes_unknown",
         "already_loaded",
+        "pid_unresolved",
     ]
     instance: str | None = Field(
         default=None, description="already_loaded: the live instance that holds the load."
@@ -270,15 +296,17 @@ def _bind_or_adopt(schema: dict[str, Any]) -> None:
             },
         },
         {
-            "required": ["model", "gpu", "pid"],
+            "required": ["model", "gpu"],
             "properties": {
                 "reservation": {"type": "null"},
                 "model": {"type": "string"},
                 "gpu": {"type": "string"},
-                "pid": {"type": "integer"},
             },
+            # adopting needs the process: by its host pid, or by its pid in a container
+            "anyOf": [_set("pid", "integer"), _set("container_pid", "integer")],
         },
     ]
+    in_container_rules(schema)
 
 
 class InstanceCreate(InContainer):
