@@ -200,3 +200,23 @@ async def test_a_claim_from_the_client_waits_for_the_room_its_victim_frees(
     victim, asked, roomy = await asyncio.to_thread(claim)
     assert asked.id == victim.id and asked.evicting is not None
     assert roomy is True
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_a_lease_whose_registry_was_closed_stops_renewing_quietly(
+    start_app: AppClient,
+) -> None:
+    daemon = await start_app(scheduler_token=SCHEDULER_TOKEN)
+    url = _url(daemon)
+
+    def abandon() -> Any:
+        reg = Registry(url, token=SCHEDULER_TOKEN)
+        lease = reg.reserve("tiny", ttl_s=1)
+        reg.close()  # the lease was never released nor entered: it lapses at its expiry
+        renewer = lease._renewer
+        assert renewer is not None
+        until(lambda: not renewer.is_alive(), timeout_s=5)
+        return lease
+
+    lease = await asyncio.to_thread(abandon)
+    assert not lease.lost  # not lost: nobody renews it any more, and it ends at its expiry

@@ -235,6 +235,12 @@ class AsyncLease(protocol.LeaseState):
                 return False
             except RegistryError as exc:  # unreachable, 503, 429, a token rotated: try again
                 problem = str(exc)
+            except RuntimeError:
+                if not self._http.client.is_closed:
+                    raise
+                # Its Registry (or Fleet) was closed while the lease was held.
+                log.warning("lease %s: its client was closed; it ends at its expiry", self.id)
+                return False
             else:
                 self._renewed(answer)
                 return True
