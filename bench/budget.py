@@ -44,7 +44,7 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import free_port  # noqa: E402
+from common import add_models, free_port  # noqa: E402
 
 from registry import keys  # noqa: E402
 from registry.config import load_settings  # noqa: E402
@@ -203,20 +203,6 @@ class Plan:
 
 FULL = Plan(rounds=5, seconds=5, pair_runs=3, pairs=2000, writes=600, watchers=2000, changes=3)
 SHORT = Plan(rounds=3, seconds=2, pair_runs=1, pairs=500, writes=300, watchers=1000, changes=2)
-
-
-async def add_models(dsn: str, count: int) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(
-            "INSERT INTO models (name, vram) SELECT 'bench-' || g, 1 + (g * 7919) % 150000"
-            " FROM generate_series(1, $1) AS g",
-            count,
-        )
-    finally:
-        await conn.close()
 
 
 async def until(check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 60) -> None:

@@ -145,6 +145,21 @@ def wrk(url: str, duration_s: int, connections: int = 64) -> dict[str, float]:
     return {"rps": rps, "p50_ms": latencies["50"], "p99_ms": latencies["99"]}
 
 
+async def add_models(dsn: str, count: int) -> None:
+    """`count` models named bench-1, bench-2, ... straight into the catalog table."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO models (name, vram) SELECT 'bench-' || g, 1 + (g * 7919) % 150000"
+            " FROM generate_series(1, $1) AS g",
+            count,
+        )
+    finally:
+        await conn.close()
+
+
 def percentile(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]

@@ -24,8 +24,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
-from common import cpu_seconds, fetch, free_port, rss_mib, simulated_daemon, wait_http, wrk
+from common import (
+    add_models,
+    cpu_seconds,
+    fetch,
+    free_port,
+    rss_mib,
+    simulated_daemon,
+    wait_http,
+    wrk,
+)
 
 STATIC_APP = """
 import sys
@@ -65,18 +73,6 @@ def compare(name: str, daemon_url: str, static_url: str, duration: int, rounds: 
             f" {mean(kind, 'p99_ms'):>8.2f}"
         )
     print(f"  ratio daemon/static: {ratio:.2f}")
-
-
-async def add_models(dsn: str, count: int) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(
-            "INSERT INTO models (name, vram) SELECT 'bench-' || g, 1 + (g * 7919) % 150000"
-            " FROM generate_series(1, $1) AS g",
-            count,
-        )
-    finally:
-        await conn.close()
 
 
 @contextlib.contextmanager
