@@ -35,6 +35,8 @@ from registry.schemas import ListQuery
 
 log = get_logger("registry.view")
 
+_HOT_PAGES = 16  # listing pages kept by request target, for the current generation
+_HOT_PAGE_MAX_BYTES = 64 * 1024
 _BULK_CHANGE = 256  # more changes than this at once: rebuild the indexes instead
 RESIDENTS_SHOWN = 100  # a model's instances in the listing: the newest, and their count
 K = TypeVar("K")
@@ -96,6 +98,11 @@ class CatalogView:
         # Rendered answers of every listing, /fleet/models included, within one byte budget.
         self.pages = pages if pages is not None else PageCache(DEFAULT_PAGE_CACHE_BYTES)
         self.queries = ParsedQueries()
+        # The listing's hot path: request target -> its page, for this generation only. A
+        # dictionary lookup by the raw target instead of hashing a parsed query and moving an
+        # LRU entry per request; few and small pages only, so it holds little beside the cache.
+        self._hot_pages: dict[str, CachedBody] = {}
+        self._hot_generation = -1  # none yet
         self._margins = margins
         self._footprints = footprints if footprints is not None else Footprints()
         self._bookings = Bookings(snapshot)
@@ -374,6 +381,22 @@ class CatalogView:
     def assessment(self, model_id: int) -> Assessment | None:
         entry = self._entries.get(model_id)
         return None if entry is None else self.capacity.assess(entry.model)
+
+    def listing(self, target: str, parse: Callable[[], ListQuery]) -> CachedBody:
+        """The page a `GET /models` request target asks for (`parse` reads its query)."""
+        if self._hot_generation != self.generation:
+            self._hot_pages, self._hot_generation = {}, self.generation
+        found = self._hot_pages.get(target)
+        if found is not None:
+            return found
+        cached = self.page(self.queries.get(target, parse))
+        if (
+            len(cached.body) <= _HOT_PAGE_MAX_BYTES
+            and len(target) <= ParsedQueries.MAX_TARGET_BYTES
+            and len(self._hot_pages) < _HOT_PAGES
+        ):
+            self._hot_pages[target] = cached
+        return cached
 
     def page(self, query: ListQuery) -> CachedBody:
         key = ("models", self.generation, query)

@@ -30,9 +30,9 @@ routes = web.RouteTableDef()
 @routes.get("/models")
 async def list_models(request: web.Request) -> web.Response:
     view = request.app[keys.VIEW]
+    if "If-None-Match" not in request.headers:  # the hot path
+        return json_answer(view.listing(request.raw_path, lambda: _list_query(request)))
     query = view.queries.get(request.raw_path, lambda: _list_query(request))
-    if "If-None-Match" not in request.headers:
-        return json_answer(view.page(query))  # the hot path
     return await watched_json(request, lambda: view.page(query), request.app[keys.FEED])
 
 
