@@ -20,9 +20,8 @@ import secrets
 
 from aiohttp import web
 
-from registry import keys
 from registry.auth import bearer_token, matches_any
-from registry.config import Settings
+from registry.config import LiveSettings, Settings
 from registry.errors import http_error
 
 COOKIE = "model_registry_token"
@@ -59,7 +58,9 @@ def host_name(header: str) -> str:
 
 
 class AccessGate:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, live: LiveSettings | None = None) -> None:
+        # The settings in force, held here: no lookup through the app on every request.
+        self._live = live or LiveSettings(settings)
         self._check_host = is_loopback(settings.host)
         self._hosts = LOOPBACK_NAMES | settings.allowed_host_names()
         self._seen: set[str] = set()  # Host headers already let through: the hot path
@@ -70,7 +71,7 @@ class AccessGate:
         """Raise 403 or 401, or answer in place of the handler (None: on to the handler)."""
         if self._check_host:
             self._require_own_host(request)
-        settings = request.app[keys.SETTINGS].current
+        settings = self._live.current
         if settings.read_token is None or request.method not in _READS:
             return None  # the hot path: reads are open
         if request.path in _OPEN_PATHS or not (read_tokens := settings.read_tokens()):

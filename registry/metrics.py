@@ -190,18 +190,14 @@ class _RequestStats(Collector):
     BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 
     def __init__(self) -> None:
-        self._counts: dict[tuple[str, str, int], int] = {}  # (route, method, status)
-        # (route, method) -> count per bucket, then the count above the last, then the sum
-        self._latency: dict[tuple[str, str], list[float]] = {}
+        self._routes: dict[str, _RouteStats] = {}
 
-    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        key = (route, method, status)
-        self._counts[key] = self._counts.get(key, 0) + 1
-        latency = self._latency.get((route, method))
-        if latency is None:
-            latency = self._latency[(route, method)] = [0.0] * (len(self.BUCKETS) + 2)
-        latency[bisect.bisect_left(self.BUCKETS, seconds)] += 1
-        latency[-1] += seconds
+    def route(self, route: str) -> _RouteStats:
+        """One route's counters, for its handler to hold: no lookup by route per request."""
+        stats = self._routes.get(route)
+        if stats is None:
+            stats = self._routes[route] = _RouteStats(len(self.BUCKETS) + 2)
+        return stats
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -209,14 +205,17 @@ class _RequestStats(Collector):
             "HTTP requests answered.",
             labels=["route", "method", "status"],
         )
-        for (route, method, status), count in list(self._counts.items()):
-            requests.add_metric([route, method, str(status)], count)
+        routes = list(self._routes.items())
+        for route, stats in routes:
+            for (method, status), count in list(stats.counts.items()):
+                requests.add_metric([route, method, str(status)], count)
         latency = HistogramMetricFamily(
             "model_registry_http_request_duration_seconds",
             "HTTP request latency.",
             labels=["route", "method"],
         )
-        for (route, method), values in list(self._latency.items()):
+        latencies = [(r, m, v) for r, stats in routes for m, v in list(stats.latency.items())]
+        for route, method, values in latencies:
             cumulative, running = [], 0.0
             for bound, in_bucket in zip((*self.BUCKETS, float("inf")), values[:-1], strict=True):
                 running += in_bucket
@@ -224,6 +223,30 @@ class _RequestStats(Collector):
             latency.add_metric([route, method], cumulative, values[-1])
         yield requests
         yield latency
+
+
+class _RouteStats:
+    """One route's requests by (method, status), and its latency by method: the count per
+    bucket, then the count above the last, then the sum."""
+
+    __slots__ = ("_size", "counts", "latency")
+
+    def __init__(self, size: int) -> None:
+        self.counts: dict[tuple[str, int], int] = {}
+        self.latency: dict[str, list[float]] = {}
+        self._size = size
+
+    def observe(self, method: str, status: int, seconds: float) -> None:
+        if method not in _KNOWN_METHODS:
+            method = "other"  # clients choose methods; labels must stay bounded
+        key = (method, status)
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + 1
+        latency = self.latency.get(method)
+        if latency is None:
+            latency = self.latency[method] = [0.0] * self._size
+        latency[bisect.bisect_left(_RequestStats.BUCKETS, seconds)] += 1
+        latency[-1] += seconds
 
 
 def _bound(value: float) -> str:
@@ -287,10 +310,9 @@ class Metrics:
         else:
             self.poll_errors.inc()
 
-    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        if method not in _KNOWN_METHODS:
-            method = "other"  # clients choose methods; labels must stay bounded
-        self._requests.observe(route, method, status, seconds)
+    def route_requests(self, route: str) -> Callable[[str, int, float], None]:
+        """`observe(method, status, seconds)` of one route's requests, for its handler to hold."""
+        return self._requests.route(route).observe
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

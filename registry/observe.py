@@ -72,7 +72,8 @@ class Observer:
         self._busy_routes = busy_routes
 
     def wrap(self, route: str, handler: Handler) -> Handler:
-        metrics, access, slow_s, gate = self._metrics, self._access, self._slow_s, self._gate
+        access, slow_s, gate = self._access, self._slow_s, self._gate
+        observe = self._metrics.route_requests(route)
         quiet_methods = _ALL_METHODS if route in self._busy_routes else _QUIET_METHODS
 
         async def observed(request: web.Request) -> web.StreamResponse:
@@ -99,7 +100,7 @@ class Observer:
             elapsed = time.perf_counter() - started
             status = response.status
             method = request.method
-            metrics.observe_request(route, method, status, elapsed)
+            observe(method, status, elapsed)
             # Waiting by request (a blocking GET, an event stream) is not slowness.
             slow = elapsed > slow_s and elapsed - request.get(WAITED_S, 0.0) > slow_s
             if access is AccessLog.ALL or (
