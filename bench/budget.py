@@ -239,10 +239,10 @@ async def measure(plan: Plan, work: Path) -> list[Budget]:
     base = f"http://127.0.0.1:{port}"
     has_wrk = shutil.which("wrk") is not None
     no_wrk = "wrk is not installed (apt-get install wrk)"
-    reads_5 = Budget("reads, 5 models (x static aiohttp)", 0.60, True, target=0.90)
-    reads_10k = Budget("reads, 10,000 models, limit=100 (x static)", 0.60, True, target=0.85)
+    reads_5 = Budget("reads, 5 models (x static aiohttp)", 0.65, True, target=0.90)
+    reads_10k = Budget("reads, 10,000 models, limit=100 (x static)", 0.65, True, target=0.85)
     pair = Budget("reserve+release p99, 10,000 open (x none)", 1.5, False, target=1.5)
-    writes = Budget("catalog writes at 10,000 models (x at 10)", 0.6, True, target=0.8)
+    writes = Budget("catalog writes at 10,000 models (x at 10)", 0.7, True, target=0.8)
     watch = Budget(f"GPU change to {plan.watchers:,} streams, p99", 250, False, 250, "ms")
     runners: list[web.AppRunner] = []
     try:
