@@ -202,7 +202,7 @@ class Plan:
 
 
 FULL = Plan(rounds=5, seconds=5, pair_runs=3, pairs=2000, writes=600, watchers=2000, changes=3)
-SHORT = Plan(rounds=3, seconds=2, pair_runs=1, pairs=500, writes=300, watchers=1000, changes=2)
+SHORT = Plan(rounds=3, seconds=2, pair_runs=3, pairs=500, writes=300, watchers=1000, changes=2)
 
 
 async def until(check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 60) -> None:
