@@ -210,7 +210,7 @@ def test_the_image_serves_stops_cleanly_and_keeps_its_reservations(image: str, g
         kept = _in_container(name, "/reservations")
         assert [r["id"] for r in kept["body"]["data"]] == [reserved["body"]["id"]]
     finally:
-        _podman("rm", "-f", name, check=False)
+        _podman("rm", "-f", "-v", name, check=False)
         _podman("volume", "rm", "-f", volume, check=False)
 
 
@@ -238,4 +238,4 @@ async def test_a_worker_in_a_container_binds_by_its_own_pid(
                 assert bound.status == 201, await bound.text()
                 assert (await bound.json())["pid"] == host_pid
     finally:
-        await asyncio.to_thread(_podman, "rm", "-f", container, check=False)
+        await asyncio.to_thread(_podman, "rm", "-f", "-v", container, check=False)
