@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import SCHEDULER_TOKEN, SpawnDaemon
+from tests.waiting import until
 
 pytestmark = pytest.mark.container
 
@@ -131,25 +132,23 @@ def _in_container(name: str, path: str, method: str = "GET", body: Any = None) -
     return json.loads(_podman("exec", name, "python3", "-c", script, timeout=30))
 
 
-def _ready_within(name: str, timeout_s: float) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        done = subprocess.run(
-            [
-                *PODMAN,
-                "exec",
-                name,
-                "python3",
-                "-c",
-                "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8700/readyz')",
-            ],
-            capture_output=True,
-            check=False,
-        )
-        if done.returncode == 0:
-            return time.monotonic() - started
-        time.sleep(0.2)
-    raise AssertionError(f"not ready in {timeout_s} s:\n{_podman('logs', name, check=False)}")
+def _answers_readyz(name: str) -> bool:
+    """Whether the daemon in the container answers /readyz with 200 (asked from inside it)."""
+    asked = subprocess.run(
+        [*PODMAN, "exec", name, "python3", "-c",
+         "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8700/readyz')"],
+        capture_output=True,
+        check=False,
+    )  # fmt: skip
+    return asked.returncode == 0
+
+
+def _wait_ready(name: str, timeout_s: float) -> None:
+    try:
+        until(lambda: _answers_readyz(name), timeout_s=timeout_s)
+    except AssertionError:
+        logs = _podman("logs", name, check=False)
+        raise AssertionError(f"not ready in {timeout_s} s:\n{logs}") from None
 
 
 def _run(image: str, name: str, volume: str, gpus: Path) -> float:
@@ -165,7 +164,7 @@ def _run(image: str, name: str, volume: str, gpus: Path) -> float:
         "-e", f"MODEL_REGISTRY_SCHEDULER_TOKEN={SCHEDULER_TOKEN}",
         image,
     )  # fmt: skip
-    _ready_within(name, 60)
+    _wait_ready(name, 60)
     return time.monotonic() - started
 
 
