@@ -58,9 +58,10 @@ def host_name(header: str) -> str:
 
 
 class AccessGate:
-    def __init__(self, settings: Settings, live: LiveSettings | None = None) -> None:
+    def __init__(self, live: LiveSettings) -> None:
         # The settings in force, held here: no lookup through the app on every request.
-        self._live = live or LiveSettings(settings)
+        self._live = live
+        settings = live.current
         self._check_host = is_loopback(settings.host)
         self._hosts = LOOPBACK_NAMES | settings.allowed_host_names()
         self._seen: set[str] = set()  # Host headers already let through: the hot path

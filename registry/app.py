@@ -404,7 +404,7 @@ def create_app(
         busy_routes=frozenset(
             {"/reservations", "/reservations/{id}", "/instances", "/instances/{id}"}
         ),
-        gate=AccessGate(settings, app[keys.SETTINGS]),
+        gate=AccessGate(app[keys.SETTINGS]),
     )
     observer.add_routes(
         app,

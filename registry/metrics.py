@@ -196,7 +196,7 @@ class _RequestStats(Collector):
         """One route's counters, for its handler to hold: no lookup by route per request."""
         stats = self._routes.get(route)
         if stats is None:
-            stats = self._routes[route] = _RouteStats(len(self.BUCKETS) + 2)
+            stats = self._routes[route] = _RouteStats()
         return stats
 
     def collect(self) -> Iterator[Metric]:
@@ -229,12 +229,11 @@ class _RouteStats:
     """One route's requests by (method, status), and its latency by method: the count per
     bucket, then the count above the last, then the sum."""
 
-    __slots__ = ("_size", "counts", "latency")
+    __slots__ = ("counts", "latency")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self) -> None:
         self.counts: dict[tuple[str, int], int] = {}
         self.latency: dict[str, list[float]] = {}
-        self._size = size
 
     def observe(self, method: str, status: int, seconds: float) -> None:
         if method not in _KNOWN_METHODS:
@@ -244,7 +243,7 @@ class _RouteStats:
         counts[key] = counts.get(key, 0) + 1
         latency = self.latency.get(method)
         if latency is None:
-            latency = self.latency[method] = [0.0] * self._size
+            latency = self.latency[method] = [0.0] * (len(_RequestStats.BUCKETS) + 2)
         latency[bisect.bisect_left(_RequestStats.BUCKETS, seconds)] += 1
         latency[-1] += seconds
 
