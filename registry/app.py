@@ -29,8 +29,8 @@ from registry.database import Database, create_pool, migrated_database
 from registry.embedded_supervisor import EmbeddedStats, EmbeddedSupervisor
 from registry.fleet.api import routes as fleet_routes
 from registry.fleet.metrics import FleetStats
-from registry.fleet.own_host import OwnHost, OwnOverlay
-from registry.fleet.publisher import FleetPublisher, host_devices
+from registry.fleet.own_host import OwnOverlay
+from registry.fleet.publisher import FleetPublisher
 from registry.fleet.reader import FleetReader
 from registry.footprint import Footprints
 from registry.footprints.api import routes as footprint_routes
@@ -283,7 +283,7 @@ async def fleet_ctx(app: web.Application) -> AsyncIterator[None]:
     log.info("in the fleet", host=settings.host_id, url=url)
     reader = app[keys.FLEET] = FleetReader(database.pool)
     view = app[keys.VIEW]
-    app[keys.FLEET_OWN] = OwnOverlay(lambda: _own_host(app, settings, url), lambda: view.generation)
+    app[keys.FLEET_OWN] = OwnOverlay(publisher.current, lambda: view.generation)
     with app[keys.METRICS].collecting(FleetStats(reader)):
         task = spawn(app, publisher.run(), "fleet-publisher")
         yield
@@ -321,26 +321,6 @@ def _fleet_instances(app: web.Application) -> list[dict[str, Any]]:
     """Where this host has models loaded: one entry per model and device, with a count."""
     instances = app.get(keys.INSTANCES)
     return [] if instances is None else instances.spots()
-
-
-def _own_host(app: web.Application, settings: Settings, url: str) -> OwnHost:
-    view = app[keys.VIEW]
-    newest, total, pending_mib = _fleet_reservations(view)
-    footprints = view.footprints
-    return OwnHost(
-        host=settings.host_id,
-        url=url,
-        gpu_state=view.snapshot.state.value,
-        devices=host_devices(view),
-        spots=_fleet_instances(app),
-        room=lambda: _fleet_room(app, settings),
-        reservations=newest,
-        reservations_total=total,
-        pending_mib=pending_mib,
-        source=footprints.source.value,
-        min_samples=footprints.min_samples,
-        max_shrink=footprints.max_shrink,
-    )
 
 
 def _fleet_room(app: web.Application, settings: Settings) -> str:

@@ -17,6 +17,7 @@ import asyncpg
 from registry import __version__
 from registry.database import UNAVAILABLE_ERRORS
 from registry.fleet.identity import HostIdTaken, connect_as_host
+from registry.fleet.own_host import OwnHost
 from registry.logs import get_logger
 from registry.view import CatalogView
 
@@ -95,12 +96,36 @@ class FleetPublisher:
         self._conn = await connect_as_host(self._dsn, self.host_id)
         await self._write(self._row())
 
-    def _row(self) -> tuple[str, str, int, int, str, str]:
-        devices = json.dumps(host_devices(self._view))
+    def current(self) -> OwnHost:
+        """This host as it is now: what the next write publishes, and what the daemon shows
+        of itself when it answers for the fleet."""
         newest, open_count, pending_mib = self._reservations()
-        instances = json.dumps(self._instances())
-        room = self._room()
-        return devices, json.dumps(newest, default=str), open_count, pending_mib, instances, room
+        footprints = self._view.footprints
+        return OwnHost(
+            host=self.host_id,
+            url=self.url,
+            gpu_state=self._view.snapshot.state.value,
+            devices=host_devices(self._view),
+            spots=self._instances(),
+            room=self._room,
+            reservations=newest,
+            reservations_total=open_count,
+            pending_mib=pending_mib,
+            source=footprints.source.value,
+            min_samples=footprints.min_samples,
+            max_shrink=footprints.max_shrink,
+        )
+
+    def _row(self) -> tuple[str, str, int, int, str, str]:
+        own = self.current()
+        return (
+            json.dumps(own.devices),
+            json.dumps(own.reservations, default=str),
+            own.reservations_total,
+            own.pending_mib,
+            json.dumps(own.spots),
+            own.room(),
+        )
 
     async def _write(self, row: tuple[str, str, int, int, str, str]) -> None:
         assert self._conn is not None
