@@ -376,10 +376,6 @@ def _host_url(answer: Any, host: str) -> str | None:
     return None
 
 
-def instances_page_params() -> dict[str, Any]:
-    return {"limit": PAGE}
-
-
 def evicted(
     instances: Iterable[Instance],
     holder: str | None,

@@ -712,7 +712,7 @@ class AsyncFleet:
         if http is None:
             return []
         try:
-            params = protocol.instances_page_params()
+            params = protocol.instance_params(None)
             page = await http.call("GET", "/instances", params=params)
         except RegistryError as exc:
             log.info("cannot list the instances of %s: %s", host, exc)

@@ -805,7 +805,7 @@ class Fleet:
         if http is None:
             return []
         try:
-            page = http.call("GET", "/instances", params=protocol.instances_page_params())
+            page = http.call("GET", "/instances", params=protocol.instance_params(None))
         except RegistryError as exc:
             log.info("cannot list the instances of %s: %s", host, exc)
             return []
