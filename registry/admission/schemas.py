@@ -92,11 +92,14 @@ GpuUuid = Annotated[
 ]
 
 
+def _set(name: str, kind: str) -> dict[str, Any]:
+    """JSON Schema: `name` is given, and not null."""
+    return {"required": [name], "properties": {name: {"type": kind}}}
+
+
 def _given(*alternatives: tuple[str, str]) -> list[dict[str, Any]]:
     """JSON Schema branches "this field is present and not null", one per (field, type)."""
-    return [
-        {"required": [name], "properties": {name: {"type": kind}}} for name, kind in alternatives
-    ]
+    return [_set(name, kind) for name, kind in alternatives]
 
 
 def _exactly_one_size(schema: dict[str, Any]) -> None:
@@ -152,11 +155,6 @@ class InContainer(BaseModel):
 
 
 CONTAINER_FIELDS = frozenset({"container_pid", "container", "pod_uid"})
-
-
-def _set(name: str, kind: str) -> dict[str, Any]:
-    """JSON Schema: `name` is given, and not null."""
-    return {"required": [name], "properties": {name: {"type": kind}}}
 
 
 # The rules of InContainer, for the JSON Schema (null counts as not given, as in validation).
@@ -303,7 +301,7 @@ def _bind_or_adopt(schema: dict[str, Any]) -> None:
                 "gpu": {"type": "string"},
             },
             # adopting needs the process: by its host pid, or by its pid in a container
-            "anyOf": [_set("pid", "integer"), _set("container_pid", "integer")],
+            "anyOf": _given(("pid", "integer"), ("container_pid", "integer")),
         },
     ]
     in_container_rules(schema)
