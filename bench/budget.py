@@ -33,7 +33,7 @@ import shutil
 import statistics
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,9 +205,9 @@ FULL = Plan(rounds=5, seconds=5, pair_runs=3, pairs=2000, writes=600, watchers=2
 SHORT = Plan(rounds=3, seconds=2, pair_runs=3, pairs=500, writes=300, watchers=1000, changes=2)
 
 
-async def until(check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 60) -> None:
+async def until(check: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
     for _ in range(int(timeout_s * 10)):
-        if await check():
+        if check():
             return
         await asyncio.sleep(0.1)
     raise SystemExit(f"{what}: not within {timeout_s} s")
@@ -285,7 +285,7 @@ async def measure(plan: Plan, work: Path) -> list[Budget]:
             watch.note = f"p50 {answer['p50_ms']:.0f} ms"
             await add_models(service.app[keys.DATABASE].dsn, 10_000)
             view = service.app[keys.VIEW]
-            await until(lambda: _true(view.model_count >= 10_010), "the 10,000 models")
+            await until(lambda: view.model_count >= 10_010, "the 10,000 models")
             many = (await client("writes", base, ADMIN, f"--writes={plan.writes}"))["writes_per_s"]
             writes.rounds.append(many / few)
             writes.note = f"{many:.0f} writes/s at 10,000, {few:.0f} at 10"
@@ -306,10 +306,6 @@ async def measure(plan: Plan, work: Path) -> list[Budget]:
         service._stop.set()  # as SIGTERM would
         await serving
     return [reads_5, reads_10k, pair, writes, watch]
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 def main() -> None:

@@ -18,30 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from common import percentile
+from open_reservations import drain
+from open_reservations import pairs as timed_pairs
 
 DEVICE = {"uuid": "GPU-sim-0", "total_mib": 143360}
-
-
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
-
-
-async def _pairs(http: aiohttp.ClientSession, base: str, headers: Any, count: int) -> list[float]:
-    latencies = []
-    for _ in range(count):
-        started = time.perf_counter()
-        async with http.post(
-            f"{base}/reservations", json={"vram_mib": 1000}, headers=headers
-        ) as response:
-            body = await response.read()
-            if response.status != 201:
-                raise SystemExit(f"a reservation was answered {response.status}: {body!r}")
-        reservation_id = json.loads(body)["id"]
-        async with http.delete(f"{base}/reservations/{reservation_id}", headers=headers) as done:
-            await done.read()
-        latencies.append(time.perf_counter() - started)
-    return latencies
 
 
 async def _open(http: aiohttp.ClientSession, base: str, headers: Any, count: int) -> list[str]:
@@ -74,11 +55,11 @@ async def pairs(args: argparse.Namespace) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {args.token}"}
     async with aiohttp.ClientSession() as http:
         stream = await http.get(f"{args.base}/events")
-        reader = asyncio.ensure_future(_drain(stream))
-        await _pairs(http, args.base, headers, 200)  # warm up
-        empty = await _pairs(http, args.base, headers, args.pairs)
+        reader = asyncio.ensure_future(drain(stream))
+        await timed_pairs(http, args.base, 200, headers)  # warm up
+        empty = await timed_pairs(http, args.base, args.pairs, headers)
         held = await _open(http, args.base, headers, args.open)
-        full = await _pairs(http, args.base, headers, args.pairs)
+        full = await timed_pairs(http, args.base, args.pairs, headers)
         await _close(http, args.base, headers, held)
         reader.cancel()
         stream.close()
@@ -88,11 +69,6 @@ async def pairs(args: argparse.Namespace) -> dict[str, Any]:
         "full_p50_ms": percentile(full, 50) * 1000,
         "full_p99_ms": percentile(full, 99) * 1000,
     }
-
-
-async def _drain(stream: aiohttp.ClientResponse) -> None:
-    while await stream.content.readany():
-        pass
 
 
 async def writes(args: argparse.Namespace) -> dict[str, Any]:

@@ -25,19 +25,21 @@ TOKEN = "bench-scheduler-token"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
 
 
-async def pairs(session: aiohttp.ClientSession, base: str, count: int) -> list[float]:
+async def pairs(
+    session: aiohttp.ClientSession, base: str, count: int, headers: dict[str, str] = HEADERS
+) -> list[float]:
     """Sequential reserve-and-release pairs: each one's latency, in seconds."""
     latencies = []
     for _ in range(count):
         started = time.perf_counter()
         async with session.post(
-            f"{base}/reservations", json={"vram_mib": 1000}, headers=HEADERS
+            f"{base}/reservations", json={"vram_mib": 1000}, headers=headers
         ) as response:
             body = await response.read()
             assert response.status == 201, (response.status, body)
         reservation_id = json.loads(body)["id"]
         async with session.delete(
-            f"{base}/reservations/{reservation_id}", headers=HEADERS
+            f"{base}/reservations/{reservation_id}", headers=headers
         ) as response:
             await response.read()
             assert response.status == 204, response.status
