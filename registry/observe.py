@@ -11,7 +11,7 @@ import itertools
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 
@@ -38,8 +38,12 @@ _id_counter = itertools.count(1)
 CLIENT_CLOSED = 499
 
 
-def _new_request_id() -> str:
-    return f"{_ID_PREFIX}-{next(_id_counter):x}"
+def request_id_from(headers: Mapping[str, str]) -> str:
+    """The client's X-Request-Id where it sent a sane one, else a new id."""
+    given = headers.get("X-Request-Id")
+    if given is None or _REQUEST_ID.match(given) is None:
+        return f"{_ID_PREFIX}-{next(_id_counter):x}"
+    return given
 
 
 def _as_json(exc: web.HTTPException) -> web.Response:
@@ -78,9 +82,7 @@ class Observer:
 
         async def observed(request: web.Request) -> web.StreamResponse:
             started = time.perf_counter()
-            request_id = request.headers.get("X-Request-Id")
-            if request_id is None or _REQUEST_ID.match(request_id) is None:
-                request_id = _new_request_id()
+            request_id = request_id_from(request.headers)
             # Set per request, not reset: the next request on this connection sets its own.
             request_id_var.set(request_id)
             try:

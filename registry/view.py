@@ -384,9 +384,7 @@ class CatalogView:
 
     def listing(self, target: str, parse: Callable[[], ListQuery]) -> CachedBody:
         """The page a `GET /models` request target asks for (`parse` reads its query)."""
-        if self._hot_generation != self.generation:
-            self._hot_pages, self._hot_generation = {}, self.generation
-        found = self._hot_pages.get(target)
+        found = self.hot_listing(target)
         if found is not None:
             return found
         cached = self.page(self.queries.get(target, parse))
@@ -397,6 +395,13 @@ class CatalogView:
         ):
             self._hot_pages[target] = cached
         return cached
+
+    def hot_listing(self, target: str) -> CachedBody | None:
+        """The page for this exact `GET /models` request target, where `listing` rendered it at
+        the current generation; None otherwise (nothing is parsed or rendered here)."""
+        if self._hot_generation != self.generation:
+            self._hot_pages, self._hot_generation = {}, self.generation
+        return self._hot_pages.get(target)
 
     def page(self, query: ListQuery) -> CachedBody:
         key = ("models", self.generation, query)

@@ -19,7 +19,7 @@ from registry.page_cache import CachedBody
 from registry.watch.feed import ChangeFeed
 
 WAIT_MAX_S = 300
-_JSON_UTF8 = "application/json; charset=utf-8"
+JSON_UTF8 = "application/json; charset=utf-8"
 
 
 def etag_matches(header: str, etag: str) -> bool:
@@ -49,7 +49,7 @@ def preferred_wait_s(request: web.Request) -> int | None:
 def json_answer(cached: CachedBody, status: int = 200) -> web.Response:
     # Headers given whole: aiohttp's content_type= argument costs a parse per response.
     return web.Response(
-        status=status, body=cached.body, headers={"Content-Type": _JSON_UTF8, "ETag": cached.etag}
+        status=status, body=cached.body, headers={"Content-Type": JSON_UTF8, "ETag": cached.etag}
     )
 
 
