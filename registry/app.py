@@ -37,6 +37,7 @@ from registry.footprints.api import routes as footprint_routes
 from registry.footprints.recorder import FootprintRecorder
 from registry.footprints.store import FootprintStore
 from registry.gpus_report import gpus_body
+from registry.hot_reads import LISTING_ROUTE, HotReads
 from registry.instance import this_boot
 from registry.instances.api import routes as instance_routes
 from registry.instances.book import InstanceBook
@@ -377,6 +378,10 @@ def create_app(
         fleet_ctx,
     ]
     app.cleanup_ctx.extend(contexts)
+    gate = AccessGate(app[keys.SETTINGS])
+    app[keys.HOT_READS] = HotReads(
+        view, gate, app[keys.METRICS].route_requests(LISTING_ROUTE), settings.access_log
+    )
     observer = Observer(
         app[keys.METRICS],
         settings.access_log,
@@ -384,7 +389,7 @@ def create_app(
         busy_routes=frozenset(
             {"/reservations", "/reservations/{id}", "/instances", "/instances/{id}"}
         ),
-        gate=AccessGate(app[keys.SETTINGS]),
+        gate=gate,
     )
     observer.add_routes(
         app,

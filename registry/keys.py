@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from registry.fleet.reader import FleetReader
     from registry.footprints.recorder import FootprintRecorder
     from registry.footprints.store import FootprintStore
+    from registry.hot_reads import HotReads
     from registry.instances.book import InstanceBook
     from registry.metrics import Metrics
     from registry.view import CatalogView
@@ -43,6 +44,7 @@ FLEET: web.AppKey[FleetReader] = web.AppKey("fleet")
 FLEET_OWN: web.AppKey[OwnOverlay] = web.AppKey("fleet_own")
 FOOTPRINTS: web.AppKey[FootprintRecorder] = web.AppKey("footprints")
 FOOTPRINT_STORE: web.AppKey[FootprintStore] = web.AppKey("footprint_store")
+HOT_READS: web.AppKey[HotReads] = web.AppKey("hot_reads")
 # Seconds a request spent waiting by design (a blocking GET, an event stream): not slowness.
 WAITED_S: web.RequestKey[float] = web.RequestKey("waited_s")
 STOP: web.AppKey[asyncio.Event] = web.AppKey("stop", asyncio.Event)

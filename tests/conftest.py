@@ -18,13 +18,15 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from gpu import GpuBackend
+from registry import keys
 from registry.admission.book import Clock, utc_now
 from registry.app import SERVER_OPTIONS, create_app
 from registry.config import LogFormat, Settings
 from registry.embedded import EmbeddedPostgres, embedded_account, first_closed
+from registry.guard.connections import GuardedRunner
 from registry.logs import configure_logging
 from registry.migrations import migrate
 from tests.daemon import Daemon
@@ -330,10 +332,23 @@ def make_settings(
 AppClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
+class DaemonTestServer(TestServer):
+    """The app on the daemon's own runner, as `model-registry serve` runs it: the connection
+    guard, and the listing answered from the connection (registry.hot_reads)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return GuardedRunner(
+            self.app,
+            max_connections=1024,
+            header_timeout_s=self.app[keys.SETTINGS].current.header_timeout,
+            hot_reads=self.app[keys.HOT_READS],
+            **kwargs,
+        )
+
+
 @pytest.fixture
 def start_app(
     make_settings: Callable[..., Settings],
-    aiohttp_server: Any,
     aiohttp_client: Any,
     tmp_path: Path,
 ) -> AppClient:
@@ -353,7 +368,8 @@ def start_app(
         overrides.setdefault("state_dir", tmp_path / f"state{number}")
         overrides.setdefault("host_id", f"test-host-{number}")
         app = create_app(settings or make_settings(**overrides), gpu_backend=backend, clock=clock)
-        server = await aiohttp_server(app, **SERVER_OPTIONS)
+        server = DaemonTestServer(app)
+        await server.start_server(**SERVER_OPTIONS)
         client: TestClient[web.Request, web.Application] = await aiohttp_client(server)
         return client
 

@@ -24,8 +24,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
+from aiohttp import __version__ as aiohttp_version
 from aiohttp import web
+from aiohttp.http import HttpRequestParser
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD
 
+from registry.hot_reads import HotReads
 from registry.logs import get_logger
 
 log = get_logger("registry.guard")
@@ -35,15 +40,16 @@ KEEPALIVE_TIMEOUT_S = 60.0
 
 class GuardedRequestHandler(web.RequestHandler):
     """aiohttp's connection handler, knowing whether it is idle (waiting for a request head)
-    and since when it has owed one.
+    and since when it has owed one, and answering at once what `hot_reads` can answer.
 
     Idle is aiohttp's own notion (its keep-alive timer uses the same test): the handler waits
     for its next message. A request in progress, a waiting GET or an event stream is not idle.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, hot_reads: HotReads | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.head_since: float | None = time.monotonic()  # a new connection owes a head
+        self._hot_reads = hot_reads
 
     @property
     def idle(self) -> bool:
@@ -51,11 +57,78 @@ class GuardedRequestHandler(web.RequestHandler):
         return waiter is not None and not waiter.done()
 
     def data_received(self, data: bytes) -> None:
-        if self.head_since is None and self.idle:
+        waiter = self._waiter
+        idle = waiter is not None and not waiter.done()
+        if self.head_since is None and idle:
             self.head_since = time.monotonic()  # the first byte of the next request head
-        super().data_received(data)
-        if self._messages:
+        # A request that arrives on an idle connection may be answered here, before aiohttp's
+        # request loop runs: its wake-up is held until that is known.
+        held = waiter if idle and self._hot_reads is not None and not self._messages else None
+        answered = False
+        if held is not None:
+            self._waiter = None
+        try:
+            super().data_received(data)
+        finally:
+            if held is not None:
+                self._waiter = held
+                if self._messages:
+                    answered = self._answered_at_once()
+                    if not answered:
+                        held.set_result(None)
+        if self._messages or answered:
             self.head_since = None  # a complete head arrived
+
+    def _answered_at_once(self) -> bool:
+        """Answer the one request just parsed, if `hot_reads` can; whether it did."""
+        messages, transport, hot_reads = self._messages, self.transport, self._hot_reads
+        if len(messages) != 1 or transport is None or hot_reads is None or self.writing_paused:
+            return False
+        message, payload = messages[0]
+        if payload is not EMPTY_PAYLOAD or not isinstance(message, RawRequestMessage):
+            return False
+        answer = hot_reads.answer(message)
+        if answer is None:
+            return False
+        messages.popleft()
+        if self._parser is not None:
+            self._parser.message_consumed()  # the parser counts the requests not yet taken
+        transport.writelines(answer)
+        # Keep the connection alive as aiohttp's request loop does after each answer.
+        self._keepalive = True
+        close_time = self._loop.time() + self._keepalive_timeout
+        self._next_keepalive_close_time = close_time
+        if self._keepalive_handle is None:
+            self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+        return True
+
+
+# What answering at once touches of aiohttp's connection handler. An aiohttp without all of it
+# leaves every request to aiohttp's request loop (and the start-up log says so).
+_HANDLER_INTERNALS = (
+    "_waiter",
+    "_messages",
+    "_parser",
+    "_keepalive",
+    "_keepalive_handle",
+    "_keepalive_timeout",
+    "_next_keepalive_close_time",
+    "_process_keepalive",
+    "_loop",
+)
+
+
+def can_answer_at_once() -> bool:
+    """Whether this aiohttp's connection handler has what `GuardedRequestHandler` needs to
+    answer a request before aiohttp's request loop."""
+    names = {
+        name
+        for cls in web.RequestHandler.__mro__
+        for name in (*getattr(cls, "__slots__", ()), *vars(cls))
+    }
+    return all(name in names for name in _HANDLER_INTERNALS) and hasattr(
+        HttpRequestParser, "message_consumed"
+    )
 
 
 @dataclass
@@ -67,9 +140,22 @@ class GuardCounters:
 
 class GuardedServer(web.Server):
     def __init__(
-        self, *args: Any, max_connections: int, header_timeout_s: float, **kwargs: Any
+        self,
+        *args: Any,
+        max_connections: int,
+        header_timeout_s: float,
+        hot_reads: HotReads | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if hot_reads is not None and not can_answer_at_once():
+            log.warning(
+                "this aiohttp's connection handler is not the one the listing's fast answers "
+                "were built for: every request goes through aiohttp's request loop",
+                aiohttp=aiohttp_version,
+            )
+            hot_reads = None
+        self.hot_reads = hot_reads
         self.max_connections = max_connections
         self.header_timeout_s = header_timeout_s
         self.counters = GuardCounters()
@@ -78,7 +164,9 @@ class GuardedServer(web.Server):
         self._handshaking: dict[Any, asyncio.Transport] = {}
 
     def __call__(self) -> GuardedRequestHandler:
-        return GuardedRequestHandler(self, loop=self._loop, **self._kwargs)
+        return GuardedRequestHandler(
+            self, loop=self._loop, hot_reads=self.hot_reads, **self._kwargs
+        )
 
     def tls_protocol(self, context: ssl.SSLContext) -> SSLProtocol:
         """A protocol for one accepted TCP connection that speaks TLS to a new handler."""
@@ -225,12 +313,19 @@ class GuardedRunner(web.AppRunner):
     """An AppRunner whose server caps and sweeps its connections."""
 
     def __init__(
-        self, app: web.Application, *, max_connections: int, header_timeout_s: float, **kwargs: Any
+        self,
+        app: web.Application,
+        *,
+        max_connections: int,
+        header_timeout_s: float,
+        hot_reads: HotReads | None = None,
+        **kwargs: Any,
     ) -> None:
         kwargs.setdefault("keepalive_timeout", KEEPALIVE_TIMEOUT_S)
         super().__init__(app, **kwargs)
         self._max_connections = max_connections
         self._header_timeout_s = header_timeout_s
+        self._hot_reads = hot_reads
 
     async def _make_server(self) -> web.Server:
         # aiohttp's own server, rebuilt as the guarded kind with the same handler and options.
@@ -241,5 +336,6 @@ class GuardedRunner(web.AppRunner):
             handler_cancellation=plain.handler_cancellation,
             max_connections=self._max_connections,
             header_timeout_s=self._header_timeout_s,
+            hot_reads=self._hot_reads,
             **plain._kwargs,
         )
