@@ -29,6 +29,7 @@ from registry.database import Database, create_pool, migrated_database
 from registry.embedded_supervisor import EmbeddedStats, EmbeddedSupervisor
 from registry.fleet.api import routes as fleet_routes
 from registry.fleet.metrics import FleetStats
+from registry.fleet.newest import NewestReservations
 from registry.fleet.own_host import OwnOverlay
 from registry.fleet.publisher import FleetPublisher
 from registry.fleet.reader import FleetReader
@@ -275,7 +276,7 @@ async def fleet_ctx(app: web.Application) -> AsyncIterator[None]:
         settings.host_id,
         url,
         app[keys.VIEW],
-        reservations=lambda: _fleet_reservations(app[keys.VIEW]),
+        reservations=NewestReservations(app[keys.VIEW]),
         instances=lambda: _fleet_instances(app),
         room=lambda: _fleet_room(app, settings),
         heartbeat_interval_s=settings.heartbeat_interval,
@@ -305,9 +306,6 @@ async def _mark_stopping(app: web.Application) -> None:
     app[keys.FEED].close()  # waiting GETs answer and event streams end now, not at the timeout
 
 
-FLEET_ROW_RESERVATIONS = 100  # a host's row lists its newest reservations, and their count
-
-
 def _reservations(app: web.Application) -> list[dict[str, object]]:
     book = app.get(keys.BOOK)
     return [] if book is None else [book.describe(r) for r in book.open()]
@@ -330,14 +328,6 @@ def _fleet_room(app: web.Application, settings: Settings) -> str:
     if instances is None:
         return "[]"
     return instances.room_row(settings.idle_after_s, settings.min_residency_s)
-
-
-def _fleet_reservations(view: CatalogView) -> tuple[list[dict[str, Any]], int, int]:
-    """What this host's fleet row says of its reservations: the newest, their count, and the
-    memory they still hold."""
-    bookings, capacity = view.bookings, view.capacity
-    newest = [r.to_api(capacity.pending_of(r)) for r in bookings.newest(FLEET_ROW_RESERVATIONS)]
-    return newest, len(bookings), capacity.pending_total_mib
 
 
 def create_app(

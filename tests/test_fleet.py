@@ -271,3 +271,55 @@ async def test_the_answering_daemon_shows_its_own_binds_and_bookings_at_once(
     [row] = (await (await client.get("/fleet")).json())["data"]
     assert (row["reservations_total"], row["pending_mib"]) == (1, 15000)
     assert row["devices"][0]["usable_mib"] == ONE_GPU_TOTAL_MIB - 63000 - 15000
+
+
+def test_the_rows_newest_reservations_are_encoded_once_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Written up to ten times a second, the row encodes only the reservations that changed."""
+    from dataclasses import replace
+    from datetime import UTC, datetime, timedelta
+
+    from gpu import GpuSnapshot, GpuState
+    from registry.capacity import Margins
+    from registry.fleet.newest import FLEET_ROW_RESERVATIONS, NewestReservations
+    from registry.reservation import Reservation
+    from registry.view import CatalogView
+
+    start = datetime(2026, 12, 1, tzinfo=UTC)
+    view = CatalogView(GpuSnapshot(backend="none", state=GpuState.DISABLED), Margins())
+    view.replace_catalog([])
+    made = [
+        Reservation(f"r{i}", 10 + i, "GPU-0", 0, start + timedelta(seconds=i), start)
+        for i in range(150)
+    ]
+    view.book_reservations(made)
+    encoded: list[str] = []
+    to_api = Reservation.to_api
+
+    def counted(self: Reservation, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        encoded.append(self.id)
+        return to_api(self, *args, **kwargs)
+
+    monkeypatch.setattr(Reservation, "to_api", counted)
+    newest = NewestReservations(view)
+
+    def expected() -> str:
+        listed = view.bookings.newest(FLEET_ROW_RESERVATIONS)
+        return json.dumps([to_api(r, view.capacity.pending_of(r)) for r in listed])
+
+    def row(encodes: int) -> tuple[str, int, int]:
+        encoded.clear()
+        answer = newest()
+        assert len(encoded) == encodes, encoded
+        assert answer[0] == expected()
+        return answer
+
+    assert row(FLEET_ROW_RESERVATIONS)[1:] == (150, sum(r.vram_mib for r in made))
+    row(0)  # nothing changed: nothing encoded
+    view.book_reservations([Reservation("new", 5, "GPU-0", 0, start, start)])
+    assert json.loads(row(1)[0])[0]["id"] == "new"
+    view.book_reservations([], ended=["r149"])  # r49 comes into the hundred
+    row(1)
+    view.book_reservations([replace(made[100], expires_at=start + timedelta(hours=1))])
+    row(1)  # renewed: its expiry changed

@@ -474,7 +474,7 @@ async def test_unknown_models_and_ids_are_404(client: Any) -> None:
 
 
 async def test_the_fleet_row_lists_the_newest_hundred_and_counts_them_all(client: Any) -> None:
-    from registry.app import FLEET_ROW_RESERVATIONS
+    from registry.fleet.newest import FLEET_ROW_RESERVATIONS
 
     made = [await _json(await _reserve(client, vram_mib=1, holder=f"h{i}")) for i in range(105)]
     # The row is written at most every 100 ms, and read back at most every 0.4 s.

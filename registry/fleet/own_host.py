@@ -26,7 +26,7 @@ class OwnHost:
     devices: list[dict[str, Any]]  # as the fleet row has them
     spots: list[dict[str, Any]]  # per model and device: {"model", "gpu", "index", "count"}
     room: Callable[[], str]  # what its instances offer to make room (JSON), made when needed
-    reservations: list[dict[str, Any]]  # the newest
+    reservations_json: str  # the newest, as a JSON array
     reservations_total: int
     pending_mib: int
     source: str
@@ -42,7 +42,7 @@ def hosts_with_own(read: Hosts, own: OwnHost) -> Hosts:
             state="ok",  # it is answering
             gpu_state=own.gpu_state,
             devices_json=json.dumps(own.devices),
-            reservations_json=json.dumps(own.reservations, default=str),
+            reservations_json=own.reservations_json,
             reservations_total=own.reservations_total,
             pending_mib=own.pending_mib,
         )

@@ -71,7 +71,7 @@ class FleetPublisher:
         host_id: str,
         url: str,
         view: CatalogView,
-        reservations: Callable[[], tuple[list[dict[str, Any]], int, int]],
+        reservations: Callable[[], tuple[str, int, int]],
         instances: Callable[[], list[dict[str, Any]]] = list,
         room: Callable[[], str] = lambda: "[]",
         *,
@@ -108,7 +108,7 @@ class FleetPublisher:
             devices=host_devices(self._view),
             spots=self._instances(),
             room=self._room,
-            reservations=newest,
+            reservations_json=newest,
             reservations_total=open_count,
             pending_mib=pending_mib,
             source=footprints.source.value,
@@ -120,7 +120,7 @@ class FleetPublisher:
         own = self.current()
         return (
             json.dumps(own.devices),
-            json.dumps(own.reservations, default=str),
+            own.reservations_json,
             own.reservations_total,
             own.pending_mib,
             json.dumps(own.spots),
