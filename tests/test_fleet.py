@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
 from registry import keys
@@ -145,9 +146,17 @@ async def test_a_fleet_of_three_publishes_and_places_models_best_fit_first(
     )
     fleet = await _get(a, "/fleet")
     host_c = next(h for h in fleet["data"] if h["host"] == "host-c")
-    assert [r["holder"] for r in host_c["reservations"]] == ["job-1"]
     assert (host_c["reservations_total"], host_c["pending_mib"]) == (1, 5000)
     assert host_c["devices"][1]["pending_mib"] == 5000
+    # The list of the newest reservations follows within its second.
+    fleet = await eventually(
+        lambda: _get(a, "/fleet"),
+        lambda f: (
+            [[r["holder"] for r in h["reservations"]] for h in f["data"] if h["host"] == "host-c"]
+            == [["job-1"]]
+        ),
+        timeout_s=2.5,
+    )
 
     # SIGKILL: stale within three heartbeats; SIGTERM: offline at once. Neither is a candidate.
     c.signal(signal.SIGKILL)
@@ -323,3 +332,39 @@ def test_the_rows_newest_reservations_are_encoded_once_each(
     row(1)
     view.book_reservations([replace(made[100], expires_at=start + timedelta(hours=1))])
     row(1)  # renewed: its expiry changed
+
+
+async def test_the_rows_list_goes_at_most_once_a_second_and_its_counts_with_every_write(
+    start_app: AppClient, database_url: str
+) -> None:
+    client = await start_app(scheduler_token=SCHEDULER_TOKEN)
+    publisher = client.app[keys.FLEET_OWN].own.__self__  # type: ignore[attr-defined]
+    writes, lists = publisher.writes, publisher.list_writes
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    made = 0
+    while loop.time() - began < 0.6:  # a burst over several 100 ms writes
+        body = {"vram_mib": 1, "holder": f"burst-{made}"}
+        answer = await client.post("/reservations", json=body, headers=AS_SCHEDULER)
+        assert answer.status == 201
+        made += 1
+    connection = await asyncpg.connect(database_url)
+    try:
+
+        async def row() -> Any:
+            return await connection.fetchrow(
+                "SELECT reservations_open, reservations->0->>'holder' AS newest"
+                " FROM fleet_hosts WHERE host = $1",
+                "test-host-0",
+            )
+
+        # Everything shows in the end, the list within its second.
+        await eventually(
+            row,
+            lambda r: (r["reservations_open"], r["newest"]) == (made, f"burst-{made - 1}"),
+            timeout_s=3,
+        )
+    finally:
+        await connection.close()
+    assert publisher.writes - writes >= 4  # the counts went with each write
+    assert publisher.list_writes - lists <= 2  # the list: once in the burst's second, once after
