@@ -5,11 +5,14 @@ and, on the same event loop, an aiohttp app that serves the listing's bytes stat
 clients run in processes of their own (wrk, bench/budget_clients.py). Budgets:
 
 - reads: GET /models (5 models) and GET /models?limit=100 (10,000 models), requests/s as a
-  ratio to the static app's, alternating A B A B; higher is better;
+  ratio to the static app's, alternating A B A B; higher is better. Above 1: a rendered page is
+  answered from the connection (registry.hot_reads), where the static app goes through all of
+  aiohttp's request machinery;
 - a reserve+release pair: its p99 with 10,000 reservations open as a ratio to its p99 with none
   (an /events stream attached); lower is better;
-- catalog writes: sequential writes/s at 10,000 models as a ratio to writes/s at 10 models
-  (O(changed), not O(catalog)); higher is better; writes/s is printed beside it;
+- catalog writes: sequential writes/s at 10,000 models, three runs, each as a ratio to the
+  median of three runs at 10 models (O(changed), not O(catalog)); higher is better; writes/s is
+  printed beside it;
 - a GPU change reaching 2,000 event streams (10 models): p99 in ms; lower is better.
 
 Each prints the median of its rounds and every round, against its budget (what CI holds the
@@ -196,13 +199,32 @@ class Plan:
     seconds: float  # each wrk run
     pair_runs: int
     pairs: int
+    write_runs: int
     writes: int
     watchers: int
     changes: int
 
 
-FULL = Plan(rounds=5, seconds=5, pair_runs=3, pairs=2000, writes=600, watchers=2000, changes=3)
-SHORT = Plan(rounds=3, seconds=2, pair_runs=3, pairs=500, writes=300, watchers=1000, changes=2)
+FULL = Plan(
+    rounds=5,
+    seconds=5,
+    pair_runs=3,
+    pairs=2000,
+    write_runs=3,
+    writes=600,
+    watchers=2000,
+    changes=3,
+)
+SHORT = Plan(
+    rounds=3,
+    seconds=2,
+    pair_runs=3,
+    pairs=500,
+    write_runs=3,
+    writes=300,
+    watchers=1000,
+    changes=2,
+)
 
 
 async def until(check: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
@@ -239,8 +261,8 @@ async def measure(plan: Plan, work: Path) -> list[Budget]:
     base = f"http://127.0.0.1:{port}"
     has_wrk = shutil.which("wrk") is not None
     no_wrk = "wrk is not installed (apt-get install wrk)"
-    reads_5 = Budget("reads, 5 models (x static aiohttp)", 0.65, True, target=0.90)
-    reads_10k = Budget("reads, 10,000 models, limit=100 (x static)", 0.65, True, target=0.85)
+    reads_5 = Budget("reads, 5 models (x static aiohttp)", 1.5, True, target=0.90)
+    reads_10k = Budget("reads, 10,000 models, limit=100 (x static)", 1.5, True, target=0.85)
     pair = Budget("reserve+release p99, 10,000 open (x none)", 1.5, False, target=1.5)
     writes = Budget("catalog writes at 10,000 models (x at 10)", 0.7, True, target=0.8)
     watch = Budget(f"GPU change to {plan.watchers:,} streams, p99", 250, False, 250, "ms")
@@ -266,7 +288,12 @@ async def measure(plan: Plan, work: Path) -> list[Budget]:
                     f"{base}/models", json=body, headers={"Authorization": f"Bearer {ADMIN}"}
                 ) as answer:
                     assert answer.status == 201, await answer.text()
-            few = (await client("writes", base, ADMIN, f"--writes={plan.writes}"))["writes_per_s"]
+            few = statistics.median(
+                [
+                    (await client("writes", base, ADMIN, f"--writes={plan.writes}"))["writes_per_s"]
+                    for _ in range(plan.write_runs)
+                ]
+            )
             for _ in range(plan.pair_runs):
                 answer = await client("pairs", base, SCHEDULER, f"--pairs={plan.pairs}")
                 pair.rounds.append(answer["full_p99_ms"] / answer["empty_p99_ms"])
@@ -286,9 +313,11 @@ async def measure(plan: Plan, work: Path) -> list[Budget]:
             await add_models(service.app[keys.DATABASE].dsn, 10_000)
             view = service.app[keys.VIEW]
             await until(lambda: view.model_count >= 10_010, "the 10,000 models")
-            many = (await client("writes", base, ADMIN, f"--writes={plan.writes}"))["writes_per_s"]
-            writes.rounds.append(many / few)
-            writes.note = f"{many:.0f} writes/s at 10,000, {few:.0f} at 10"
+            for _ in range(plan.write_runs):
+                answer = await client("writes", base, ADMIN, f"--writes={plan.writes}")
+                many = answer["writes_per_s"]
+                writes.rounds.append(many / few)
+            writes.note = f"last: {many:.0f} writes/s at 10,000, median {few:.0f} at 10"
             if has_wrk:
                 page = f"{base}/models?limit=100"
                 runners.append(await start_static(await fetch(http, page), static_port))
