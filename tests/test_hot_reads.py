@@ -7,6 +7,7 @@ import asyncio
 import email.utils
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -283,28 +284,35 @@ async def test_an_aiohttp_without_those_internals_answers_everything_the_usual_w
     assert client.app[keys.HOT_READS].answered == 0
 
 
+@pytest.mark.parametrize("scheme", ["http", "https"])
 async def test_the_service_answers_from_the_connection(
-    make_settings: Callable[..., Settings],
+    make_settings: Callable[..., Settings], tmp_path: Path, scheme: str
 ) -> None:
     from tests.daemon import free_port
+    from tests.test_guard import Certificates
 
-    port = free_port()
-    service = Service(make_settings(port=port), None, {})
+    port, tls, client_tls = free_port(), {}, None
+    if scheme == "https":
+        certificates = Certificates(tmp_path).issue()
+        tls = {"tls_cert_file": certificates.cert_file, "tls_key_file": certificates.key_file}
+        client_tls = certificates.client
+    service = Service(make_settings(port=port, **tls), None, {})
     running = asyncio.ensure_future(service.run())
     try:
-        url = f"http://127.0.0.1:{port}/models"
-        async with aiohttp.ClientSession() as http:
+        url = f"{scheme}://127.0.0.1:{port}/models"
+        connector = aiohttp.TCPConnector(ssl=client_tls) if client_tls else None
+        async with aiohttp.ClientSession(connector=connector) as http:
 
-            async def status() -> int:
+            async def listing() -> bytes | None:
                 try:
                     async with http.get(url) as answer:
-                        return answer.status
+                        return await answer.read() if answer.status == 200 else None
                 except aiohttp.ClientConnectionError:
-                    return 0
+                    return None
 
-            await eventually(status, lambda code: code == 200, timeout_s=30)
+            first = await eventually(listing, lambda body: body is not None, timeout_s=30)
             for _ in range(3):
-                assert await status() == 200
+                assert await listing() == first
         assert service.app[keys.HOT_READS].answered >= 2
     finally:
         service._stop.set()
