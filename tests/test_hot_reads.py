@@ -317,3 +317,19 @@ async def test_the_service_answers_from_the_connection(
     finally:
         service._stop.set()
         assert await asyncio.wait_for(running, timeout=15) == 0
+
+
+async def test_a_fault_in_answering_from_the_connection_leaves_the_request_to_the_handler(
+    start_app: AppClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await start_app()
+    connection = await Connection.open(client)
+    first = await connection.ask(get("/models"))
+
+    def broken(_message: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(client.app[keys.HOT_READS], "answer", broken)
+    again = await connection.ask(get("/models"))
+    assert again.status == 200 and again.body == first.body
+    connection.close()

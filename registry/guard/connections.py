@@ -87,7 +87,12 @@ class GuardedRequestHandler(web.RequestHandler):
         message, payload = messages[0]
         if payload is not EMPTY_PAYLOAD or not isinstance(message, RawRequestMessage):
             return False
-        answer = hot_reads.answer(message)
+        try:
+            answer = hot_reads.answer(message)
+        except Exception:
+            # Never a stuck connection: what cannot be answered here goes the usual way.
+            log.exception("answering from the connection failed", path=message.path)
+            return False
         if answer is None:
             return False
         messages.popleft()
