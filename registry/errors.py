@@ -10,6 +10,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 JSON = "application/json"
+JSON_UTF8 = "application/json; charset=utf-8"
 
 
 def _plain(value: Any) -> Any:

@@ -24,10 +24,10 @@ from aiohttp.http_parser import RawRequestMessage
 
 from registry.access import AccessGate
 from registry.config import AccessLog
+from registry.errors import JSON_UTF8
 from registry.observe import request_id_from
 from registry.page_cache import CachedBody
 from registry.view import CatalogView
-from registry.watch.conditional import JSON_UTF8
 
 LISTING_ROUTE = "/models"
 _HEADS_KEPT = 64  # rendered heads, by ETag: the hot pages of a generation or two

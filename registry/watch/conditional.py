@@ -13,13 +13,12 @@ from collections.abc import Callable
 from aiohttp import web
 
 from registry import keys
-from registry.errors import http_error
+from registry.errors import JSON_UTF8, http_error
 from registry.keys import WAITED_S
 from registry.page_cache import CachedBody
 from registry.watch.feed import ChangeFeed
 
 WAIT_MAX_S = 300
-JSON_UTF8 = "application/json; charset=utf-8"
 
 
 def etag_matches(header: str, etag: str) -> bool:
