@@ -112,7 +112,7 @@ class Service:
             self.app,
             max_connections=max_connections,
             header_timeout_s=settings.header_timeout,
-            hot_reads=self.app[keys.HOT_READS],
+            answer_at_once=self.app[keys.HOT_READS].answer,
             access_log=None,
             handle_signals=False,
             shutdown_timeout=settings.shutdown_timeout,

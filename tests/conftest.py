@@ -341,7 +341,7 @@ class DaemonTestServer(TestServer):
             self.app,
             max_connections=1024,
             header_timeout_s=self.app[keys.SETTINGS].current.header_timeout,
-            hot_reads=self.app[keys.HOT_READS],
+            answer_at_once=self.app[keys.HOT_READS].answer,
             **kwargs,
         )
 

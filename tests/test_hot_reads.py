@@ -326,10 +326,10 @@ async def test_a_fault_in_answering_from_the_connection_leaves_the_request_to_th
     connection = await Connection.open(client)
     first = await connection.ask(get("/models"))
 
-    def broken(_message: Any) -> None:
+    def broken() -> bytes:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(client.app[keys.HOT_READS], "answer", broken)
+    monkeypatch.setattr(client.app[keys.HOT_READS], "_date_and_server", broken)
     again = await connection.ask(get("/models"))
     assert again.status == 200 and again.body == first.body
     connection.close()

@@ -20,7 +20,7 @@ import itertools
 import ssl
 import time
 from asyncio.sslproto import SSLProtocol
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -30,26 +30,31 @@ from aiohttp.http import HttpRequestParser
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
 
-from registry.hot_reads import HotReads
 from registry.logs import get_logger
 
 log = get_logger("registry.guard")
+
+# Given a lone request just parsed on an idle connection: the answer to write as it is (head and
+# body), or None to leave the request to aiohttp's request loop (registry.hot_reads has one).
+AnswerAtOnce = Callable[[RawRequestMessage], tuple[bytes, bytes] | None]
 
 KEEPALIVE_TIMEOUT_S = 60.0
 
 
 class GuardedRequestHandler(web.RequestHandler):
     """aiohttp's connection handler, knowing whether it is idle (waiting for a request head)
-    and since when it has owed one, and answering at once what `hot_reads` can answer.
+    and since when it has owed one, and answering at once what `answer_at_once` can answer.
 
     Idle is aiohttp's own notion (its keep-alive timer uses the same test): the handler waits
     for its next message. A request in progress, a waiting GET or an event stream is not idle.
     """
 
-    def __init__(self, *args: Any, hot_reads: HotReads | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, answer_at_once: AnswerAtOnce | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.head_since: float | None = time.monotonic()  # a new connection owes a head
-        self._hot_reads = hot_reads
+        self._answer_at_once = answer_at_once
 
     @property
     def idle(self) -> bool:
@@ -57,13 +62,12 @@ class GuardedRequestHandler(web.RequestHandler):
         return waiter is not None and not waiter.done()
 
     def data_received(self, data: bytes) -> None:
-        waiter = self._waiter
-        idle = waiter is not None and not waiter.done()
-        if self.head_since is None and idle:
+        waiter = self._waiter if self.idle else None
+        if self.head_since is None and waiter is not None:
             self.head_since = time.monotonic()  # the first byte of the next request head
         # A request that arrives on an idle connection may be answered here, before aiohttp's
         # request loop runs: its wake-up is held until that is known.
-        held = waiter if idle and self._hot_reads is not None and not self._messages else None
+        held = waiter if self._answer_at_once is not None and not self._messages else None
         answered = False
         if held is not None:
             self._waiter = None
@@ -80,15 +84,15 @@ class GuardedRequestHandler(web.RequestHandler):
             self.head_since = None  # a complete head arrived
 
     def _answered_at_once(self) -> bool:
-        """Answer the one request just parsed, if `hot_reads` can; whether it did."""
-        messages, transport, hot_reads = self._messages, self.transport, self._hot_reads
-        if len(messages) != 1 or transport is None or hot_reads is None or self.writing_paused:
+        """Answer the one request just parsed, if `answer_at_once` can; whether it did."""
+        messages, transport, answer_at_once = self._messages, self.transport, self._answer_at_once
+        if len(messages) != 1 or transport is None or answer_at_once is None or self.writing_paused:
             return False
         message, payload = messages[0]
         if payload is not EMPTY_PAYLOAD or not isinstance(message, RawRequestMessage):
             return False
         try:
-            answer = hot_reads.answer(message)
+            answer = answer_at_once(message)
         except Exception:
             # Never a stuck connection: what cannot be answered here goes the usual way.
             log.exception("answering from the connection failed", path=message.path)
@@ -149,18 +153,18 @@ class GuardedServer(web.Server):
         *args: Any,
         max_connections: int,
         header_timeout_s: float,
-        hot_reads: HotReads | None = None,
+        answer_at_once: AnswerAtOnce | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if hot_reads is not None and not can_answer_at_once():
+        if answer_at_once is not None and not can_answer_at_once():
             log.warning(
                 "this aiohttp's connection handler is not the one the listing's fast answers "
                 "were built for: every request goes through aiohttp's request loop",
                 aiohttp=aiohttp_version,
             )
-            hot_reads = None
-        self.hot_reads = hot_reads
+            answer_at_once = None
+        self.answer_at_once = answer_at_once
         self.max_connections = max_connections
         self.header_timeout_s = header_timeout_s
         self.counters = GuardCounters()
@@ -170,7 +174,7 @@ class GuardedServer(web.Server):
 
     def __call__(self) -> GuardedRequestHandler:
         return GuardedRequestHandler(
-            self, loop=self._loop, hot_reads=self.hot_reads, **self._kwargs
+            self, loop=self._loop, answer_at_once=self.answer_at_once, **self._kwargs
         )
 
     def tls_protocol(self, context: ssl.SSLContext) -> SSLProtocol:
@@ -323,14 +327,14 @@ class GuardedRunner(web.AppRunner):
         *,
         max_connections: int,
         header_timeout_s: float,
-        hot_reads: HotReads | None = None,
+        answer_at_once: AnswerAtOnce | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("keepalive_timeout", KEEPALIVE_TIMEOUT_S)
         super().__init__(app, **kwargs)
         self._max_connections = max_connections
         self._header_timeout_s = header_timeout_s
-        self._hot_reads = hot_reads
+        self._answer_at_once = answer_at_once
 
     async def _make_server(self) -> web.Server:
         # aiohttp's own server, rebuilt as the guarded kind with the same handler and options.
@@ -341,6 +345,6 @@ class GuardedRunner(web.AppRunner):
             handler_cancellation=plain.handler_cancellation,
             max_connections=self._max_connections,
             header_timeout_s=self._header_timeout_s,
-            hot_reads=self._hot_reads,
+            answer_at_once=self._answer_at_once,
             **plain._kwargs,
         )
